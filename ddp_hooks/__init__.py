@@ -1,0 +1,23 @@
+"""ddp-hooks: communication-compression hooks for PyTorch DistributedDataParallel.
+
+Register a hook on an existing DDP model in one line::
+
+    import ddp_hooks as dh
+    state = dh.AllReduce().register(ddp)
+    ...
+    print(state.stats())
+"""
+
+from .algorithms import AllReduce, BF16Compress, FP16Compress
+from .core import HookState, SyncOptimizer, comm_hook
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllReduce",
+    "BF16Compress",
+    "FP16Compress",
+    "HookState",
+    "SyncOptimizer",
+    "comm_hook",
+]

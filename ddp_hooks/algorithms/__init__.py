@@ -1,0 +1,5 @@
+"""One module per paper: a state class and its hook (and an optimizer wrapper where needed)."""
+
+from .baselines import AllReduce, BF16Compress, FP16Compress
+
+__all__ = ["AllReduce", "BF16Compress", "FP16Compress"]

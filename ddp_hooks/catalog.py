@@ -1,0 +1,59 @@
+"""The hooks by name, with the settings the demo and the benchmarks run them at.
+
+Each entry builds, for a DDP model and a learning rate, the optimizer to step and the state
+whose ``stats()`` to read. Algorithms that apply momentum inside the hook get a plain SGD
+optimizer; the others get SGD with momentum 0.9.
+"""
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from . import algorithms as alg
+from .core import HookState
+
+
+@dataclass
+class Setup:
+    """What a training loop needs from an entry: the optimizer to step and the state."""
+
+    optimizer: torch.optim.Optimizer
+    state: HookState
+    evaluation: Callable[[], object] = field(default=nullcontext)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    summary: str
+    build: Callable[[torch.nn.Module, float], Setup]
+
+
+def _sgdm(ddp, lr):
+    return torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
+
+
+def _simple(state_cls, **kwargs):
+    def build(ddp, lr):
+        return Setup(_sgdm(ddp, lr), state_cls(**kwargs).register(ddp))
+
+    return build
+
+
+ENTRIES: dict[str, Entry] = {
+    e.name: e
+    for e in [
+        Entry("fp32", "exact fp32 all-reduce (DDP's default)", _simple(alg.AllReduce)),
+        Entry("fp16", "fp16 all-reduce", _simple(alg.FP16Compress)),
+        Entry("bf16", "bf16 all-reduce", _simple(alg.BF16Compress)),
+    ]
+}
+
+
+def build(name: str, ddp: torch.nn.Module, lr: float) -> Setup:
+    """Build entry ``name`` on ``ddp``; raises ValueError for an unknown name."""
+    if name not in ENTRIES:
+        raise ValueError(f"hook must be one of {sorted(ENTRIES)}, got {name!r}")
+    return ENTRIES[name].build(ddp, lr)

@@ -1,0 +1,18 @@
+"""What every algorithm shares: the hook state base, memory, stats, the optimizer wrapper."""
+
+from .checks import check_choice, check_float, check_int
+from .memory import ParameterMemory
+from .state import HookState, comm_hook
+from .stats import Stats
+from .wrapper import SyncOptimizer
+
+__all__ = [
+    "HookState",
+    "ParameterMemory",
+    "Stats",
+    "SyncOptimizer",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "comm_hook",
+]

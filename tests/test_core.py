@@ -1,0 +1,197 @@
+"""Foundation: warm-up, memory across bucket rebuilds, checkpoints, argument checks."""
+
+import copy
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ddp_hooks as dh
+from ddp_hooks.core import HookState
+from ddp_hooks.testing import run_world
+
+from models import Reordered, batches, params_of, train_steps
+
+
+# ---------------------------------------------------------------- warm-up is exact DDP
+def _warmup_world(rank, world, hook, warmup, steps):
+    torch.manual_seed(0)
+    model = Reordered()
+    ddp = DDP(model, bucket_cap_mb=0.002)
+    if hook == "fp16":
+        dh.FP16Compress(warmup_steps=warmup).register(ddp)
+    elif hook == "exact":
+        dh.AllReduce().register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    out = []
+    for x, y in batches(rank, steps):
+        train_steps(ddp, opt, [(x, y)])
+        out.append(params_of(model))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_warmup_steps_are_bit_identical_to_ddp_without_hook(world):
+    plain = run_world(_warmup_world, world, None, 0, 4)
+    fp16 = run_world(_warmup_world, world, "fp16", 3, 4)
+    for rank in range(world):
+        for step in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(plain[rank][step], fp16[rank][step]))
+        # the fourth step is compressed: fp16 rounding must show, or the test proves nothing
+        assert not all(torch.equal(a, b) for a, b in zip(plain[rank][3], fp16[rank][3]))
+
+
+def test_exact_baseline_is_bit_identical_to_ddp_without_hook():
+    plain = run_world(_warmup_world, 2, None, 0, 3)
+    exact = run_world(_warmup_world, 2, "exact", 0, 3)
+    for a, b in zip(plain[1][-1], exact[1][-1]):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- memory across bucket rebuild
+class _Probe(HookState):
+    """Writes a known value per parameter into memory at step 0, reads it back later."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.layouts = {}
+        self.seen = {}
+
+    def reduce(self, bucket, step):
+        params = bucket.parameters()
+        self.layouts.setdefault(step, []).append([self._names[id(p)] for p in params])
+        flat = self.memory.flat("probe", params)
+        if step == 0:
+            for p, piece in zip(params, flat.split([q.numel() for q in params])):
+                piece.copy_(_known(self._names[id(p)], p.numel()))
+        else:
+            for p, piece in zip(params, flat.split([q.numel() for q in params])):
+                self.seen.setdefault(step, {})[self._names[id(p)]] = piece.clone()
+        return self.exact_mean(bucket.buffer(), step)
+
+
+def _known(name, numel):
+    return torch.arange(numel, dtype=torch.float32) + 1000.0 * (sum(map(ord, name)) % 97)
+
+
+def _rebuild_world(rank, world):
+    torch.manual_seed(0)
+    model = Reordered(width=64)
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state = _Probe().register(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    train_steps(ddp, opt, batches(rank, 4))
+    return state.layouts[0], state.layouts[3], state.seen[3]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_memory_survives_bucket_rebuild(world):
+    for first, later, seen in run_world(_rebuild_world, world):
+        assert first != later, "the bucket layout must change after the rebuild"
+        assert sorted(sum(first, [])) == sorted(sum(later, [])) == sorted(seen)
+        for name, value in seen.items():
+            assert torch.equal(value, _known(name, value.numel())), name
+
+
+def test_memory_flat_views_share_storage_and_relayout():
+    mem = dh.core.ParameterMemory()
+    a, b, c = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))
+    flat = mem.flat("e", [a, b])
+    flat.copy_(torch.arange(7.0))
+    assert torch.equal(mem.get("e", b).view(-1), torch.tensor([3.0, 4, 5, 6]))
+    again = mem.flat("e", [c, b, a])  # new layout: assembled from the pieces
+    assert torch.equal(again, torch.tensor([0.0, 3, 4, 5, 6, 0, 1, 2]))
+    again[1] = 42.0
+    assert mem.get("e", b).view(-1)[0] == 42.0
+    assert mem.flat("e", [c, b, a]) is again
+
+
+# ---------------------------------------------------------------- checkpoints
+class _ToyEF(HookState):
+    """fp16 rounding with error feedback: state that must survive a checkpoint exactly."""
+
+    def reduce(self, bucket, step):
+        buf = bucket.buffer()
+        err = self.memory.flat("error", bucket.parameters())
+        p = buf + err
+        q = p.half().float()
+        err.copy_(p - q)
+        buf.copy_(q).mul_(1.0 / self.world_size)
+        return self.transport.all_reduce(buf, step)
+
+
+def _checkpoint_world(rank, world, split, total):
+    torch.manual_seed(0)
+    data = batches(rank, total)
+    model = Reordered()
+    ddp = DDP(model, bucket_cap_mb=0.002)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    state = _ToyEF().register(ddp)
+    train_steps(ddp, opt, data[:split])
+    saved = {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "opt": copy.deepcopy(opt.state_dict()),
+        "hook": state.state_dict(),
+    }
+    train_steps(ddp, opt, data[split:])
+    straight = params_of(model)
+
+    # a restart: a fresh model, optimizer and state, loaded from the checkpoint
+    torch.manual_seed(123)
+    model2 = Reordered()
+    model2.load_state_dict(saved["model"])
+    ddp2 = DDP(model2, bucket_cap_mb=0.002)
+    opt2 = torch.optim.SGD(ddp2.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(saved["opt"])
+    state2 = _ToyEF().register(ddp2)
+    state2.load_state_dict(saved["hook"])
+    assert state2.step == split
+    train_steps(ddp2, opt2, data[split:])
+    return straight, params_of(model2), saved["hook"]
+
+
+def _load_elsewhere(rank, world, saved, other_model):
+    model = Reordered(width=48) if other_model else Reordered()
+    ddp = DDP(model)
+    state = _ToyEF().register(ddp)
+    try:
+        state.load_state_dict(saved)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_state_dict_round_trip_resumes_exactly_and_validates():
+    results = run_world(_checkpoint_world, 2, 3, 6)
+    for straight, resumed, saved in results:
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+        assert saved["memory"]["error"], "the error memory must be in the checkpoint"
+        assert any(t.abs().sum() > 0 for t in saved["memory"]["error"].values())
+    saved0 = results[0][2]
+    msgs = run_world(_load_elsewhere, 4, saved0, False)
+    assert "world size: saved 2, now 4" in msgs[0]
+    msgs = run_world(_load_elsewhere, 2, saved0, True)
+    assert "shape of" in msgs[0] and "blocks.0.weight" in msgs[0]
+    assert "rank: saved 0, now 1" in msgs[1]
+
+
+# ---------------------------------------------------------------- argument checks
+def _bad_args(rank, world):
+    out = []
+    for kwargs in ({"warmup_steps": -1}, {"warmup_steps": 1.5}):
+        try:
+            dh.AllReduce(**kwargs)
+        except ValueError as exc:
+            out.append(str(exc))
+    return out
+
+
+def test_bad_constructor_arguments_raise_value_error_naming_them():
+    msgs = run_world(_bad_args, 1)[0]
+    assert len(msgs) == 2
+    assert all("warmup_steps" in m and "[0, inf)" in m for m in msgs)
+
+
+def test_state_needs_initialized_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        dh.AllReduce()

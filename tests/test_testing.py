@@ -1,0 +1,53 @@
+"""The world harness: results come back, failures surface instead of hanging."""
+
+import os
+import time
+
+import pytest
+import torch.distributed as dist
+
+from ddp_hooks.testing import WorldError, run_world
+
+
+def _ok(rank, world, base):
+    return base + rank * 10 + world
+
+
+def _raises(rank, world):
+    if rank == 1:
+        raise KeyError("boom on rank one")
+    dist.barrier()
+    return rank
+
+
+def _dies(rank, world):
+    if rank == 0:
+        os._exit(3)
+    dist.barrier()
+
+
+def _hangs(rank, world):
+    if rank == 1:
+        time.sleep(60)
+    return rank
+
+
+def test_results_come_back_per_rank():
+    assert run_world(_ok, 3, 5) == [8, 18, 28]
+
+
+def test_exception_on_a_rank_is_raised_with_its_traceback():
+    with pytest.raises(WorldError, match="boom on rank one"):
+        run_world(_raises, 2, timeout=60)
+
+
+def test_dead_rank_fails_fast():
+    t0 = time.monotonic()
+    with pytest.raises(WorldError, match="died"):
+        run_world(_dies, 2, timeout=60)
+    assert time.monotonic() - t0 < 50
+
+
+def test_hanging_world_times_out():
+    with pytest.raises(WorldError, match="timed out"):
+        run_world(_hangs, 2, timeout=8)
