@@ -133,7 +133,14 @@ def run_world(
                         )
                     continue
                 if not ok:
-                    raise WorldError(f"rank {rank} of {world_size} failed:\n{payload}")
+                    # a rank that died usually makes its peers fail: name it first
+                    time.sleep(0.5)
+                    dead = [
+                        f"rank {r} died (exit code {p.exitcode}); "
+                        for r, p in enumerate(procs)
+                        if r != rank and p.exitcode not in (None, 0)
+                    ]
+                    raise WorldError(f"{''.join(dead)}rank {rank} of {world_size} failed:\n{payload}")
                 out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
                 done.add(rank)
         finally:
