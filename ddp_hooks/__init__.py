@@ -8,7 +8,7 @@ Register a hook on an existing DDP model in one line::
     print(state.stats())
 """
 
-from .algorithms import AllReduce, BF16Compress, FP16Compress
+from .algorithms import AllReduce, BF16Compress, EFSignSGDM, FP16Compress
 from .core import HookState, SyncOptimizer, comm_hook
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllReduce",
     "BF16Compress",
+    "EFSignSGDM",
     "FP16Compress",
     "HookState",
     "SyncOptimizer",

@@ -35,6 +35,15 @@ def _sgdm(ddp, lr):
     return torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
 
 
+def _sgd(ddp, lr):
+    return torch.optim.SGD(ddp.parameters(), lr=lr)
+
+
+def _ef_sgdm(ddp, lr):
+    opt = _sgd(ddp, lr)  # momentum lives in the hook
+    return Setup(opt, alg.EFSignSGDM(momentum=0.9).register(ddp, opt))
+
+
 def _simple(state_cls, **kwargs):
     def build(ddp, lr):
         return Setup(_sgdm(ddp, lr), state_cls(**kwargs).register(ddp))
@@ -48,6 +57,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("fp32", "exact fp32 all-reduce (DDP's default)", _simple(alg.AllReduce)),
         Entry("fp16", "fp16 all-reduce", _simple(alg.FP16Compress)),
         Entry("bf16", "bf16 all-reduce", _simple(alg.BF16Compress)),
+        Entry("ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", _ef_sgdm),
     ]
 }
 

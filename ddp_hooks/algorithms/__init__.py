@@ -1,5 +1,6 @@
 """One module per paper: a state class and its hook (and an optimizer wrapper where needed)."""
 
 from .baselines import AllReduce, BF16Compress, FP16Compress
+from .ef_signsgdm import EFSignSGDM
 
-__all__ = ["AllReduce", "BF16Compress", "FP16Compress"]
+__all__ = ["AllReduce", "BF16Compress", "EFSignSGDM", "FP16Compress"]

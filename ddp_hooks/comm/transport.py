@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch.futures import Future
+from torch.futures import Future, collect_all
 
 
 class _Sequencer:
@@ -151,6 +151,7 @@ class Transport:
         chunks: torch.Tensor,
         server: Callable[[torch.Tensor], torch.Tensor],
         step: int,
+        after: Future | None = None,
     ) -> Future:
         """Two-way exchange through shard owners.
 
@@ -158,6 +159,9 @@ class Transport:
         goes to rank ``j`` (all-to-all); the owner runs ``server`` on the ``(n, len)`` messages
         it received for its shard and returns a fixed-size 1-D reply; the replies are
         all-gathered. The future holds the ``(n, reply_len)`` replies, row ``j`` for shard ``j``.
+        If ``after`` is given, ``server`` also waits for it to complete.
         """
         received = self.all_to_all(chunks, step, stage=0)
+        if after is not None:
+            received = collect_all([after, received]).then(lambda f: f.value()[1].value())
         return self.then(received, 1, lambda rows: self.all_gather(server(rows), step, stage=1))

@@ -50,6 +50,13 @@ class ParameterMemory:
             self._flats[key] = buf
             return buf
 
+    def needs_assembly(self, slot: str, params: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> bool:
+        """True if :meth:`flat` would build a new layout from pieces stored earlier."""
+        if (slot, dtype, tuple(id(p) for p in params)) in self._flats:
+            return False
+        pieces = self._pieces.get(slot, {})
+        return any(id(p) in pieces for p in params)
+
     def get(
         self,
         slot: str,
