@@ -8,7 +8,7 @@ Register a hook on an existing DDP model in one line::
     print(state.stats())
 """
 
-from .algorithms import AllReduce, BF16Compress, EFSignSGDM, FP16Compress
+from .algorithms import AllReduce, BF16Compress, EFSignSGDM, FP16Compress, PowerSGD
 from .core import HookState, SyncOptimizer, comm_hook
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "EFSignSGDM",
     "FP16Compress",
     "HookState",
+    "PowerSGD",
     "SyncOptimizer",
     "comm_hook",
 ]

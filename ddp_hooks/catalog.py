@@ -58,6 +58,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("fp16", "fp16 all-reduce", _simple(alg.FP16Compress)),
         Entry("bf16", "bf16 all-reduce", _simple(alg.BF16Compress)),
         Entry("ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", _ef_sgdm),
+        Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", _simple(alg.PowerSGD, rank=4)),
     ]
 }
 

@@ -2,5 +2,6 @@
 
 from .baselines import AllReduce, BF16Compress, FP16Compress
 from .ef_signsgdm import EFSignSGDM
+from .powersgd import PowerSGD
 
-__all__ = ["AllReduce", "BF16Compress", "EFSignSGDM", "FP16Compress"]
+__all__ = ["AllReduce", "BF16Compress", "EFSignSGDM", "FP16Compress", "PowerSGD"]

@@ -28,15 +28,20 @@ class ParameterMemory:
         slot: str,
         params: Sequence[torch.Tensor],
         dtype: torch.dtype = torch.float32,
+        sizes: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Flat memory for ``params`` in this order (zeros on first use), shared with the pieces."""
+        """Flat memory for ``params`` in this order (zeros on first use), shared with the pieces.
+
+        Each parameter's piece has ``p.numel()`` elements, or ``sizes[i]`` when given (for
+        memory of another shape, e.g. warm-start factors).
+        """
         key = (slot, dtype, tuple(id(p) for p in params))
         buf = self._flats.get(key)
         if buf is not None:
             return buf
         with self._lock:
             pieces = self._pieces.setdefault(slot, {})
-            numels = [p.numel() for p in params]
+            numels = [p.numel() for p in params] if sizes is None else list(sizes)
             buf = torch.zeros(sum(numels), dtype=dtype, device=params[0].device)
             for p, view in zip(params, buf.split(numels)):
                 old = pieces.get(id(p))
@@ -56,6 +61,11 @@ class ParameterMemory:
             return False
         pieces = self._pieces.get(slot, {})
         return any(id(p) in pieces for p in params)
+
+    def missing(self, slot: str, params: Sequence[torch.Tensor]) -> list[int]:
+        """Positions in ``params`` of the parameters with nothing stored in ``slot`` yet."""
+        pieces = self._pieces.get(slot, {})
+        return [i for i, p in enumerate(params) if id(p) not in pieces]
 
     def get(
         self,

@@ -1,0 +1,176 @@
+"""PowerSGD: rank-r compression by one warm-started power-iteration step, with error feedback
+(Vogels, Karimireddy, Jaggi, NeurIPS 2019; ALGORITHMS.md section 4).
+
+Per bucket, for every gradient matrix ``M_w = g_w + e_w`` chosen for compression (Algorithm 1)::
+
+    P   = sum_w M_w Q            (all-reduce; Q is last step's Q or shared random init)
+    P^  = orthogonalize(P)
+    Q   = mean_w M_w^T P^        (all-reduce)
+    M^  = P^ Q^T                 returned as the gradient; Q is kept for the next step
+    e_w = M_w - M^               (error feedback, Algorithm 2)
+
+Because ``P`` and ``Q`` are linear in ``M_w``, the result is exactly one power-iteration step on
+the mean matrix. Vectors and matrices that would not shrink are all-reduced exactly; that
+all-reduce is launched first so it overlaps the matmuls. Momentum and weight decay stay in the
+optimizer, after aggregation (torch SGD after the hook).
+
+Differences from torch's ``powerSGD_hook``: no forced warm-up (memory is per parameter, so
+DDP's bucket rebuild is harmless), one batched matmul per shape group instead of per-tensor
+loops, fp32 math on fp16/bf16 buckets, no device-wide synchronize, no NaN from all-zero
+matrices, and the Q all-reduce goes out in bucket order on its own process group, so several
+buckets in flight are safe under gloo too.
+"""
+
+import torch
+from torch.futures import Future, collect_all
+
+from ..compress.lowrank import LowRankPlan
+from ..compress.orthogonalize import METHODS, orthogonalize
+from ..core import HookState, check_choice, check_float, check_int
+
+
+class _Bucket:
+    """Per-layout data: the plan and the parameter lists in plan order (built once)."""
+
+    def __init__(self, params, rank, rate):
+        self.plan = LowRankPlan.build([p.shape for p in params], rank, rate)
+        self.compressed = [params[i] for i in self.plan.order]
+        self.q_sizes = []
+        for g in self.plan.groups:
+            self.q_sizes += [g.m * g.rank] * g.size
+
+
+class PowerSGD(HookState):
+    """PowerSGD state and hook.
+
+    ``state = ddp_hooks.PowerSGD(rank=4).register(ddp)``
+
+    Args:
+        rank: target rank ``r`` (each matrix uses ``min(n, m, r)``), at least 1.
+        warm_start: reuse last step's ``Q`` (the paper's choice) instead of a fresh random one.
+        error_feedback: keep ``M_w - M^`` and add it to the next gradient.
+        min_compression_rate: compress a matrix only if it shrinks by more than this factor.
+        warmup_steps: first steps reduced by an exact fp32 all-reduce (0 is fine).
+        seed: seed of the shared generator for ``Q`` (identical on every rank).
+        orthogonalization: ``"gram_schmidt"``, ``"cholesky_qr2"`` or ``"qr"``.
+        epsilon: added to column norms so that all-zero matrices give zeros, not NaN.
+        process_group: the group to reduce over (default WORLD).
+    """
+
+    stages = 2
+
+    def __init__(
+        self,
+        rank: int = 4,
+        *,
+        warm_start: bool = True,
+        error_feedback: bool = True,
+        min_compression_rate: float = 2.0,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        orthogonalization: str = "gram_schmidt",
+        epsilon: float = 1e-8,
+        process_group=None,
+    ) -> None:
+        self.matrix_rank = check_int("rank", rank, 1)
+        self.warm_start = bool(warm_start)
+        self.error_feedback = bool(error_feedback)
+        self.min_compression_rate = check_float("min_compression_rate", min_compression_rate, 1.0)
+        self.seed = check_int("seed", seed, 0)
+        self.orthogonalization = check_choice("orthogonalization", orthogonalization, set(METHODS))
+        self.epsilon = check_float("epsilon", epsilon, 0.0)
+        super().__init__(process_group=process_group, warmup_steps=warmup_steps)
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._buckets: dict[tuple, _Bucket] = {}
+
+    def _bucket(self, params) -> _Bucket:
+        key = tuple(id(p) for p in params)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(params, self.matrix_rank, self.min_compression_rate)
+        return b
+
+    def _queries(self, b: _Bucket, device) -> torch.Tensor:
+        """The flat Q buffer of a bucket; new (or, without warm start, all) pieces drawn from
+        the shared generator in bucket order, identically on every rank."""
+        fresh = self.memory.missing("q", b.compressed) if self.warm_start else range(len(b.compressed))
+        flat = self.memory.flat("q", b.compressed, sizes=b.q_sizes)
+        if fresh:
+            pieces = flat.split(b.q_sizes)
+            for i in fresh:
+                pieces[i].copy_(torch.randn(b.q_sizes[i], generator=self._generator))
+        return flat
+
+    def reduce(self, bucket, step: int) -> Future:
+        params, grads, buf = bucket.parameters(), bucket.gradients(), bucket.buffer()
+        device, n = buf.device, self.world_size
+        b = self._bucket(params)
+        plan = b.plan
+
+        exact_fut, exact_buf = None, None
+        if plan.exact:
+            # launched first, so that it overlaps the matmuls below
+            exact_buf = torch.cat([grads[i].reshape(-1) for i in plan.exact]).mul_(1.0 / n)
+            exact_fut = self.transport.all_reduce(exact_buf, step)
+        bits = 32 * sum(grads[i].numel() for i in plan.exact)
+        bits += 32 * sum(g.size * (g.n + g.m) * g.rank for g in plan.groups)
+        self.count_bits(step, bits)
+
+        def write_exact() -> None:
+            for i, piece in zip(plan.exact, exact_buf.split([grads[i].numel() for i in plan.exact])):
+                grads[i].copy_(piece.view_as(grads[i]))
+
+        if not plan.groups:
+            return exact_fut.then(lambda f: (write_exact(), buf)[1])
+
+        with self.time(step, "compress", device):
+            local = [grads[i].reshape(-1) for i in plan.order]
+            matrices = torch.cat(local).to(torch.float32)
+            if self.error_feedback:
+                error = self.memory.flat("error", b.compressed)
+                matrices.add_(error)
+            ms = plan.m_views(matrices)
+            q_flat = self._queries(b, device)
+            qs = plan.q_views(q_flat)
+            p_flat = torch.empty(plan.p_numel, dtype=torch.float32, device=device)
+            ps = plan.p_views(p_flat)
+            for m, q, p in zip(ms, qs, ps):
+                torch.bmm(m, q, out=p)
+        p_fut = self.transport.all_reduce(p_flat, step)
+
+        def project(_) -> Future:
+            with self.time(step, "compress", device):
+                for p in ps:
+                    orthogonalize(p, self.orthogonalization, self.epsilon)
+                for m, p, q in zip(ms, ps, qs):
+                    torch.bmm(m.transpose(1, 2), p, out=q)
+            return self.transport.all_reduce(q_flat, step, stage=1)
+
+        q_fut = self.transport.then(p_fut, 1, project)
+
+        def finish(_) -> torch.Tensor:
+            with self.time(step, "decompress", device):
+                q_flat.div_(n)
+                bad = ~torch.isfinite(p_flat).all()
+                approx = torch.empty_like(matrices)
+                for m_hat, p, q in zip(plan.m_views(approx), ps, qs):
+                    torch.bmm(p, q.transpose(1, 2), out=m_hat)
+                if self.error_feedback:
+                    # a non-finite gradient on any rank shows in the reduced P: keep the old error
+                    torch.where(bad, error, matrices - approx, out=error)
+                for i, piece in zip(plan.order, approx.split([t.numel() for t in local])):
+                    grads[i].copy_(piece.view_as(grads[i]))
+                if exact_buf is not None:
+                    write_exact()
+            return buf
+
+        waits = [q_fut] if exact_fut is None else [exact_fut, q_fut]
+        return collect_all(waits).then(finish)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {"generator": self._generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
+        self._buckets = {}

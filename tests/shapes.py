@@ -1,0 +1,32 @@
+"""Gradient shapes of real models, without torchvision (importable by the spawned ranks)."""
+
+import torch
+from torch import nn
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of a ResNet-50 (bottleneck blocks [3, 4, 6, 3], 1000 classes)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+        for b in range(blocks):
+            out = width * 4
+            shapes += [(width, in_ch, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(out, width, 1, 1), (out,), (out,)]
+            if b == 0:
+                shapes += [(out, in_ch, 1, 1), (out,), (out,)]
+            in_ch = out
+    return shapes + [(1000, 2048), (1000,)]
+
+
+class ShapeBag(nn.Module):
+    """Parameters of the given shapes; the loss sum_k <p_k, c_k> has gradient c_k."""
+
+    def __init__(self, shapes, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(s, generator=g) * 0.01) for s in shapes)
+
+    def forward(self, coefficients):
+        return sum((p * c).sum() for p, c in zip(self.weights, coefficients))
