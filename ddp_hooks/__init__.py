@@ -8,7 +8,9 @@ Register a hook on an existing DDP model in one line::
     print(state.stats())
 """
 
-from .algorithms import AllReduce, BF16Compress, EFSignSGDM, FP16Compress, PowerSGD
+from .algorithms import CSER, AllReduce, BF16Compress, EFSignSGDM, FP16Compress, PowerSGD
+from .algorithms.cser import overall_ratio as cser_ratio
+from .algorithms.cser import propose as cser_configs
 from .core import HookState, SyncOptimizer, comm_hook
 
 __version__ = "0.1.0"
@@ -16,10 +18,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AllReduce",
     "BF16Compress",
+    "CSER",
     "EFSignSGDM",
     "FP16Compress",
     "HookState",
     "PowerSGD",
     "SyncOptimizer",
     "comm_hook",
+    "cser_configs",
+    "cser_ratio",
 ]

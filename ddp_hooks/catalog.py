@@ -44,6 +44,11 @@ def _ef_sgdm(ddp, lr):
     return Setup(opt, alg.EFSignSGDM(momentum=0.9).register(ddp, opt))
 
 
+def _cser(ddp, lr):
+    opt = alg.CSER(grad_ratio=64, model_ratio=4, period=16).register(ddp, _sgdm(ddp, lr))
+    return Setup(opt, opt.hook_state, opt.averaged)
+
+
 def _simple(state_cls, **kwargs):
     def build(ddp, lr):
         return Setup(_sgdm(ddp, lr), state_cls(**kwargs).register(ddp))
@@ -58,6 +63,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("fp16", "fp16 all-reduce", _simple(alg.FP16Compress)),
         Entry("bf16", "bf16 all-reduce", _simple(alg.BF16Compress)),
         Entry("ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", _ef_sgdm),
+        Entry("cser", "CSER: GRBS 1/64 gradient sync + 1/4 error reset every 16 steps (RC 32)", _cser),
         Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", _simple(alg.PowerSGD, rank=4)),
     ]
 }

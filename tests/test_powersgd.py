@@ -10,7 +10,7 @@ import ddp_hooks as dh
 from ddp_hooks.compress.orthogonalize import METHODS, orthogonalize
 from ddp_hooks.testing import run_world
 
-from shapes import ShapeBag, resnet50_shapes
+from benchmarks.shapes import ShapeBag, resnet50_shapes
 
 
 # ---------------------------------------------------------------- orthogonalization
@@ -115,7 +115,8 @@ def _linearity_world(rank, world, steps, method, dtype=torch.float32):
         outputs.append([p.grad.float().clone() for p in model.parameters()])
         opt.step()
     shapes = {k: p.shape for k, p in enumerate(model.parameters())}
-    q_init = {k: q.view(-1, min(2, shapes[k][0])) for k, q in state.first_q.items()}
+    # Q is stored transposed, (rank, m)
+    q_init = {k: q.view(min(2, shapes[k][0]), -1).T for k, q in state.first_q.items()}
     return local, outputs, q_init
 
 
@@ -136,7 +137,7 @@ def test_hook_is_one_power_iteration_step_on_the_mean(world):
     assert not torch.allclose(results[0][1][2][2], mean, rtol=1e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["cholesky_qr2", "qr"])
+@pytest.mark.parametrize("method", ["cholesky_qr2", "qr", "auto"])
 def test_other_orthogonalizations_give_the_same_result(method):
     steps, world = 4, 2
     results = run_world(_linearity_world, world, steps, method)

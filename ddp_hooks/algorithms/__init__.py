@@ -1,7 +1,8 @@
 """One module per paper: a state class and its hook (and an optimizer wrapper where needed)."""
 
 from .baselines import AllReduce, BF16Compress, FP16Compress
+from .cser import CSER, CSEROptimizer
 from .ef_signsgdm import EFSignSGDM
 from .powersgd import PowerSGD
 
-__all__ = ["AllReduce", "BF16Compress", "EFSignSGDM", "FP16Compress", "PowerSGD"]
+__all__ = ["AllReduce", "BF16Compress", "CSER", "CSEROptimizer", "EFSignSGDM", "FP16Compress", "PowerSGD"]

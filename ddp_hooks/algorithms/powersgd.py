@@ -27,10 +27,12 @@ from torch.futures import Future, collect_all
 from ..compress.lowrank import LowRankPlan
 from ..compress.orthogonalize import METHODS, orthogonalize
 from ..core import HookState, check_choice, check_float, check_int
+from ..core.layouts import LayoutCache
 
 
 class _Bucket:
-    """Per-layout data: the plan and the parameter lists in plan order (built once)."""
+    """Per-layout data: the plan, the parameters in plan order, and two fp32 workspaces
+    (``M = g + e`` and ``M^``) so that no large tensor is allocated per step."""
 
     def __init__(self, params, rank, rate):
         self.plan = LowRankPlan.build([p.shape for p in params], rank, rate)
@@ -38,6 +40,11 @@ class _Bucket:
         self.q_sizes = []
         for g in self.plan.groups:
             self.q_sizes += [g.m * g.rank] * g.size
+        numel = sum(p.numel() for p in self.compressed)
+        device = params[0].device
+        self.matrices = torch.empty(numel, dtype=torch.float32, device=device)
+        self.approx = torch.empty(numel, dtype=torch.float32, device=device)
+        self.numels = [p.numel() for p in self.compressed]
 
 
 class PowerSGD(HookState):
@@ -52,7 +59,9 @@ class PowerSGD(HookState):
         min_compression_rate: compress a matrix only if it shrinks by more than this factor.
         warmup_steps: first steps reduced by an exact fp32 all-reduce (0 is fine).
         seed: seed of the shared generator for ``Q`` (identical on every rank).
-        orthogonalization: ``"gram_schmidt"``, ``"cholesky_qr2"`` or ``"qr"``.
+        orthogonalization: ``"gram_schmidt"``, ``"cholesky_qr2"``, ``"qr"``, or ``"auto"``:
+            ``"qr"`` on the CPU (fastest there in ``benchmarks/powersgd.py``) and
+            ``"gram_schmidt"`` on GPUs.
         epsilon: added to column norms so that all-zero matrices give zeros, not NaN.
         process_group: the group to reduce over (default WORLD).
     """
@@ -68,7 +77,7 @@ class PowerSGD(HookState):
         min_compression_rate: float = 2.0,
         warmup_steps: int = 0,
         seed: int = 0,
-        orthogonalization: str = "gram_schmidt",
+        orthogonalization: str = "auto",
         epsilon: float = 1e-8,
         process_group=None,
     ) -> None:
@@ -77,18 +86,16 @@ class PowerSGD(HookState):
         self.error_feedback = bool(error_feedback)
         self.min_compression_rate = check_float("min_compression_rate", min_compression_rate, 1.0)
         self.seed = check_int("seed", seed, 0)
-        self.orthogonalization = check_choice("orthogonalization", orthogonalization, set(METHODS))
+        self.orthogonalization = check_choice("orthogonalization", orthogonalization, {"auto", *METHODS})
         self.epsilon = check_float("epsilon", epsilon, 0.0)
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
         self._generator = torch.Generator().manual_seed(self.seed)
-        self._buckets: dict[tuple, _Bucket] = {}
+        self._buckets = LayoutCache(lambda params: _Bucket(params, self.matrix_rank, self.min_compression_rate))
 
-    def _bucket(self, params) -> _Bucket:
-        key = tuple(id(p) for p in params)
-        b = self._buckets.get(key)
-        if b is None:
-            b = self._buckets[key] = _Bucket(params, self.matrix_rank, self.min_compression_rate)
-        return b
+    def _method(self, device: torch.device) -> str:
+        if self.orthogonalization != "auto":
+            return self.orthogonalization
+        return "qr" if device.type == "cpu" else "gram_schmidt"
 
     def _queries(self, b: _Bucket, device) -> torch.Tensor:
         """The flat Q buffer of a bucket; new (or, without warm start, all) pieces drawn from
@@ -104,7 +111,7 @@ class PowerSGD(HookState):
     def reduce(self, bucket, step: int) -> Future:
         params, grads, buf = bucket.parameters(), bucket.gradients(), bucket.buffer()
         device, n = buf.device, self.world_size
-        b = self._bucket(params)
+        b = self._buckets.get(params, step)
         plan = b.plan
 
         exact_fut, exact_buf = None, None
@@ -125,25 +132,30 @@ class PowerSGD(HookState):
 
         with self.time(step, "compress", device):
             local = [grads[i].reshape(-1) for i in plan.order]
-            matrices = torch.cat(local).to(torch.float32)
+            matrices = b.matrices
+            if buf.dtype == torch.float32:
+                torch.cat(local, out=matrices)
+            else:
+                matrices.copy_(torch.cat(local))
             if self.error_feedback:
                 error = self.memory.flat("error", b.compressed)
-                matrices.add_(error)
+                matrices.add_(error)  # M = g + e
             ms = plan.m_views(matrices)
             q_flat = self._queries(b, device)
-            qs = plan.q_views(q_flat)
+            qts = plan.q_views(q_flat)
             p_flat = torch.empty(plan.p_numel, dtype=torch.float32, device=device)
             ps = plan.p_views(p_flat)
-            for m, q, p in zip(ms, qs, ps):
-                torch.bmm(m, q, out=p)
+            for m, qt, p in zip(ms, qts, ps):
+                torch.bmm(m, qt.transpose(1, 2), out=p)  # P = M Q
         p_fut = self.transport.all_reduce(p_flat, step)
+        method = self._method(device)
 
         def project(_) -> Future:
             with self.time(step, "compress", device):
                 for p in ps:
-                    orthogonalize(p, self.orthogonalization, self.epsilon)
-                for m, p, q in zip(ms, ps, qs):
-                    torch.bmm(m.transpose(1, 2), p, out=q)
+                    orthogonalize(p, method, self.epsilon)
+                for m, p, qt in zip(ms, ps, qts):
+                    torch.bmm(p.transpose(1, 2), m, out=qt)  # Q^T = P^T M
             return self.transport.all_reduce(q_flat, step, stage=1)
 
         q_fut = self.transport.then(p_fut, 1, project)
@@ -151,17 +163,22 @@ class PowerSGD(HookState):
         def finish(_) -> torch.Tensor:
             with self.time(step, "decompress", device):
                 q_flat.div_(n)
-                bad = ~torch.isfinite(p_flat).all()
-                approx = torch.empty_like(matrices)
-                for m_hat, p, q in zip(plan.m_views(approx), ps, qs):
-                    torch.bmm(p, q.transpose(1, 2), out=m_hat)
-                if self.error_feedback:
-                    # a non-finite gradient on any rank shows in the reduced P: keep the old error
-                    torch.where(bad, error, matrices - approx, out=error)
-                for i, piece in zip(plan.order, approx.split([t.numel() for t in local])):
+                approx = b.approx
+                for m_hat, p, qt in zip(plan.m_views(approx), ps, qts):
+                    torch.bmm(p, qt, out=m_hat)  # M^ = P Q^T
+                for i, piece in zip(plan.order, approx.split(b.numels)):
                     grads[i].copy_(piece.view_as(grads[i]))
                 if exact_buf is not None:
                     write_exact()
+                if self.error_feedback:
+                    # a non-finite gradient on any rank shows in the reduced P: keep the old error
+                    bad = ~torch.isfinite(p_flat).all()
+                    torch.sub(matrices, approx, out=matrices)  # e = M - M^
+                    if device.type == "cpu" and not bool(bad):
+                        # reading a CPU flag costs nothing: swap buffers instead of copying
+                        b.matrices = self.memory.swap_flat("error", b.compressed, matrices)
+                    else:
+                        torch.where(bad, error, matrices, out=error)
             return buf
 
         waits = [q_fut] if exact_fut is None else [exact_fut, q_fut]
@@ -173,4 +190,4 @@ class PowerSGD(HookState):
 
     def load_extra_state(self, state: dict) -> None:
         self._generator.set_state(state["generator"])
-        self._buckets = {}
+        self._buckets.clear()

@@ -69,7 +69,8 @@ class LowRankPlan:
         return [flat[g.p_offset : g.p_offset + g.size * g.n * g.rank].view(g.size, g.n, g.rank) for g in self.groups]
 
     def q_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[g.q_offset : g.q_offset + g.size * g.m * g.rank].view(g.size, g.m, g.rank) for g in self.groups]
+        """Q stored transposed, ``(size, rank, m)`` per group: ``Q^T = P^T M`` is a fast matmul."""
+        return [flat[g.q_offset : g.q_offset + g.size * g.m * g.rank].view(g.size, g.rank, g.m) for g in self.groups]
 
     def m_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat buffer holding the compressed tensors in :attr:`order`."""

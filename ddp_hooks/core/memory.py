@@ -55,6 +55,19 @@ class ParameterMemory:
             self._flats[key] = buf
             return buf
 
+    def swap_flat(self, slot: str, params: Sequence[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
+        """Make ``new`` (same size) the flat memory of ``params`` in ``slot``; returns the old
+        flat buffer, free for reuse. Saves a copy when a whole slot is recomputed."""
+        key = (slot, new.dtype, tuple(id(p) for p in params))
+        with self._lock:
+            old = self._flats[key]
+            pieces = self._pieces[slot]
+            sizes = [pieces[id(p)].numel() for p in params]
+            for p, view in zip(params, new.split(sizes)):
+                pieces[id(p)] = view
+            self._flats[key] = new
+            return old
+
     def needs_assembly(self, slot: str, params: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> bool:
         """True if :meth:`flat` would build a new layout from pieces stored earlier."""
         if (slot, dtype, tuple(id(p) for p in params)) in self._flats:

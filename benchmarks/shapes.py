@@ -1,4 +1,4 @@
-"""Gradient shapes of real models, without torchvision (importable by the spawned ranks)."""
+"""Gradient shapes of real models without torchvision, and a module that has them."""
 
 import torch
 from torch import nn
@@ -18,6 +18,18 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
                 shapes += [(out, in_ch, 1, 1), (out,), (out,)]
             in_ch = out
     return shapes + [(1000, 2048), (1000,)]
+
+
+def gpt_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT-2-style decoder (about 124M parameters at the defaults)."""
+    shapes = [(vocab, width), (context, width)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
+        shapes += [(width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,)]
+    return shapes + [(width,), (width,)]
+
+
+MODELS = {"resnet50": resnet50_shapes, "gpt": gpt_shapes}
 
 
 class ShapeBag(nn.Module):

@@ -1,0 +1,214 @@
+"""CSER: communication-efficient SGD with error reset (Xie et al., NeurIPS 2020; ALGORITHMS.md
+section 2), with GRBS as the compressor.
+
+Every worker keeps its own model ``x_i = x^ + e_i``: ``x^`` is the model all ranks agree on,
+``e_i`` the local residual (neither is stored: only ``x_i`` is). Per step::
+
+    partial gradient sync (the hook):  g_i[S1] <- mean_j g_j[S1]   S1 = GRBS(grad_ratio), shared
+                                       the rest of g_i stays local, the local optimizer steps
+                                       (local momentum: M-CSER), so local models bifurcate
+    every `period` steps, error reset: c_i = C(e_i)                 C = GRBS(model_ratio)
+    (the optimizer wrapper)            x_i <- x_i - c_i + mean_j c_j ;  x^ <- x^ + mean_j c_j
+                                       (so e_i <- e_i - c_i)
+
+With GRBS the reset is partial model averaging on the selected blocks. Special cases:
+``grad_ratio=None`` (no gradient sync) with ``period=1`` is CSEA, with ``period=H`` CSER-PL;
+``grad_ratio=1`` and ``model_ratio=1`` is synchronous SGD. The overall compression ratio is
+``RC = 1 / (1 / (model_ratio * period) + 1 / grad_ratio)`` (:func:`overall_ratio`).
+"""
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.futures import Future
+
+from ..compress import grbs
+from ..core import HookState, SyncOptimizer, check_float, check_int
+
+
+def overall_ratio(grad_ratio: float | None, model_ratio: float, period: int) -> float:
+    """``RC = 1 / [1 / (model_ratio * period) + 1 / grad_ratio]`` (``grad_ratio=None``: no sync)."""
+    grad_term = 0.0 if grad_ratio is None else 1.0 / grad_ratio
+    return 1.0 / (1.0 / (model_ratio * period) + grad_term)
+
+
+def propose(target: float, model_ratios=(1, 2, 4, 8, 16, 32)) -> list[dict]:
+    """Configurations with overall ratio ``target``, splitting the budget equally between the two
+    synchronizations (the released ImageNet configurations do): ``grad_ratio = 2 * target`` and
+    ``model_ratio * period = 2 * target``; plus CSEA and CSER-PL for comparison."""
+    target = check_float("target", target, 1.0)
+    out = []
+    for model_ratio in model_ratios:
+        period = 2 * target / model_ratio
+        if period >= 1 and float(period).is_integer():
+            cfg = {"grad_ratio": 2 * target, "model_ratio": model_ratio, "period": int(period)}
+            out.append({**cfg, "variant": "CSER", "ratio": overall_ratio(**cfg)})
+    out.append({"grad_ratio": None, "model_ratio": target, "period": 1, "variant": "CSEA", "ratio": target})
+    for period in (4, 8, 16, 32):
+        if target / period >= 1:
+            out.append({"grad_ratio": None, "model_ratio": target / period, "period": period,
+                        "variant": "CSER-PL", "ratio": target})
+    return out
+
+
+class CSER(HookState):
+    """CSER state: the partial-gradient-sync hook and the error reset.
+
+    ``opt = ddp_hooks.CSER(grad_ratio=64, model_ratio=4, period=16).register(ddp, torch.optim.SGD(...))``
+    returns the optimizer wrapper to step; ``opt.averaged()`` averages the local models for
+    evaluation or checkpointing.
+
+    Args:
+        grad_ratio: GRBS ratio of the every-step gradient sync (>= 1), or ``None`` for none.
+        model_ratio: GRBS ratio of the error reset (>= 1; 1 resets the residual completely).
+        period: steps between error resets (``H`` >= 1).
+        block_size: GRBS block size in elements.
+        seed: seed of the generator shared by all ranks (independent of the global RNG).
+        warmup_steps: first steps reduced by an exact fp32 all-reduce.
+        process_group: the group to reduce over (default WORLD).
+    """
+
+    def __init__(
+        self,
+        grad_ratio: float | None = 64.0,
+        model_ratio: float = 4.0,
+        period: int = 16,
+        *,
+        block_size: int = 256,
+        seed: int = 0,
+        warmup_steps: int = 0,
+        process_group=None,
+    ) -> None:
+        self.grad_ratio = None if grad_ratio is None else check_float("grad_ratio", grad_ratio, 1.0)
+        self.model_ratio = check_float("model_ratio", model_ratio, 1.0)
+        self.period = check_int("period", period, 1)
+        self.block_size = check_int("block_size", block_size, 1)
+        self.seed = check_int("seed", seed, 0)
+        super().__init__(process_group=process_group, warmup_steps=warmup_steps)
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    @classmethod
+    def csea(cls, ratio: float, **kwargs) -> "CSER":
+        """CSEA: no gradient sync, a partial model sync (error reset) every step."""
+        return cls(grad_ratio=None, model_ratio=ratio, period=1, **kwargs)
+
+    @classmethod
+    def partial_local_sgd(cls, model_ratio: float, period: int, **kwargs) -> "CSER":
+        """CSER-PL: local SGD with a partial model sync every ``period`` steps."""
+        return cls(grad_ratio=None, model_ratio=model_ratio, period=period, **kwargs)
+
+    @property
+    def ratio(self) -> float:
+        """The overall compression ratio RC of this configuration."""
+        return overall_ratio(self.grad_ratio, self.model_ratio, self.period)
+
+    # ---- wiring ----------------------------------------------------------------------------
+    def register(self, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Register the hook; returns the optimizer wrapper (``optimizer`` is required)."""
+        if optimizer is None:
+            raise ValueError("CSER steps through an optimizer wrapper: pass register(ddp, optimizer)")
+        super().register(ddp, optimizer)
+        return CSEROptimizer(optimizer, self)
+
+    # ---- partial gradient synchronization (every step) -----------------------------------
+    def reduce(self, bucket, step: int) -> Future:
+        buf = bucket.buffer()
+        if self.grad_ratio is None:
+            fut: Future = Future()
+            fut.set_result(buf)
+            return fut
+        with self.time(step, "compress", buf.device):
+            idx = grbs.select(buf.numel(), self.block_size, self.grad_ratio, self._generator).to(buf.device)
+            bad = (~torch.isfinite(buf).all()).to(buf.dtype).view(1)
+            payload = torch.cat([grbs.gather(buf, idx), bad]).mul_(1.0 / self.world_size)
+        self.count_bits(step, 8 * buf.element_size() * idx.numel())
+        reduced = self.transport.all_reduce(payload, step)
+
+        def finish(f: Future) -> torch.Tensor:
+            values = f.value()
+            with self.time(step, "decompress", buf.device):
+                grbs.scatter(buf, idx, values[:-1])
+                # a non-finite gradient on any rank reaches every rank (GradScaler skips)
+                buf.masked_fill_(values[-1] != 0, float("nan"))
+            return buf
+
+        return reduced.then(finish)
+
+    # ---- error reset (every `period` steps) -------------------------------------------------
+    def reset(self, step: int) -> None:
+        """Error reset with ``c_i = GRBS(e_i)``: ``x_i <- x_i - c_i + mean_j c_j``.
+
+        Because every rank selects the same elements ``S`` and ``x_i = x^ + e_i`` with a common
+        ``x^``, this is ``x_i[S] <- x^[S] + mean_j e_j[S] = mean_j x_j[S]``: partial model
+        averaging, computed directly (exact when the models agree, and no copy of ``x^``).
+        """
+        params = list(self._named.values())
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        idx = grbs.select(offsets[-1], self.block_size, self.model_ratio, self._generator)
+        bounds = torch.searchsorted(idx, torch.tensor(offsets)).tolist()  # idx is on the CPU
+        pieces = []
+        with self.time(step, "compress", params[0].device):
+            for k, p in enumerate(params):
+                sel = idx[bounds[k] : bounds[k + 1]] - offsets[k]
+                if sel.numel():
+                    sel = sel.to(p.device)
+                    pieces.append((p, sel, grbs.gather(p.detach().view(-1), sel)))
+            payload = torch.cat([v.float() for *_, v in pieces]).mul_(1.0 / self.world_size)
+        self.count_bits(step, 32 * payload.numel())
+        mean = self.transport.all_reduce(payload, step).wait()
+        with torch.no_grad(), self.time(step, "decompress", params[0].device):
+            for (p, sel, _), values in zip(pieces, mean.split([s.numel() for _, s, _ in pieces])):
+                grbs.scatter(p.view(-1), sel, values)
+
+    @contextmanager
+    def averaged(self):
+        """Temporarily replace every local model by the mean over ranks (for evaluation or
+        checkpointing); the local models are restored on exit. Traffic is not counted."""
+        params = list(self._named.values())
+        saved = [p.detach().clone() for p in params]
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        dist.all_reduce(flat, group=self.process_group)
+        flat.div_(self.world_size)
+        with torch.no_grad():
+            for p, piece in zip(params, flat.split([p.numel() for p in params])):
+                p.copy_(piece.view_as(p))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {"generator": self._generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
+
+
+class CSEROptimizer(SyncOptimizer):
+    """Steps the local optimizer (momentum stays local), then every ``period`` steps resets."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, hook_state: CSER) -> None:
+        super().__init__(optimizer, hook_state)
+        self.local_steps = 0
+
+    def after_step(self) -> None:
+        self.local_steps += 1
+        state = self.hook_state
+        if self.local_steps % state.period == 0:
+            state.reset(max(0, state.step - 1))
+
+    def averaged(self):
+        """See :meth:`CSER.averaged`."""
+        return self.hook_state.averaged()
+
+    def wrapper_state(self) -> dict:
+        return {"local_steps": self.local_steps}
+
+    def load_wrapper_state(self, state: dict) -> None:
+        self.local_steps = int(state["local_steps"])
