@@ -8,7 +8,7 @@ Register a hook on an existing DDP model in one line::
     print(state.stats())
 """
 
-from .algorithms import CSER, AllReduce, BF16Compress, EFSignSGDM, FP16Compress, PowerSGD
+from .algorithms import CSER, AllReduce, BF16Compress, EFSignSGDM, FP16Compress, PowerSGD, QsparseLocalSGD
 from .algorithms.cser import overall_ratio as cser_ratio
 from .algorithms.cser import propose as cser_configs
 from .core import HookState, SyncOptimizer, comm_hook
@@ -23,6 +23,7 @@ __all__ = [
     "FP16Compress",
     "HookState",
     "PowerSGD",
+    "QsparseLocalSGD",
     "SyncOptimizer",
     "comm_hook",
     "cser_configs",

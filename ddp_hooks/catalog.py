@@ -49,6 +49,11 @@ def _cser(ddp, lr):
     return Setup(opt, opt.hook_state, opt.averaged)
 
 
+def _qsparse(ddp, lr):
+    opt = alg.QsparseLocalSGD("signtopk", k=0.01, period=4).register(ddp, _sgdm(ddp, lr))
+    return Setup(opt, opt.hook_state)
+
+
 def _simple(state_cls, **kwargs):
     def build(ddp, lr):
         return Setup(_sgdm(ddp, lr), state_cls(**kwargs).register(ddp))
@@ -64,6 +69,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("bf16", "bf16 all-reduce", _simple(alg.BF16Compress)),
         Entry("ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", _ef_sgdm),
         Entry("cser", "CSER: GRBS 1/64 gradient sync + 1/4 error reset every 16 steps (RC 32)", _cser),
+        Entry("qsparse", "Qsparse-local-SGD: SignTopK 1% per tensor, sync every 4 steps", _qsparse),
         Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", _simple(alg.PowerSGD, rank=4)),
     ]
 }

@@ -1,0 +1,220 @@
+"""Qsparse-local-SGD: composed quantize-and-sparsify operators with local steps and error
+compensation (Basu, Data, Karakus, Diggavi, NeurIPS 2019; ALGORITHMS.md section 3).
+
+With ``period = H > 1`` the hook is a no-op between synchronizations (local SGD, local momentum)
+and every ``H`` local steps the optimizer wrapper synchronizes (synchronous Qsparse-local-SGD)::
+
+    Delta_i = mem_i + (x_last - x_i)     net local progress plus the error memory
+    q_i     = QComp(Delta_i)             per tensor: SignTopK, QTopK, TopK, RandK, sign, QSGD
+    mem_i   = Delta_i - q_i              (parameter units)
+    x       = x_last - mean_j q_j        every rank; then x_i = x_last = x
+
+realized with one all-gather of the fixed-size sparse payloads and a scatter-add on every rank.
+The memory is wiped when the learning rate changed since the last synchronization (the
+authors' code wipes it at lr decays; ``wipe_memory_on_lr_change=False`` keeps it).
+
+With ``period = 1`` it is error-compensated compressed SGD as a plain gradient hook
+(gradient units, momentum in the optimizer after aggregation): ``p_i = g_i + e_i``,
+``q_i = QComp(p_i)``, ``e_i = p_i - q_i``, gradient ``= mean_j q_j``.
+
+The asynchronous variant (each worker on its own schedule) needs a parameter server and is not
+offered: DDP's collectives need every rank at every synchronization.
+"""
+
+import torch
+from torch.futures import Future
+
+from ..compress.sparse import KINDS, Codec
+from ..core import HookState, SyncOptimizer, check_choice, check_float, check_int
+from ..core.layouts import LayoutCache
+
+
+class _Plan:
+    """Codecs of a list of tensors and where each payload sits in the concatenated message."""
+
+    def __init__(self, params, kind, k, levels):
+        self.codecs = [Codec(kind, p.numel(), k, levels) for p in params]
+        self.offsets = [0]
+        for c in self.codecs:
+            self.offsets.append(self.offsets[-1] + c.nbytes)
+        self.paper_bits = sum(c.paper_bits() for c in self.codecs)
+
+    def encode(self, vectors, generator):
+        """Payload (with a trailing 4-byte non-finite flag) and each tensor's local message."""
+        payloads, local = [], []
+        for codec, v in zip(self.codecs, vectors):
+            payload, idx, values = codec.encode(v, generator)
+            payloads.append(payload)
+            local.append((idx, values))
+        bad = torch.stack([~torch.isfinite(v).all() for v in vectors]).any().float().view(1)
+        payloads.append(bad.view(torch.uint8))
+        return torch.cat(payloads), local
+
+    def mean(self, gathered: torch.Tensor, outputs) -> torch.Tensor:
+        """Write ``mean_j q_j`` of every tensor into ``outputs`` (flat fp32, zeroed here);
+        workers are added in rank order, so every rank computes the same floats."""
+        n = gathered.shape[0]
+        for k, (codec, out) in enumerate(zip(self.codecs, outputs)):
+            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]])
+            out.zero_()
+            for j in range(n):
+                if idx is None:
+                    out.add_(values[j])
+                else:
+                    out.index_add_(0, idx[j], values[j])  # indices unique within a payload
+            out.div_(n)
+        return gathered[:, -4:].contiguous().view(torch.float32).sum() > 0
+
+
+def _subtract_message(mem: torch.Tensor, idx, values) -> None:
+    if idx is None:
+        mem.sub_(values)
+    else:
+        mem.index_add_(0, idx, values, alpha=-1.0)
+
+
+class QsparseLocalSGD(HookState):
+    """Qsparse-local-SGD state.
+
+    ``opt = ddp_hooks.QsparseLocalSGD("signtopk", k=1000, period=8).register(ddp, torch.optim.SGD(...))``
+    returns the optimizer wrapper to step.
+
+    Args:
+        compressor: ``"signtopk"`` (the paper's choice), ``"qtopk"``, ``"topk"``, ``"randk"``,
+            ``"sign"`` (EF-signSGD) or ``"qsgd"``.
+        k: elements kept per tensor, a count (int >= 1) or a fraction in (0, 1).
+        period: local steps between synchronizations ``H`` (1: a plain gradient hook).
+        levels: quantization levels ``s`` for ``qtopk`` / ``qsgd``, in [1, 255].
+        wipe_memory_on_lr_change: zero the error memory when the learning rate changed.
+        seed: seeds the per-worker generator (offset by rank) for randk and stochastic rounding.
+        warmup_steps: first steps reduced by an exact fp32 all-reduce.
+        process_group: the group to reduce over (default WORLD).
+    """
+
+    def __init__(
+        self,
+        compressor: str = "signtopk",
+        k: int | float = 1000,
+        period: int = 8,
+        *,
+        levels: int = 16,
+        wipe_memory_on_lr_change: bool = True,
+        seed: int = 0,
+        warmup_steps: int = 0,
+        process_group=None,
+    ) -> None:
+        self.compressor = check_choice("compressor", compressor, set(KINDS))
+        if isinstance(k, float) and k < 1:
+            self.k = check_float("k", k, 0.0, 1.0, low_open=True, high_open=True)
+        else:
+            self.k = check_int("k", k, 1)
+        self.period = check_int("period", period, 1)
+        self.levels = check_int("levels", levels, 1, 255)
+        self.wipe_memory_on_lr_change = bool(wipe_memory_on_lr_change)
+        self.seed = check_int("seed", seed, 0)
+        super().__init__(process_group=process_group, warmup_steps=warmup_steps)
+        self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank)
+        self._plans = LayoutCache(lambda params: _Plan(params, self.compressor, self.k, self.levels))
+        self._lr_at_sync: list[float] | None = None
+
+    def register(self, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Register the hook; returns the optimizer wrapper (``optimizer`` is required)."""
+        if optimizer is None:
+            raise ValueError("QsparseLocalSGD steps through an optimizer wrapper: pass register(ddp, optimizer)")
+        super().register(ddp, optimizer)
+        if self.period > 1:
+            for p in self._named.values():
+                if self.memory.get("x_last", p) is None:
+                    self.memory.set("x_last", p, p.detach().clone())
+        return QsparseOptimizer(optimizer, self)
+
+    # ---- the hook ---------------------------------------------------------------------------
+    def reduce(self, bucket, step: int) -> Future:
+        buf = bucket.buffer()
+        if self.period > 1:  # local steps: nothing leaves this rank
+            fut: Future = Future()
+            fut.set_result(buf)
+            return fut
+        return self._error_compensated(bucket, step)
+
+    def _error_compensated(self, bucket, step: int) -> Future:
+        """``period = 1``: p = g + e; q = QComp(p); e = p - q; gradient = mean_j q_j."""
+        params, grads, buf = bucket.parameters(), bucket.gradients(), bucket.buffer()
+        plan = self._plans.get(params, step)
+        error = self.memory.flat("error", params)
+        with self.time(step, "compress", buf.device):
+            p = buf.to(torch.float32) + error
+            pieces = p.split([t.numel() for t in grads])
+            payload, local = plan.encode(pieces, self._generator)
+        self.count_bits(step, plan.paper_bits)
+        gathered = self.transport.all_gather(payload, step)
+
+        def finish(fut: Future) -> torch.Tensor:
+            with self.time(step, "decompress", buf.device):
+                out = torch.empty_like(p)
+                bad = plan.mean(fut.value(), out.split([t.numel() for t in grads]))
+                for piece, (idx, values) in zip(pieces, local):
+                    _subtract_message(piece, idx, values)  # p becomes p - q_i
+                torch.where(bad, error, p, out=error)
+                buf.copy_(out.masked_fill_(bad, float("nan")))
+            return buf
+
+        return gathered.then(finish)
+
+    # ---- synchronization (period > 1) -------------------------------------------------------
+    def synchronize(self, step: int) -> None:
+        """Delta_i = mem_i + (x_last - x_i); q_i = QComp(Delta_i); mem_i = Delta_i - q_i;
+        x_i = x_last = x_last - mean_j q_j."""
+        params = list(self._named.values())
+        plan = self._plans.get(params, step)
+        lrs = self.learning_rates(params)
+        if self.wipe_memory_on_lr_change and self._lr_at_sync is not None and lrs != self._lr_at_sync:
+            self.memory.clear("memory")
+        self._lr_at_sync = lrs
+        memory = self.memory.flat("memory", params)
+        device = params[0].device
+        with torch.no_grad():
+            with self.time(step, "compress", device):
+                last = [self.memory.get("x_last", p) for p in params]
+                deltas = memory.split([p.numel() for p in params])
+                for delta, x_last, p in zip(deltas, last, params):
+                    delta.add_(x_last.view(-1)).sub_(p.detach().view(-1))  # mem + (x_last - x)
+                payload, local = plan.encode(deltas, self._generator)
+                for delta, (idx, values) in zip(deltas, local):
+                    _subtract_message(delta, idx, values)  # mem = Delta - q_i
+            self.count_bits(step, plan.paper_bits)
+            gathered = self.transport.all_gather(payload, step).wait()
+            with self.time(step, "decompress", device):
+                means = [torch.empty(p.numel(), dtype=torch.float32, device=device) for p in params]
+                plan.mean(gathered, means)
+                for p, x_last, mean in zip(params, last, means):
+                    x_last.view(-1).sub_(mean.to(x_last.dtype))
+                    p.copy_(x_last)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {"generator": self._generator.get_state(), "lr_at_sync": self._lr_at_sync}
+
+    def load_extra_state(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
+        self._lr_at_sync = state["lr_at_sync"]
+
+
+class QsparseOptimizer(SyncOptimizer):
+    """Steps the local optimizer; with ``period > 1`` synchronizes after every ``period`` steps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, hook_state: QsparseLocalSGD) -> None:
+        super().__init__(optimizer, hook_state)
+        self.local_steps = 0
+
+    def after_step(self) -> None:
+        self.local_steps += 1
+        state = self.hook_state
+        if state.period > 1 and self.local_steps % state.period == 0:
+            state.synchronize(max(0, state.step - 1))
+
+    def wrapper_state(self) -> dict:
+        return {"local_steps": self.local_steps}
+
+    def load_wrapper_state(self, state: dict) -> None:
+        self.local_steps = int(state["local_steps"])

@@ -1,0 +1,155 @@
+"""Sparsifiers and quantizers with fixed-size byte payloads (Qsparse-local-SGD's operators).
+
+Per tensor (flattened, ``d`` elements, ``k`` kept):
+
+* ``topk``: the ``k`` largest magnitudes, sent as int32 indices + fp32 values.
+* ``randk``: ``k`` indices drawn uniformly (per-worker generator), int32 indices + fp32 values.
+* ``signtopk``: top-k, each kept value replaced by ``(||v_k||_1 / k) * sgn`` (sgn(0) = +1):
+  int32 indices + packed signs + one fp32 scale.
+* ``qtopk``: top-k, then the s-level stochastic quantizer on the kept values, divided by
+  ``1 + beta`` with ``beta = min(k / s^2, sqrt(k) / s)``: int32 indices + uint8 levels + packed
+  signs + one fp32 norm.
+* ``sign``: scaled sign of the whole tensor, ``(||v||_1 / d) * sgn`` (EF-signSGD's operator).
+* ``qsgd``: the s-level stochastic quantizer of the whole tensor (unbiased):
+  ``Q(v)_i = ||v||_2 * sgn(v_i) * xi_i / s`` with ``xi_i`` = ``floor(s|v_i|/||v||)`` rounded up
+  with probability equal to the remainder.
+
+Payload sizes follow from ``(d, k, s)`` only, never from the data. :meth:`Codec.paper_bits` is
+what the Qsparse paper counts: index bits ``ceil(log2 d)``, 1 sign bit, ``ceil(log2(s+1))``
+level bits, 32 bits per value or scale (ALGORITHMS.md section 3c).
+"""
+
+import math
+
+import torch
+
+from .sign import pack_signs, unpack_signs
+
+KINDS = ("topk", "randk", "signtopk", "qtopk", "sign", "qsgd")
+_DENSE = ("sign", "qsgd")
+
+
+def keep_count(numel: int, k: int | float) -> int:
+    """Elements kept of a tensor: ``k`` as a count (int) or a fraction of ``numel`` (float < 1)."""
+    if isinstance(k, float) and k < 1:
+        return min(numel, max(1, math.ceil(k * numel)))
+    return min(numel, int(k))
+
+
+def top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest magnitudes of a 1-D tensor (exact, as ``torch.topk``)."""
+    return torch.topk(v.abs(), k, sorted=False).indices
+
+
+def stochastic_levels(magnitude: torch.Tensor, s: int, noise: torch.Tensor) -> torch.Tensor:
+    """``floor(s * magnitude) + (noise < remainder)``: unbiased integer levels in [0, s].
+    ``magnitude`` is ``|v| / ||v||`` in [0, 1]; ``noise`` uniform in [0, 1)."""
+    scaled = magnitude * s
+    low = scaled.floor()
+    return (low + (noise < scaled - low).to(scaled.dtype)).clamp_(0, s)
+
+
+def quantize(v: torch.Tensor, s: int, noise: torch.Tensor) -> torch.Tensor:
+    """The s-level stochastic quantizer (dense, unbiased): ``||v|| sgn(v) xi / s``."""
+    norm = torch.linalg.vector_norm(v)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    levels = stochastic_levels(v.abs() / safe, s, noise)
+    return torch.where(v >= 0, 1.0, -1.0) * levels * (norm / s)
+
+
+def qtopk_beta(k: int, s: int) -> float:
+    return min(k / s**2, math.sqrt(k) / s)
+
+
+class Codec:
+    """Fixed-size encoding of one flattened tensor of ``numel`` elements."""
+
+    def __init__(self, kind: str, numel: int, k: int | float = 1000, levels: int = 16) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"compressor must be one of {list(KINDS)}, got {kind!r}")
+        self.kind, self.numel, self.s = kind, numel, levels
+        self.k = numel if kind in _DENSE else keep_count(numel, k)
+        sparse = kind not in _DENSE
+        sizes = {"idx": 4 * self.k} if sparse else {}
+        if kind in ("topk", "randk"):
+            sizes["values"] = 4 * self.k
+        if kind in ("signtopk", "qtopk", "sign", "qsgd"):
+            sizes["signs"] = -(-self.k // 8)
+            sizes["scale"] = 4
+        if kind in ("qtopk", "qsgd"):
+            sizes["levels"] = self.k
+        self._fields = sizes
+        self.nbytes = sum(sizes.values())
+
+    # ---- paper accounting ------------------------------------------------------------------
+    def paper_bits(self) -> int:
+        d, k = self.numel, self.k
+        index = 0 if k >= d else math.ceil(math.log2(max(d, 2)))
+        level = math.ceil(math.log2(self.s + 1))
+        return {
+            "topk": k * (32 + index),
+            "randk": k * (32 + index),
+            "signtopk": k * (1 + index) + 32,
+            "qtopk": k * (1 + level + index) + 32,
+            "sign": d + 32,
+            "qsgd": d * (1 + level) + 32,
+        }[self.kind]
+
+    # ---- encode / decode ---------------------------------------------------------------------
+    def encode(self, v: torch.Tensor, generator: torch.Generator | None = None):
+        """Compress fp32 ``v`` (``numel``,): returns (payload uint8, indices, values) where
+        ``values`` at ``indices`` is the decompressed message (what the receivers will add)."""
+        kind, k = self.kind, self.k
+        device = v.device
+        if kind in _DENSE:
+            idx = None
+            kept = v
+        elif kind == "randk":
+            idx = torch.randperm(self.numel, generator=generator)[:k].to(device)
+            kept = v[idx]
+        else:
+            idx = top_indices(v, k)
+            kept = v[idx]
+        fields = {}
+        if idx is not None:
+            fields["idx"] = idx.to(torch.int32)
+        if kind in ("topk", "randk"):
+            values = kept.clone()
+            fields["values"] = values
+        elif kind in ("signtopk", "sign"):
+            scale = kept.abs().sum(dtype=torch.float64).div(k).to(torch.float32)
+            fields["signs"] = pack_signs(kept)
+            fields["scale"] = scale.view(1)
+            values = torch.where(kept >= 0, scale, -scale)
+        else:  # qtopk, qsgd
+            noise = torch.rand(k, generator=generator).to(device)
+            norm = torch.linalg.vector_norm(kept)
+            safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+            levels = stochastic_levels(kept.abs() / safe, self.s, noise)
+            unit = norm / self.s
+            if kind == "qtopk":
+                unit = unit / (1 + qtopk_beta(k, self.s))
+            fields["signs"] = pack_signs(kept)
+            fields["scale"] = unit.view(1)
+            fields["levels"] = levels.to(torch.uint8)
+            values = torch.where(kept >= 0, 1.0, -1.0) * levels * unit
+        payload = torch.cat([fields[name].reshape(-1).view(torch.uint8) for name in self._fields])
+        return payload, idx, values
+
+    def decode(self, payload: torch.Tensor):
+        """``(n, nbytes)`` payloads -> (indices ``(n, k)`` int64 or None for dense, values ``(n, k)``)."""
+        n = payload.shape[0]
+        parts, off = {}, 0
+        for name, size in self._fields.items():
+            parts[name] = payload[:, off : off + size]
+            off += size
+        idx = None
+        if "idx" in parts:
+            idx = parts["idx"].contiguous().view(torch.int32).to(torch.int64).view(n, self.k)
+        if "values" in parts:
+            return idx, parts["values"].contiguous().view(torch.float32).view(n, self.k)
+        scale = parts["scale"].contiguous().view(torch.float32)  # (n, 1)
+        signs = unpack_signs(parts["signs"], self.k)
+        if "levels" in parts:
+            signs = signs * parts["levels"].to(torch.float32)
+        return idx, signs * scale

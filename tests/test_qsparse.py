@@ -1,0 +1,217 @@
+"""Qsparse-local-SGD: operators against plain math, unbiased quantizer, a plain n-worker
+reference for the local-SGD and the H = 1 hook paths, memory wipe, payload sizes."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ddp_hooks as dh
+from ddp_hooks.compress.sparse import Codec, quantize, stochastic_levels, top_indices
+from ddp_hooks.testing import run_world
+
+from models import batches, params_of
+
+
+# ---------------------------------------------------------------- operators
+def test_topk_selects_the_same_set_as_torch_topk():
+    g = torch.Generator().manual_seed(0)
+    for numel, k in [(10, 3), (1000, 17), (4097, 400)]:
+        v = torch.randn(numel, generator=g)  # continuous: no ties
+        ours = set(top_indices(v, k).tolist())
+        assert ours == set(torch.topk(v.abs(), k).indices.tolist())
+
+
+def test_signtopk_math_against_plain_reference():
+    v = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    codec = Codec("signtopk", 50, k=7)
+    _, idx, values = codec.encode(v)
+    order = sorted(range(50), key=lambda i: -abs(float(v[i])))[:7]
+    scale = sum(abs(float(v[i])) for i in order) / 7
+    expected = {i: (scale if v[i] >= 0 else -scale) for i in order}
+    assert set(idx.tolist()) == set(order)
+    for i, val in zip(idx.tolist(), values.tolist()):
+        assert val == pytest.approx(expected[i], rel=1e-6)
+
+
+def test_qtopk_math_against_plain_reference():
+    v = torch.randn(40, generator=torch.Generator().manual_seed(2))
+    k, s = 9, 4
+    codec = Codec("qtopk", 40, k=k, levels=s)
+    _, idx, values = codec.encode(v, torch.Generator().manual_seed(5))
+    noise = torch.rand(k, generator=torch.Generator().manual_seed(5))
+    kept = v[idx]
+    norm = float(kept.norm())
+    beta = min(k / s**2, math.sqrt(k) / s)
+    for j in range(k):
+        level = s * abs(float(kept[j])) / norm
+        low = math.floor(level)
+        xi = low + (1 if float(noise[j]) < level - low else 0)
+        expected = (1 if kept[j] >= 0 else -1) * norm * xi / s / (1 + beta)
+        assert float(values[j]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_s_level_quantizer_is_unbiased():
+    # fixed seed; tolerance: 5 standard errors of the mean of 20000 draws (variance <= norm^2/(4 s^2))
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(64, generator=g)
+    s, draws = 4, 20000
+    noise = torch.rand(draws, 64, generator=g)
+    mean = torch.stack([quantize(v, s, noise[i]) for i in range(draws)]).mean(0)
+    bound = 5 * float(v.norm()) / (2 * s) / math.sqrt(draws)
+    assert (mean - v).abs().max() < bound
+    assert not torch.equal(quantize(v, s, noise[0]), v)  # it does quantize
+
+
+def test_stochastic_levels_stay_in_range():
+    levels = stochastic_levels(torch.tensor([0.0, 0.5, 1.0]), 8, torch.tensor([0.99, 0.0, 0.0]))
+    assert levels.tolist() == [0.0, 4.0, 8.0]
+
+
+@pytest.mark.parametrize("kind", ["topk", "randk", "signtopk", "qtopk", "sign", "qsgd"])
+def test_payload_size_is_fixed_and_round_trips(kind):
+    codec = Codec(kind, 333, k=0.05, levels=8)
+    g = torch.Generator().manual_seed(0)
+    outs = [codec.encode(torch.randn(333, generator=g), g) for _ in range(2)]
+    assert all(p.numel() == codec.nbytes for p, _, _ in outs)
+    idx, values = codec.decode(torch.stack([p for p, _, _ in outs]))
+    for j, (_, i, v) in enumerate(outs):
+        assert torch.equal(values[j], v)
+        assert i is None or torch.equal(idx[j], i)
+
+
+# ---------------------------------------------------------------- n-worker reference
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 24)
+        self.b = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _lr(t):
+    return 0.1 if t < 6 else 0.02
+
+
+def _world(rank, world, steps, period, k, wipe):
+    model = _Net()
+    ddp = DDP(model, bucket_cap_mb=0.001)
+    opt = dh.QsparseLocalSGD("signtopk", k=k, period=period, wipe_memory_on_lr_change=wipe).register(
+        ddp, torch.optim.SGD(ddp.parameters(), lr=_lr(0), momentum=0.9)
+    )
+    for t, (x, y) in enumerate(batches(rank, steps)):
+        for group in opt.param_groups:
+            group["lr"] = _lr(t)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    memory = opt.hook_state.state_dict()["memory"]
+    return params_of(model), memory, opt.stats()
+
+
+def _signtopk(v, k):
+    out = torch.zeros_like(v)
+    order = torch.tensor(sorted(range(v.numel()), key=lambda i: -abs(float(v[i])))[: min(k, v.numel())])
+    scale = v[order].abs().double().sum() / order.numel()
+    out[order] = torch.where(v[order] >= 0, 1.0, -1.0) * scale.float()
+    return out
+
+
+def qsparse_reference(world, steps, period, k, wipe, mu=0.9):
+    """Qsparse-local-SGD (synchronous, SignTopK per tensor) for n simulated workers; H = 1 is
+    error-compensated SignTopK SGD with momentum after aggregation."""
+    models = [_Net() for _ in range(world)]
+    moms = [[torch.zeros_like(p) for p in models[0].parameters()] for _ in range(world)]
+    mem = [[torch.zeros_like(p) for p in models[0].parameters()] for _ in range(world)]
+    x_last = [p.detach().clone() for p in models[0].parameters()]
+    data = [batches(i, steps) for i in range(world)]
+    lr_at_sync = None
+    for t in range(steps):
+        grads = []
+        for i, m in enumerate(models):
+            m.zero_grad()
+            nn.functional.cross_entropy(m(data[i][t][0]), data[i][t][1]).backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        if period == 1:  # error-compensated compressed gradients, mean, then momentum SGD
+            for kk in range(len(x_last)):
+                qs = []
+                for i in range(world):
+                    p_i = grads[i][kk] + mem[i][kk]
+                    q = _signtopk(p_i.reshape(-1), k).view_as(p_i)
+                    mem[i][kk] = p_i - q
+                    qs.append(q)
+                for i in range(world):
+                    grads[i][kk] = sum(qs) / world
+        for i, m in enumerate(models):
+            with torch.no_grad():
+                for p, g, buf in zip(m.parameters(), grads[i], moms[i]):
+                    buf.mul_(mu).add_(g)
+                    p.sub_(_lr(t) * buf)
+        if period > 1 and (t + 1) % period == 0:
+            if wipe and lr_at_sync is not None and lr_at_sync != _lr(t):
+                mem = [[torch.zeros_like(p) for p in x_last] for _ in range(world)]
+            lr_at_sync = _lr(t)
+            for kk in range(len(x_last)):
+                qs = []
+                for i, m in enumerate(models):
+                    delta = mem[i][kk] + (x_last[kk] - list(m.parameters())[kk].detach())
+                    q = _signtopk(delta.reshape(-1), k).view_as(delta)
+                    mem[i][kk] = delta - q
+                    qs.append(q)
+                x_last[kk] = x_last[kk] - sum(qs) / world
+                for m in models:
+                    with torch.no_grad():
+                        list(m.parameters())[kk].copy_(x_last[kk])
+    return [[p.detach() for p in m.parameters()] for m in models], mem
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("period", [1, 4])
+def test_agrees_with_single_process_reference(world, period):
+    steps, k = 12, 10
+    results = run_world(_world, world, steps, period, k, True)
+    expected, _ = qsparse_reference(world, steps, period, k, True)
+    for rank in range(world):
+        for got, want in zip(results[rank][0], expected[rank]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if period == 1:
+        assert results[0][2]["total"]["paper_ratio"] > 3
+
+
+def test_memory_is_wiped_at_a_learning_rate_change():
+    steps, k, period = 8, 10, 4  # syncs after steps 4 (lr 0.1) and 8 (lr 0.02: wipe first)
+    wiped = run_world(_world, 2, steps, period, k, True)
+    kept = run_world(_world, 2, steps, period, k, False)
+    ref_wiped, mem_wiped = qsparse_reference(2, steps, period, k, True)
+    ref_kept, _ = qsparse_reference(2, steps, period, k, False)
+    for got, want in zip(wiped[0][0], ref_wiped[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(kept[0][0], ref_kept[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(wiped[0][0], kept[0][0]))
+    # the memory after the wipe holds only the last period's residual
+    saved = wiped[0][1]["memory"]
+    for name, want in zip(saved, mem_wiped[0]):
+        torch.testing.assert_close(saved[name].view_as(want), want, rtol=1e-5, atol=1e-6)
+
+
+def _bad_args(rank, world):
+    msgs = []
+    for kwargs in ({"compressor": "dgc"}, {"k": 0}, {"k": 1.5}, {"period": 0}, {"levels": 300}):
+        try:
+            dh.QsparseLocalSGD(**kwargs)
+        except ValueError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_bad_arguments_raise_value_error_naming_them():
+    msgs = run_world(_bad_args, 1)[0]
+    assert len(msgs) == 5
+    for msg, name in zip(msgs, ["compressor", "k", "k", "period", "levels"]):
+        assert name in msg, msg
