@@ -8,7 +8,16 @@ Register a hook on an existing DDP model in one line::
     print(state.stats())
 """
 
-from .algorithms import CSER, AllReduce, BF16Compress, EFSignSGDM, FP16Compress, PowerSGD, QsparseLocalSGD
+from .algorithms import (
+    CSER,
+    LAQ,
+    AllReduce,
+    BF16Compress,
+    EFSignSGDM,
+    FP16Compress,
+    PowerSGD,
+    QsparseLocalSGD,
+)
 from .algorithms.cser import overall_ratio as cser_ratio
 from .algorithms.cser import propose as cser_configs
 from .core import HookState, SyncOptimizer, comm_hook
@@ -22,6 +31,7 @@ __all__ = [
     "EFSignSGDM",
     "FP16Compress",
     "HookState",
+    "LAQ",
     "PowerSGD",
     "QsparseLocalSGD",
     "SyncOptimizer",

@@ -54,6 +54,13 @@ def _qsparse(ddp, lr):
     return Setup(opt, opt.hook_state)
 
 
+def _laq(ddp, lr):
+    # minibatch gradients: SLAQ's threshold; plain SGD as in the paper (stale gradients and
+    # momentum do not mix well)
+    opt = alg.LAQ.slaq(bits=4, wire="uploads").register(ddp, _sgd(ddp, 2 * lr))
+    return Setup(opt, opt.hook_state)
+
+
 def _simple(state_cls, **kwargs):
     def build(ddp, lr):
         return Setup(_sgdm(ddp, lr), state_cls(**kwargs).register(ddp))
@@ -70,6 +77,7 @@ ENTRIES: dict[str, Entry] = {
         Entry("ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", _ef_sgdm),
         Entry("cser", "CSER: GRBS 1/64 gradient sync + 1/4 error reset every 16 steps (RC 32)", _cser),
         Entry("qsparse", "Qsparse-local-SGD: SignTopK 1% per tensor, sync every 4 steps", _qsparse),
+        Entry("laq", "SLAQ: 4-bit innovations, uploads skipped while small", _laq),
         Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", _simple(alg.PowerSGD, rank=4)),
     ]
 }

@@ -1,7 +1,8 @@
 """Optimizer-wrapper base for algorithms that synchronize models periodically.
 
-The shape of torch's ``PostLocalSGDOptimizer``: the wrapped optimizer takes its local step, then
-:meth:`SyncOptimizer.after_step` runs the algorithm's synchronization. It subclasses
+The shape of torch's ``PostLocalSGDOptimizer``: :meth:`SyncOptimizer.before_step` (e.g. a rule
+that needs the whole gradient), the wrapped optimizer's local step, then
+:meth:`SyncOptimizer.after_step` (e.g. a periodic model synchronization). It subclasses
 ``torch.optim.Optimizer`` so that learning-rate schedulers accept it.
 """
 
@@ -40,14 +41,17 @@ class SyncOptimizer(torch.optim.Optimizer):
         self.optim.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure=None):
-        """Local optimizer step, then the algorithm's synchronization."""
+        """:meth:`before_step`, the local optimizer step, then :meth:`after_step`."""
+        self.before_step()
         loss = self.optim.step(closure)
         self.after_step()
         return loss
 
+    def before_step(self) -> None:
+        """The algorithm's work between backward and the local step (override)."""
+
     def after_step(self) -> None:
-        """The algorithm's synchronization after a local step (override)."""
-        raise NotImplementedError
+        """The algorithm's synchronization after the local step (override)."""
 
     def stats(self) -> dict:
         return self.hook_state.stats()

@@ -1,0 +1,48 @@
+"""LAQ's innovation quantizer and b-bit code packing (ALGORITHMS.md section 5b).
+
+With reference ``q_ref`` (the last uploaded quantized gradient) and ``tau = 1 / (2^b - 1)``::
+
+    R    = ||g - q_ref||_inf
+    code = floor((g - q_ref + R) / (2 tau R) + 1/2)      in {0, ..., 2^b - 1}
+    Q(g) = q_ref - R + 2 tau R code                      so |g_i - Q(g)_i| <= tau R
+
+``R = 0`` (nothing changed) gives ``Q(g) = q_ref`` and codes of 0, with no division by zero.
+Codes are packed ``b`` bits each, least significant bit first, into bytes.
+"""
+
+import torch
+
+from .sign import pack_signs, unpack_signs
+
+
+def quantize_innovation(g: torch.Tensor, q_ref: torch.Tensor, bits: int):
+    """(radius ``R`` as a 0-d fp32 tensor, uint8 codes, the dequantized ``Q(g)``)."""
+    levels = (1 << bits) - 1
+    diff = g - q_ref
+    radius = diff.abs().max() if diff.numel() else diff.new_zeros(())
+    safe = torch.where(radius > 0, radius, torch.ones_like(radius))
+    step = 2 * safe / levels  # 2 tau R
+    codes = torch.floor((diff + radius) / step + 0.5).clamp_(0, levels)
+    codes = torch.where(radius > 0, codes, torch.zeros_like(codes))
+    return radius, codes.to(torch.uint8), dequantize(q_ref, radius, codes, bits)
+
+
+def dequantize(q_ref: torch.Tensor, radius: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``q_ref - R + 2 tau R code`` (exactly the receiver's reconstruction)."""
+    levels = (1 << bits) - 1
+    return q_ref - radius + (2 * radius / levels) * codes.to(q_ref.dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes of ``bits`` bits each into ``ceil(len * bits / 8)`` bytes."""
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    planes = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)  # bit j of code i at i*bits + j
+    return pack_signs(planes.to(torch.float32) - 0.5)
+
+
+def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`; ``packed`` may be ``(..., nbytes)``."""
+    planes = (unpack_signs(packed, count * bits) > 0).to(torch.uint8)
+    planes = planes.view(*packed.shape[:-1], count, bits)
+    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
+    return (planes * weights).sum(-1, dtype=torch.uint8)
