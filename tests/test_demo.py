@@ -10,7 +10,7 @@ def test_demo_runs_every_hook_and_learns(capsys):
     by_name = {r["hook"]: r for r in rows}
     assert by_name["fp32"]["ratio"] == 1.0
     for r in rows:
-        assert r["accuracy"] > 0.85, r  # 10 classes: chance is 0.1
+        assert r["accuracy"] > 0.75, r  # 60 steps; 10 classes: chance is 0.1
         assert r["bytes_per_step"] > 0
     table = demo.format_table(rows)
     assert "fp32" in table and "vs fp32" in table
