@@ -70,16 +70,37 @@ def test_stochastic_levels_stay_in_range():
     assert levels.tolist() == [0.0, 4.0, 8.0]
 
 
-@pytest.mark.parametrize("kind", ["topk", "randk", "signtopk", "qtopk", "sign", "qsgd"])
+@pytest.mark.parametrize("kind", ["topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd"])
 def test_payload_size_is_fixed_and_round_trips(kind):
     codec = Codec(kind, 333, k=0.05, levels=8)
     g = torch.Generator().manual_seed(0)
-    outs = [codec.encode(torch.randn(333, generator=g), g) for _ in range(2)]
+    outs = [codec.encode(torch.randn(333, generator=g), torch.Generator().manual_seed(9)) for _ in range(2)]
     assert all(p.numel() == codec.nbytes for p, _, _ in outs)
-    idx, values = codec.decode(torch.stack([p for p, _, _ in outs]))
+    idx, values = codec.decode(torch.stack([p for p, _, _ in outs]), outs[0][1])
     for j, (_, i, v) in enumerate(outs):
         assert torch.equal(values[j], v)
         assert i is None or torch.equal(idx[j], i)
+
+
+def _grbs_world(rank, world):
+    model = nn.Linear(40, 30)
+    ddp = DDP(model)
+    opt = dh.QsparseLocalSGD("grbs", k=0.1, period=1).register(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1))
+    g = torch.Generator().manual_seed(rank)
+    grads = []
+    for _ in range(3):
+        opt.zero_grad()
+        ddp(torch.randn(8, 40, generator=g)).square().mean().backward()
+        grads.append(model.weight.grad.clone())
+    return grads
+
+
+def test_grbs_compressor_selects_the_same_elements_on_every_rank():
+    results = run_world(_grbs_world, 2)
+    for step in range(3):
+        a, b = results[0][step], results[1][step]
+        assert torch.equal(a, b)
+        assert (a != 0).sum() == math.ceil(0.1 * 1200)  # one shared selection of 10%
 
 
 # ---------------------------------------------------------------- n-worker reference

@@ -28,22 +28,29 @@ the momentum takes the bucket's values in.
 """
 
 import torch
-from torch.futures import Future, collect_all
+from torch.futures import Future
 
-from ..compress.sign import ShardPlan, block_scales, block_sizes, pack_signs, segment_ids, unpack_signs
+from ..compress.sign import ShardPlan, block_scales, block_sizes, expand, pack_signs, ranges, unpack_bits
 from ..core import HookState, check_choice, check_float, check_int
+from ..core.layouts import LayoutCache
 
 
 class _Layout:
-    """Everything about one bucket layout that follows from its shapes (built once)."""
+    """Everything about one bucket layout that follows from its shapes, and fp32 workspaces
+    (so that no bucket-sized tensor is allocated per step)."""
 
-    def __init__(self, params, block_size, n, device):
+    def __init__(self, params, block_size, n):
         sizes = block_sizes([p.numel() for p in params], block_size)
+        device = params[0].device
         self.numel = sum(sizes)
-        self.nblocks = len(sizes)
-        self.ids = segment_ids(sizes, device)
-        self.sizes = torch.tensor(sizes, dtype=torch.float64, device=device)
+        self.blocks = ranges(sizes)
         self.plan = ShardPlan.build(sizes, n, device)
+        padded = self.plan.n * self.plan.shard
+        self.p = torch.empty(self.numel, device=device)  # worker message before compression
+        self.momentum = torch.empty(self.numel, device=device)  # candidate momentum
+        self.local = torch.empty(self.numel, device=device)  # C(p), then the candidate error
+        self.out = torch.zeros(padded, device=device)  # decoded server message
+        self.shard = torch.empty(self.plan.shard, device=device)  # one decoded worker shard
 
 
 class EFSignSGDM(HookState):
@@ -80,7 +87,7 @@ class EFSignSGDM(HookState):
         self.topology = check_choice("topology", topology, {"sharded", "allgather"})
         self.stages = 2 if topology == "sharded" else 1
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
-        self._layouts: dict[tuple, _Layout] = {}
+        self._layouts = LayoutCache(lambda params: _Layout(params, self.block_size, self.world_size))
         self._lr_prev: dict[int, float] = {}
 
     # ---- wiring -----------------------------------------------------------------------------
@@ -93,13 +100,6 @@ class EFSignSGDM(HookState):
                     "Use torch.optim.SGD(params, lr=..., momentum=0, weight_decay=...) and set "
                     "the momentum on EFSignSGDM(momentum=...)"
                 )
-
-    def _layout(self, params) -> _Layout:
-        key = tuple(id(p) for p in params)
-        layout = self._layouts.get(key)
-        if layout is None:
-            layout = self._layouts[key] = _Layout(params, self.block_size, self.world_size, params[0].device)
-        return layout
 
     def _rho(self, params, layout: _Layout):
         """``lr_{t-1} / lr_t`` per parameter: a float, or a per-element tensor when they differ."""
@@ -118,35 +118,48 @@ class EFSignSGDM(HookState):
     def reduce(self, bucket, step: int) -> Future:
         params, buf = bucket.parameters(), bucket.buffer()
         device = buf.device
-        layout = self._layout(params)
+        layout = self._layouts.get(params, step)
         rho = self._rho(params, layout)
         mem = self.memory
         repair = self.topology == "sharded" and mem.needs_assembly("server_error", params)
         error = mem.flat("error", params)
         server_error = mem.flat("server_error", params)
+        momentum = mem.flat("momentum", params) if self.momentum > 0 else None
 
         with self.time(step, "compress", device):
-            g = buf.to(torch.float32)
+            g = buf if buf.dtype == torch.float32 else buf.to(torch.float32)
             bad = ~torch.isfinite(g).all()
-            if self.momentum > 0:
-                momentum_new = mem.flat("momentum", params) * self.momentum + g
-                p = g + self.momentum * momentum_new if self.nesterov else momentum_new.clone()
+            p = layout.p
+            if momentum is not None:
+                torch.add(g, momentum, alpha=self.momentum, out=layout.momentum)  # m = mu m + g
+                if self.nesterov:
+                    torch.add(g, layout.momentum, alpha=self.momentum, out=p)  # g + mu m
+                else:
+                    p.copy_(layout.momentum)
             else:
-                momentum_new = None
-                p = g.clone()
-            p.add_(error * rho)
+                p.copy_(g)
+            if torch.is_tensor(rho):
+                p.addcmul_(error, rho)
+            else:
+                p.add_(error, alpha=rho)
             packed = pack_signs(p)
-            scales = block_scales(p, layout.ids, layout.sizes)
-        self.count_bits(step, layout.numel + 32 * layout.nblocks)
+            scales = block_scales(p, layout.blocks)
+        self.count_bits(step, layout.numel + 32 * len(layout.blocks))
 
         def commit(delta: torch.Tensor, step_bad: torch.Tensor) -> torch.Tensor:
             """Worker memories take this step only if every worker's bucket was finite."""
             with self.time(step, "decompress", device):
-                local = unpack_signs(packed, layout.numel) * scales[layout.ids]
-                torch.where(step_bad, error, p - local, out=error)
-                if momentum_new is not None:
-                    momentum = mem.flat("momentum", params)
-                    torch.where(step_bad, momentum, momentum_new, out=momentum)
+                local = expand(unpack_bits(packed, layout.numel), scales, layout.blocks, layout.local)
+                torch.sub(p, local, out=local)  # e = p - C(p)
+                if device.type == "cpu" and not bool(step_bad):
+                    # reading a CPU flag costs nothing: swap buffers instead of copying
+                    layout.local = mem.swap_flat("error", params, local)
+                    if momentum is not None:
+                        layout.momentum = mem.swap_flat("momentum", params, layout.momentum)
+                else:
+                    torch.where(step_bad, error, local, out=error)
+                    if momentum is not None:
+                        torch.where(step_bad, momentum, layout.momentum, out=momentum)
                 buf.copy_(delta.masked_fill(step_bad, float("nan")))
             return buf
 
@@ -154,54 +167,66 @@ class EFSignSGDM(HookState):
             return self._allgather(layout, packed, scales, bad, server_error, rho, commit, step)
         return self._sharded(layout, packed, scales, bad, server_error, rho, repair, commit, step)
 
-    def _server(self, layout, mean, server_error, rho, shards, any_bad):
-        """Server step on padded shards: p = mean + rho * e_srv; Delta = C(p); e_srv = p - Delta.
-
-        ``mean`` is ``(m, shard)`` for the shards ``shards``; returns (packed, scales, Delta).
-        """
+    def _server(self, layout, j, mean, server_error, rho, any_bad):
+        """Server step on shard ``j``: p = mean + rho * e_srv; Delta = C(p); e_srv = p - Delta.
+        ``mean`` is the shard's ``(shard,)`` mean of the workers' messages (overwritten).
+        Returns (packed, scales) of Delta, scales NaN if any worker's bucket was not finite."""
         plan = layout.plan
-        e_rows = plan.pad(server_error)[shards]
-        rho_rows = plan.pad(rho)[shards] if torch.is_tensor(rho) else rho
-        p = mean + rho_rows * e_rows
-        packed, scales, delta = plan.compress_shards(p, shards)
+        lo = j * plan.shard
+        hi = min(lo + plan.shard, plan.numel)
+        valid = max(0, hi - lo)
+        e = server_error[lo:hi]
+        p = mean
+        if valid:
+            p[:valid].add_(e * (rho[lo:hi] if torch.is_tensor(rho) else rho))
+        packed, scales, delta = plan.compress(j, p)
         bad = any_bad | ~torch.isfinite(p).all()
-        new = torch.where(bad, e_rows, p - delta).reshape(-1)
-        lo = shards.start * plan.shard
-        hi = min(lo + new.numel(), plan.numel)
-        server_error[lo:hi] = new[: hi - lo]
-        scales = scales.masked_fill(bad, float("nan"))
-        return packed, scales
+        if valid:
+            torch.where(bad, e, p[:valid] - delta[:valid], out=e)
+        return packed, scales.masked_fill(bad, float("nan"))
 
-    def _decode_mean(self, layout, packed_rows, scale_rows, shards=None) -> torch.Tensor:
-        """Mean over workers of the decompressed messages, summed in rank order."""
+    def _worker_mean(self, layout, j, packed_rows, scale_rows) -> torch.Tensor:
+        """Mean over workers of their decoded messages for shard ``j``, added in rank order."""
         plan = layout.plan
-        n_elem = packed_rows.shape[1] * 8
-        acc = None
+        acc = torch.zeros(plan.shard, device=packed_rows.device)
         for i in range(packed_rows.shape[0]):
-            if shards is None:
-                values = unpack_signs(packed_rows[i], layout.numel) * scale_rows[i][layout.ids]
-                values = plan.pad(values).view(1, -1)
-            else:
-                values = unpack_signs(packed_rows[i], n_elem) * plan.expand(scale_rows[i : i + 1], shards)
-            acc = values if acc is None else acc.add_(values)
-        return (acc / packed_rows.shape[0]).view(-1, plan.shard)
+            acc.add_(plan.decode(j, packed_rows[i], scale_rows[i], layout.shard))
+        return acc.div_(packed_rows.shape[0])
+
+    def _decode_replies(self, layout, replies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All shards' server messages ``(n, shard/8 + 4k)`` -> (Delta, non-finite flag)."""
+        plan = layout.plan
+        nbytes = plan.shard // 8
+        out_scales = replies[:, nbytes:].contiguous().view(torch.float32)
+        for j in range(plan.n):
+            plan.decode(j, replies[j, :nbytes], out_scales[j], layout.out[j * plan.shard : (j + 1) * plan.shard])
+        return layout.out[: plan.numel], ~torch.isfinite(out_scales).all()
 
     def _allgather(self, layout, packed, scales, bad, server_error, rho, commit, step) -> Future:
+        plan = layout.plan
         nbytes = packed.numel()
         payload = torch.cat([packed, scales.view(torch.uint8), bad.float().view(1).view(torch.uint8)])
         gathered = self.transport.all_gather(payload, step)
-        plan = layout.plan
 
         def finish(fut: Future) -> torch.Tensor:
             rows = fut.value()
             with self.time(step, "decompress", rows.device):
-                scale_rows = rows[:, nbytes : nbytes + 4 * layout.nblocks].contiguous().view(torch.float32)
+                all_scales = rows[:, nbytes : nbytes + 4 * len(layout.blocks)].contiguous().view(torch.float32)
                 any_bad = rows[:, -4:].contiguous().view(torch.float32).sum() > 0
-                mean = self._decode_mean(layout, rows[:, :nbytes], scale_rows)
-                all_shards = slice(0, plan.n)
-                out_packed, out_scales = self._server(layout, mean, server_error, rho, all_shards, any_bad)
-                delta = (unpack_signs(out_packed, plan.shard) * plan.expand(out_scales)).reshape(-1)
-            return commit(delta[: plan.numel], ~torch.isfinite(out_scales).all())
+                # every rank decodes every worker's message and runs every shard's server step
+                signs = [torch.cat([rows[i, :nbytes], rows.new_full((plan.n * plan.shard // 8 - nbytes,), 255)])
+                         for i in range(rows.shape[0])]
+                piece_scales = [plan.piece_scales(all_scales[i]) for i in range(rows.shape[0])]
+                replies = []
+                for j in range(plan.n):
+                    sb = slice(j * plan.shard // 8, (j + 1) * plan.shard // 8)
+                    mean = self._worker_mean(
+                        layout, j, torch.stack([sg[sb] for sg in signs]), torch.stack([ps[j] for ps in piece_scales])
+                    )
+                    out_packed, out_scales = self._server(layout, j, mean, server_error, rho, any_bad)
+                    replies.append(torch.cat([out_packed, out_scales.view(torch.uint8)]))
+                delta, step_bad = self._decode_replies(layout, torch.stack(replies))
+            return commit(delta, step_bad)
 
         return gathered.then(finish)
 
@@ -209,13 +234,12 @@ class EFSignSGDM(HookState):
         plan = layout.plan
         n, j = plan.n, self.rank
         shard_bytes = plan.shard // 8
-        own = slice(j, j + 1)
         signs = torch.full((n * shard_bytes,), 255, dtype=torch.uint8, device=packed.device)
         signs[: packed.numel()] = packed  # padding elements are zeros: sign bit 1
-        signs = signs.view(n, shard_bytes)
         flag = bad.float().expand(n, 1)
         rows = torch.cat(
-            [signs, plan.piece_scales(scales).view(torch.uint8), flag.contiguous().view(torch.uint8)], dim=1
+            [signs.view(n, shard_bytes), plan.piece_scales(scales).view(torch.uint8), flag.contiguous().view(torch.uint8)],
+            dim=1,
         )
         after = None
         if repair:
@@ -230,18 +254,16 @@ class EFSignSGDM(HookState):
                 server_error[hi:].zero_()
             scale_rows = received[:, shard_bytes : shard_bytes + 4 * plan.k].contiguous().view(torch.float32)
             any_bad = received[:, -4:].contiguous().view(torch.float32).sum() > 0
-            mean = self._decode_mean(layout, received[:, :shard_bytes], scale_rows, own)
-            out_packed, out_scales = self._server(layout, mean, server_error, rho, own, any_bad)
-            return torch.cat([out_packed.view(-1), out_scales.view(-1).view(torch.uint8)])
+            mean = self._worker_mean(layout, j, received[:, :shard_bytes], scale_rows)
+            out_packed, out_scales = self._server(layout, j, mean, server_error, rho, any_bad)
+            return torch.cat([out_packed, out_scales.view(torch.uint8)])
 
         replies = self.transport.sharded_exchange(rows, server, step, after=after)
 
         def finish(fut: Future) -> torch.Tensor:
-            got = fut.value()
-            with self.time(step, "decompress", got.device):
-                out_scales = got[:, shard_bytes:].contiguous().view(torch.float32)
-                delta = (unpack_signs(got[:, :shard_bytes], plan.shard) * plan.expand(out_scales)).reshape(-1)
-            return commit(delta[: plan.numel], ~torch.isfinite(out_scales).all())
+            with self.time(step, "decompress", packed.device):
+                delta, step_bad = self._decode_replies(layout, fut.value())
+            return commit(delta, step_bad)
 
         return replies.then(finish)
 
@@ -252,4 +274,4 @@ class EFSignSGDM(HookState):
 
     def load_extra_state(self, state: dict) -> None:
         self._lr_prev = {id(self._named[n]): lr for n, lr in state["lr_prev"].items()}
-        self._layouts = {}
+        self._layouts.clear()

@@ -39,23 +39,23 @@ class _Plan:
             self.offsets.append(self.offsets[-1] + c.nbytes)
         self.paper_bits = sum(c.paper_bits() for c in self.codecs)
 
-    def encode(self, vectors, generator):
+    def encode(self, vectors, generator, shared):
         """Payload (with a trailing 4-byte non-finite flag) and each tensor's local message."""
         payloads, local = [], []
         for codec, v in zip(self.codecs, vectors):
-            payload, idx, values = codec.encode(v, generator)
+            payload, idx, values = codec.encode(v, shared if codec.kind == "grbs" else generator)
             payloads.append(payload)
             local.append((idx, values))
         bad = torch.stack([~torch.isfinite(v).all() for v in vectors]).any().float().view(1)
         payloads.append(bad.view(torch.uint8))
         return torch.cat(payloads), local
 
-    def mean(self, gathered: torch.Tensor, outputs) -> torch.Tensor:
+    def mean(self, gathered: torch.Tensor, outputs, local) -> torch.Tensor:
         """Write ``mean_j q_j`` of every tensor into ``outputs`` (flat fp32, zeroed here);
         workers are added in rank order, so every rank computes the same floats."""
         n = gathered.shape[0]
         for k, (codec, out) in enumerate(zip(self.codecs, outputs)):
-            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]])
+            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]], local[k][0])
             out.zero_()
             for j in range(n):
                 if idx is None:
@@ -81,12 +81,14 @@ class QsparseLocalSGD(HookState):
 
     Args:
         compressor: ``"signtopk"`` (the paper's choice), ``"qtopk"``, ``"topk"``, ``"randk"``,
-            ``"sign"`` (EF-signSGD) or ``"qsgd"``.
+            ``"grbs"`` (shared random elements: with ``period=1`` EF-SGD over GRBS, the CSER
+            paper's baseline), ``"sign"`` (EF-signSGD) or ``"qsgd"``.
         k: elements kept per tensor, a count (int >= 1) or a fraction in (0, 1).
         period: local steps between synchronizations ``H`` (1: a plain gradient hook).
         levels: quantization levels ``s`` for ``qtopk`` / ``qsgd``, in [1, 255].
         wipe_memory_on_lr_change: zero the error memory when the learning rate changed.
-        seed: seeds the per-worker generator (offset by rank) for randk and stochastic rounding.
+        seed: seeds the per-worker generator (offset by rank) for randk and stochastic rounding,
+            and the generator all ranks share for grbs.
         warmup_steps: first steps reduced by an exact fp32 all-reduce.
         process_group: the group to reduce over (default WORLD).
     """
@@ -114,6 +116,7 @@ class QsparseLocalSGD(HookState):
         self.seed = check_int("seed", seed, 0)
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
         self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank)
+        self._shared = torch.Generator().manual_seed(self.seed)
         self._plans = LayoutCache(lambda params: _Plan(params, self.compressor, self.k, self.levels))
         self._lr_at_sync: list[float] | None = None
 
@@ -145,14 +148,14 @@ class QsparseLocalSGD(HookState):
         with self.time(step, "compress", buf.device):
             p = buf.to(torch.float32) + error
             pieces = p.split([t.numel() for t in grads])
-            payload, local = plan.encode(pieces, self._generator)
+            payload, local = plan.encode(pieces, self._generator, self._shared)
         self.count_bits(step, plan.paper_bits)
         gathered = self.transport.all_gather(payload, step)
 
         def finish(fut: Future) -> torch.Tensor:
             with self.time(step, "decompress", buf.device):
                 out = torch.empty_like(p)
-                bad = plan.mean(fut.value(), out.split([t.numel() for t in grads]))
+                bad = plan.mean(fut.value(), out.split([t.numel() for t in grads]), local)
                 for piece, (idx, values) in zip(pieces, local):
                     _subtract_message(piece, idx, values)  # p becomes p - q_i
                 torch.where(bad, error, p, out=error)
@@ -179,24 +182,29 @@ class QsparseLocalSGD(HookState):
                 deltas = memory.split([p.numel() for p in params])
                 for delta, x_last, p in zip(deltas, last, params):
                     delta.add_(x_last.view(-1)).sub_(p.detach().view(-1))  # mem + (x_last - x)
-                payload, local = plan.encode(deltas, self._generator)
+                payload, local = plan.encode(deltas, self._generator, self._shared)
                 for delta, (idx, values) in zip(deltas, local):
                     _subtract_message(delta, idx, values)  # mem = Delta - q_i
             self.count_bits(step, plan.paper_bits)
             gathered = self.transport.all_gather(payload, step).wait()
             with self.time(step, "decompress", device):
                 means = [torch.empty(p.numel(), dtype=torch.float32, device=device) for p in params]
-                plan.mean(gathered, means)
+                plan.mean(gathered, means, local)
                 for p, x_last, mean in zip(params, last, means):
                     x_last.view(-1).sub_(mean.to(x_last.dtype))
                     p.copy_(x_last)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {"generator": self._generator.get_state(), "lr_at_sync": self._lr_at_sync}
+        return {
+            "generator": self._generator.get_state(),
+            "shared": self._shared.get_state(),
+            "lr_at_sync": self._lr_at_sync,
+        }
 
     def load_extra_state(self, state: dict) -> None:
         self._generator.set_state(state["generator"])
+        self._shared.set_state(state["shared"])
         self._lr_at_sync = state["lr_at_sync"]
 
 

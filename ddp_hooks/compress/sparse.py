@@ -4,6 +4,8 @@ Per tensor (flattened, ``d`` elements, ``k`` kept):
 
 * ``topk``: the ``k`` largest magnitudes, sent as int32 indices + fp32 values.
 * ``randk``: ``k`` indices drawn uniformly (per-worker generator), int32 indices + fp32 values.
+* ``grbs``: ``k`` indices drawn from a generator every rank shares (GRBS with one-element
+  blocks), so the indices need not travel: fp32 values only.
 * ``signtopk``: top-k, each kept value replaced by ``(||v_k||_1 / k) * sgn`` (sgn(0) = +1):
   int32 indices + packed signs + one fp32 scale.
 * ``qtopk``: top-k, then the s-level stochastic quantizer on the kept values, divided by
@@ -25,7 +27,7 @@ import torch
 
 from .sign import pack_signs, unpack_signs
 
-KINDS = ("topk", "randk", "signtopk", "qtopk", "sign", "qsgd")
+KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd")
 _DENSE = ("sign", "qsgd")
 
 
@@ -70,8 +72,8 @@ class Codec:
         self.kind, self.numel, self.s = kind, numel, levels
         self.k = numel if kind in _DENSE else keep_count(numel, k)
         sparse = kind not in _DENSE
-        sizes = {"idx": 4 * self.k} if sparse else {}
-        if kind in ("topk", "randk"):
+        sizes = {"idx": 4 * self.k} if sparse and kind != "grbs" else {}
+        if kind in ("topk", "randk", "grbs"):
             sizes["values"] = 4 * self.k
         if kind in ("signtopk", "qtopk", "sign", "qsgd"):
             sizes["signs"] = -(-self.k // 8)
@@ -89,6 +91,7 @@ class Codec:
         return {
             "topk": k * (32 + index),
             "randk": k * (32 + index),
+            "grbs": 32 * k,
             "signtopk": k * (1 + index) + 32,
             "qtopk": k * (1 + level + index) + 32,
             "sign": d + 32,
@@ -98,14 +101,15 @@ class Codec:
     # ---- encode / decode ---------------------------------------------------------------------
     def encode(self, v: torch.Tensor, generator: torch.Generator | None = None):
         """Compress fp32 ``v`` (``numel``,): returns (payload uint8, indices, values) where
-        ``values`` at ``indices`` is the decompressed message (what the receivers will add)."""
+        ``values`` at ``indices`` is the decompressed message (what the receivers will add).
+        ``generator`` is this rank's (randk, stochastic rounding) or, for grbs, the shared one."""
         kind, k = self.kind, self.k
         device = v.device
         if kind in _DENSE:
             idx = None
             kept = v
-        elif kind == "randk":
-            idx = torch.randperm(self.numel, generator=generator)[:k].to(device)
+        elif kind in ("randk", "grbs"):
+            idx = torch.randperm(self.numel, generator=generator)[:k].sort().values.to(device)
             kept = v[idx]
         else:
             idx = top_indices(v, k)
@@ -113,7 +117,7 @@ class Codec:
         fields = {}
         if idx is not None:
             fields["idx"] = idx.to(torch.int32)
-        if kind in ("topk", "randk"):
+        if kind in ("topk", "randk", "grbs"):
             values = kept.clone()
             fields["values"] = values
         elif kind in ("signtopk", "sign"):
@@ -136,8 +140,9 @@ class Codec:
         payload = torch.cat([fields[name].reshape(-1).view(torch.uint8) for name in self._fields])
         return payload, idx, values
 
-    def decode(self, payload: torch.Tensor):
-        """``(n, nbytes)`` payloads -> (indices ``(n, k)`` int64 or None for dense, values ``(n, k)``)."""
+    def decode(self, payload: torch.Tensor, shared_idx: torch.Tensor | None = None):
+        """``(n, nbytes)`` payloads -> (indices ``(n, k)`` int64 or None for dense, values ``(n, k)``).
+        For ``grbs`` the indices are this rank's own (``shared_idx``), the same on every rank."""
         n = payload.shape[0]
         parts, off = {}, 0
         for name, size in self._fields.items():
@@ -146,6 +151,8 @@ class Codec:
         idx = None
         if "idx" in parts:
             idx = parts["idx"].contiguous().view(torch.int32).to(torch.int64).view(n, self.k)
+        elif self.kind == "grbs":
+            idx = shared_idx.expand(n, self.k)
         if "values" in parts:
             return idx, parts["values"].contiguous().view(torch.float32).view(n, self.k)
         scale = parts["scale"].contiguous().view(torch.float32)  # (n, 1)

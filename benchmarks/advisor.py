@@ -1,0 +1,235 @@
+"""Which hook, if any, pays off on a given network? A step-time model.
+
+    step = compute + overhead + network
+    network = sum over collectives of  bytes_factor * S / bandwidth + steps * latency
+
+with the usual costs per worker for a payload of ``S`` bytes on ``n`` ranks: ring all-reduce
+``2(n-1)/n S`` and ``2(n-1)`` latency steps; all-gather ``(n-1) S`` and ``n-1`` steps; all-to-all
+``(n-1)/n S`` and ``n-1`` steps (the sharded two-way exchange is an all-to-all plus an
+all-gather). ``compute`` is the measured time of a step that communicates nothing (``no_sync``);
+``overhead`` is each hook's encode/decode and bookkeeping, calibrated from a measured step on a
+fast network (``benchmarks/step_time.py`` output): ``overhead = step - compute - network`` there.
+Communication is assumed not to overlap with backward (a conservative choice: on a CPU
+machine the ranks' gloo threads compete with backward for the same cores).
+
+    python benchmarks/advisor.py --params 11.7e6 --compute-ms 400 --world 4 --bandwidth 1gbit
+    python benchmarks/advisor.py --measured benchmarks/results/step_time_gloo.json --model resnet18 --bandwidth 100mbit
+    python benchmarks/advisor.py --validate benchmarks/results/emulate_*.json
+
+It predicts speed only: check what a hook does to accuracy with benchmarks/convergence.py.
+"""
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.models import build as build_model  # noqa: E402
+from ddp_hooks.compress.lowrank import LowRankPlan  # noqa: E402
+
+BUCKET_BYTES = 25 * 2**20
+
+# (collective, bytes per gradient element, collectives per bucket) per hook at the catalog's
+# settings; see each algorithm's module for where the bytes come from
+_COSTS = {
+    "fp32": [("all_reduce", 4.0)],
+    "fp16": [("all_reduce", 2.0)],
+    "bf16": [("all_reduce", 2.0)],
+    "torch-bf16": [("all_reduce", 2.0)],
+    "ef-sgdm": [("all_to_all", 1 / 8), ("all_gather_shard", 1 / 8)],  # signs; scales added below
+    "cser": [("all_reduce", 4 / 64), ("all_reduce", 4 / 4 / 16)],  # grad 1/64 + reset 1/4 every 16
+    "qsparse": [("all_gather", 0.01 * (4 + 1 / 8) / 4)],  # SignTopK 1% (int32 index + sign) every 4 steps
+}
+_NOT_MODELLED = {"laq": "uploads depend on the data (a full-gradient method); measure it"}
+
+
+@dataclass
+class Prediction:
+    hook: str
+    step_s: float
+    network_s: float
+    overhead_s: float
+    wire_bytes: float
+
+
+def parse_rate(text: str | float) -> float:
+    """'100mbit', '1gbit', '10gbit', '1.25GB' or a number of bits per second -> bytes per second."""
+    if isinstance(text, (int, float)):
+        return float(text) / 8
+    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]?)(bit|b|B|bps)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"bandwidth must look like 100mbit, 1gbit or 1.25GB, got {text!r}")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m.group(2).lower()]
+    return value if m.group(3) == "B" else value / 8
+
+
+def _factor(kind: str, n: int) -> tuple[float, int]:
+    """(wire bytes per payload byte, latency steps) per worker."""
+    return {
+        "all_reduce": (2 * (n - 1) / n, 2 * (n - 1)),
+        "all_gather": (float(n - 1), n - 1),
+        "all_gather_shard": ((n - 1) / n, n - 1),  # the sharded exchange's all-gather of 1/n-size shards
+        "all_to_all": ((n - 1) / n, n - 1),
+    }[kind]
+
+
+def network_time(hook: str, shapes: list[tuple[int, ...]], world: int, bandwidth: float, latency: float):
+    """(seconds, wire bytes) per worker per step for ``hook`` (bandwidth in bytes/s)."""
+    numel = sum(math.prod(s) for s in shapes)
+    buckets = max(1, math.ceil(4 * numel / BUCKET_BYTES))
+    if world <= 1:
+        return 0.0, 0.0
+    if hook in ("powersgd", "torch-powersgd"):
+        plan = LowRankPlan.build(shapes, 4, 2.0)
+        exact = sum(math.prod(shapes[i]) for i in plan.exact)
+        f, steps = _factor("all_reduce", world)
+        wire = 4 * (plan.p_numel + plan.q_numel + exact) * f
+        return wire / bandwidth + 3 * buckets * steps * latency, wire
+    if hook not in _COSTS:
+        raise ValueError(f"hook {hook!r} is not modelled: {_NOT_MODELLED.get(hook, 'unknown hook')}")
+    seconds = wire = 0.0
+    for kind, per_element in _COSTS[hook]:
+        f, steps = _factor(kind, world)
+        payload = per_element * numel
+        if hook == "ef-sgdm":
+            payload += 4 * (len(shapes) + world)  # one fp32 scale per block and shard piece
+        wire += payload * f
+        seconds += payload * f / bandwidth + buckets * steps * latency
+    return seconds, wire
+
+
+def hooks() -> list[str]:
+    return list(_COSTS) + ["powersgd", "torch-powersgd"]
+
+
+def predict(shapes, world: int, compute_s: float, bandwidth: float, latency: float = 0.0,
+            overhead_s: dict[str, float] | None = None, names=None) -> list[Prediction]:
+    """Predicted step time of each hook; ``bandwidth`` in bytes per second."""
+    out = []
+    for hook in names or hooks():
+        net, wire = network_time(hook, shapes, world, bandwidth, latency)
+        extra = (overhead_s or {}).get(hook, 0.0)
+        out.append(Prediction(hook, compute_s + extra + net, net, extra, wire))
+    return sorted(out, key=lambda p: p.step_s)
+
+
+def calibrate(measured: dict, shapes, bandwidth: float, latency: float) -> tuple[float, dict[str, float]]:
+    """(compute seconds, overhead seconds per hook) from a measured step-time table at a known
+    bandwidth: overhead = step - compute - modelled network time, never below 0."""
+    rows = measured["rows"]
+    compute = rows[0]["compute_ms"] / 1000
+    world = measured["world_size"]
+    overhead = {}
+    for r in rows:
+        if r["hook"] in hooks():
+            net, _ = network_time(r["hook"], shapes, world, bandwidth, latency)
+            overhead[r["hook"]] = max(0.0, r["step_ms"] / 1000 - compute - net)
+    return compute, overhead
+
+
+def advise(predictions: list[Prediction]) -> str:
+    """A one-paragraph answer: the fastest hook and what it saves against fp32 and bf16."""
+    by = {p.hook: p for p in predictions}
+    best = predictions[0]
+    fp32 = by.get("fp32")
+    if best.hook == "fp32" or fp32 is None:
+        return "No hook pays off here: fp32 all-reduce is predicted fastest."
+    lines = [f"Use {best.hook}: predicted {best.step_s * 1000:.0f} ms/step vs {fp32.step_s * 1000:.0f} ms "
+             f"for fp32 ({fp32.step_s / best.step_s:.2f}x)"]
+    bf16 = by.get("bf16") or by.get("torch-bf16")
+    if bf16 is not None:
+        lines.append(f" and {bf16.step_s * 1000:.0f} ms for bf16 ({bf16.step_s / best.step_s:.2f}x)")
+    return "".join(lines) + " (speed only: check accuracy with benchmarks/convergence.py)."
+
+
+def shapes_of(model: str, size: str = "full") -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in build_model(model, 1, size)[0].parameters()]
+
+
+def _shapes_for(args) -> list[tuple[int, ...]]:
+    if args.model:
+        return shapes_of(args.model, args.size)
+    # a bag of square matrices of the given total size: enough for the byte models
+    n = int(float(args.params))
+    side = 1024
+    return [(side, side)] * (n // side**2) + [(n % side**2,)] * (n % side**2 > 0)
+
+
+def validate(paths: list[str], shapes_of) -> list[dict]:
+    """Compare predictions with emulate.py measurements: calibrate on the unshaped run of each
+    model, predict the shaped ones. Returns rows with the relative error."""
+    runs = [json.load(open(p)) for p in paths]
+    rows = []
+    for base in [r for r in runs if r.get("rate") in (None, "unshaped")]:
+        for model in {row["model"] for row in base["rows"]}:
+            shapes = shapes_of(model, base.get("size", "full"))
+            sub = {**base, "rows": [r for r in base["rows"] if r["model"] == model]}
+            fast = parse_rate(base.get("measured_rate", "10gbit"))
+            compute, overhead = calibrate(sub, shapes, fast, 0.0)
+            for run in runs:
+                if run is base or run.get("rate") in (None, "unshaped"):
+                    continue
+                bw = parse_rate(run.get("measured_rate") or run["rate"])
+                latency = float(run.get("delay_ms", 0.0)) / 1000
+                for r in [r for r in run["rows"] if r["model"] == model and r["hook"] in hooks()]:
+                    p = predict(shapes, run["world_size"], compute, bw, latency, overhead, [r["hook"]])[0]
+                    rows.append({"model": model, "rate": run["rate"], "hook": r["hook"],
+                                 "measured_ms": r["step_ms"], "predicted_ms": 1000 * p.step_s,
+                                 "error": 1000 * p.step_s / r["step_ms"] - 1})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["resnet18", "resnet50", "gpt"], help="take the shapes of this model")
+    parser.add_argument("--size", default="full", choices=["full", "cifar", "tiny"])
+    parser.add_argument("--params", default="25.6e6", help="model size when --model is not given")
+    parser.add_argument("--world", type=int, default=8)
+    parser.add_argument("--compute-ms", type=float, default=None, help="measured compute-only step time")
+    parser.add_argument("--measured", default=None, help="a step_time.py / emulate.py JSON to calibrate on")
+    parser.add_argument("--measured-rate", default="10gbit", help="the bandwidth that JSON was measured at")
+    parser.add_argument("--bandwidth", default="10gbit", help="e.g. 100mbit, 1gbit, 25gbit")
+    parser.add_argument("--latency-ms", type=float, default=0.05)
+    parser.add_argument("--validate", nargs="+", default=None, help="emulate.py JSON files")
+    args = parser.parse_args(argv)
+    if args.validate:
+        rows = validate(args.validate, shapes_of)
+        print(f"{'model':>9} {'rate':>9} {'hook':>15} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
+        for r in rows:
+            print(f"{r['model']:>9} {r['rate']:>9} {r['hook']:>15} {r['measured_ms']:12.1f} "
+                  f"{r['predicted_ms']:13.1f} {r['error']:+7.1%}")
+        if rows:
+            print(f"\nmean |error| {sum(abs(r['error']) for r in rows) / len(rows):.1%} over {len(rows)} predictions")
+        return
+    shapes = _shapes_for(args)
+    overhead = None
+    compute = None if args.compute_ms is None else args.compute_ms / 1000
+    world = args.world
+    if args.measured:
+        measured = json.load(open(args.measured))
+        if args.model:
+            measured = {**measured, "rows": [r for r in measured["rows"] if r["model"] == args.model]}
+        compute, overhead = calibrate(measured, shapes, parse_rate(args.measured_rate), 0.0)
+        world = measured["world_size"]
+    if compute is None:
+        parser.error("give --compute-ms (a measured step under no_sync) or --measured")
+    preds = predict(shapes, world, compute, parse_rate(args.bandwidth), args.latency_ms / 1000, overhead)
+    numel = sum(math.prod(s) for s in shapes)
+    print(f"{numel / 1e6:.1f}M parameters, {world} workers, {args.bandwidth}, latency {args.latency_ms} ms, "
+          f"compute {compute * 1000:.0f} ms\n")
+    print(f"{'hook':>15} {'step ms':>9} {'network ms':>11} {'overhead ms':>12} {'wire MB':>9}")
+    for p in preds:
+        print(f"{p.hook:>15} {p.step_s * 1000:9.1f} {p.network_s * 1000:11.1f} {p.overhead_s * 1000:12.1f} "
+              f"{p.wire_bytes / 2**20:9.2f}")
+    print("\n" + advise(preds))
+    for hook, why in _NOT_MODELLED.items():
+        print(f"({hook} is not predicted: {why})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Step times under real bandwidth limits on one machine.
+
+Every worker runs in its own network namespace, joined to a bridge by a veth link; with a rate
+(e.g. 100mbit, 1gbit, 10gbit) both directions of every link are shaped with tc (a token
+bucket at the rate; with --delay-ms also a netem delay), as if each worker had a NIC of that
+speed. The workers run the step-time
+measurement of ``benchmarks/step_time.py`` over gloo; before that the script measures the TCP
+throughput actually achieved between two namespaces and prints it. Everything it creates
+(namespaces, links, bridge, qdiscs) is torn down when it ends, also on errors or Ctrl-C. It
+needs root (network namespaces and tc) and says so otherwise.
+
+    sudo python benchmarks/emulate.py --workers 4 --rates 100mbit,1gbit,unshaped --models resnet18
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class Topology:
+    """``n`` namespaces on one bridge, optionally shaped; a context manager that cleans up."""
+
+    def __init__(self, n: int, rate: str | None, delay_ms: float = 0.0) -> None:
+        tag = f"dh{os.getpid() % 100000}"
+        self.n, self.rate, self.delay_ms = n, rate, delay_ms
+        self.bridge = f"{tag}br"
+        self.ns = [f"{tag}n{i}" for i in range(n)]
+        self.host_if = [f"{tag}h{i}" for i in range(n)]
+        self.ns_if = [f"{tag}v{i}" for i in range(n)]
+        self.subnet = 10 + os.getpid() % 200
+        self.ips = [f"10.77.{self.subnet}.{i + 1}" for i in range(n)]
+        self._made: list[list[str]] = []
+
+    def _ip(self, *args: str, undo: list[str] | None = None) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+        if undo:
+            self._made.append(undo)
+
+    def __enter__(self) -> "Topology":
+        try:
+            self._ip("link", "add", self.bridge, "type", "bridge", undo=["link", "del", self.bridge])
+            self._ip("link", "set", self.bridge, "up")
+            for i in range(self.n):
+                ns, host, inner = self.ns[i], self.host_if[i], self.ns_if[i]
+                self._ip("netns", "add", ns, undo=["netns", "del", ns])
+                self._ip("link", "add", host, "type", "veth", "peer", "name", inner, undo=["link", "del", host])
+                self._ip("link", "set", inner, "netns", ns)
+                self._ip("link", "set", host, "master", self.bridge)
+                self._ip("link", "set", host, "up")
+                self._ip("-n", ns, "addr", "add", f"{self.ips[i]}/24", "dev", inner)
+                self._ip("-n", ns, "link", "set", inner, "up")
+                self._ip("-n", ns, "link", "set", "lo", "up")
+                for prefix, dev in ((["-n", ns], inner), ([], host)):  # both directions
+                    self._shape(prefix, dev)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _shape(self, prefix: list[str], dev: str) -> None:
+        """Token bucket at the rate (a burst of at least 4 ms of traffic, and of 64 KB GSO
+        packets), and a netem delay below it when one is asked for."""
+        parent = ["root"]
+        if self.delay_ms:
+            _tc(*prefix, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", f"{self.delay_ms}ms")
+            parent = ["parent", "1:1"]
+        if self.rate:
+            burst = max(256 * 1024, int(rate_bits(self.rate) / 8 / 250))
+            _tc(*prefix, "qdisc", "add", "dev", dev, *parent, "tbf", "rate", self.rate,
+                "burst", str(burst), "latency", "200ms")
+
+    def close(self) -> None:
+        for undo in reversed(self._made):
+            subprocess.run(["ip", *undo], capture_output=True)
+        self._made = []
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, i: int, argv: list[str], env: dict) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.ns[i], *argv], env=env)
+
+
+def _tc(*args: str) -> None:
+    done = subprocess.run(["tc", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        hint = " (this kernel lacks the netem qdisc: --delay-ms needs it)" if "netem" in args else ""
+        raise RuntimeError(f"tc {' '.join(args)} failed: {done.stderr.strip()}{hint}")
+
+
+def rate_bits(rate: str) -> float:
+    """'100mbit' -> 1e8 bits per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12, "bit": 1.0}
+    for unit, scale in units.items():
+        if rate.lower().endswith(unit):
+            return float(rate[: -len(unit)]) * scale
+    raise ValueError(f"rate must look like 100mbit or 1gbit, got {rate!r}")
+
+
+def check_privileges() -> str | None:
+    """Why namespaces cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "emulate.py needs root: it creates network namespaces and shapes links with tc (run it with sudo)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"emulate.py needs the '{tool}' command (Debian/Ubuntu: apt-get install iproute2)"
+    probe = f"dhprobe{os.getpid() % 100000}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def measure_throughput(topo: Topology, megabytes: int = 8) -> float:
+    """TCP throughput (bits/s) from namespace 0 to namespace 1, measured with a plain socket."""
+    port = 29400 + os.getpid() % 1000
+    server = (
+        "import socket,sys,time\n"
+        f"s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('{topo.ips[1]}',{port}));s.listen(1)\n"
+        "c,_=s.accept();n=0;t=None\n"
+        "while True:\n"
+        " b=c.recv(1<<20)\n"
+        " if not b: break\n"
+        " t=t or time.perf_counter();n+=len(b)\n"
+        "print(n*8/(time.perf_counter()-t))\n"
+    )
+    srv = subprocess.Popen(["ip", "netns", "exec", topo.ns[1], sys.executable, "-c", server],
+                           stdout=subprocess.PIPE, text=True)
+    client = (
+        "import socket,time\n"
+        "for _ in range(50):\n"
+        " try:\n"
+        f"  c=socket.create_connection(('{topo.ips[1]}',{port}));break\n"
+        " except OSError: time.sleep(0.1)\n"
+        f"buf=b'x'*(1<<20)\nfor _ in range({megabytes}): c.sendall(buf)\nc.close()\n"
+    )
+    subprocess.run(["ip", "netns", "exec", topo.ns[0], sys.executable, "-c", client], check=True, timeout=300)
+    out, _ = srv.communicate(timeout=300)
+    return float(out.strip())
+
+
+def _worker(args) -> None:
+    """One rank inside its namespace: the step-time measurement, result to a JSON file."""
+    import torch.distributed as dist
+
+    from benchmarks import step_time
+
+    dist.init_process_group("gloo", store=dist.FileStore(args.store, args.world), rank=args.rank,
+                            world_size=args.world)
+    names = args.hooks.split(",")
+    result = step_time._measure(args.rank, args.world, args.model, names, args.batch, args.steps,
+                                args.warmup, args.size, 0.01)
+    Path(args.result).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def run_rate(rate: str, args, hooks: list[str]) -> dict:
+    shaped = None if rate == "unshaped" else rate
+    with Topology(args.workers, shaped, args.delay_ms) as topo:
+        achieved = measure_throughput(topo, megabytes=4 if shaped and "m" in shaped.lower() else 32)
+        print(f"  {rate}: measured TCP throughput {achieved / 1e6:,.0f} Mb/s between two workers", flush=True)
+        rows = []
+        from benchmarks import step_time
+
+        for model in args.models.split(","):
+            with tempfile.TemporaryDirectory(prefix="ddph_emulate_") as tmp:
+                procs = []
+                for i in range(args.workers):
+                    env = {**os.environ, "GLOO_SOCKET_IFNAME": topo.ns_if[i], "OMP_NUM_THREADS": "1",
+                           "PYTHONPATH": str(ROOT)}
+                    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--rank", str(i),
+                            "--world", str(args.workers), "--store", f"{tmp}/store", "--result", f"{tmp}/r{i}.json",
+                            "--model", model, "--hooks", ",".join(hooks), "--batch", str(args.batch),
+                            "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size]
+                    procs.append(topo.run(i, argv, env))
+                deadline = time.monotonic() + args.timeout
+                try:
+                    for p in procs:
+                        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                finally:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+                if any(p.returncode for p in procs):
+                    raise RuntimeError(f"a worker failed at {rate} (exit codes {[p.returncode for p in procs]})")
+                results = [json.loads(Path(f"{tmp}/r{i}.json").read_text()) for i in range(args.workers)]
+            for row in step_time.summarize(model, results):
+                wire_s = row["wire_mb"] * 2**20 * 8 / achieved
+                row["floor_ms"] = row["compute_ms"] + 1000 * wire_s
+                row["vs_floor"] = row["step_ms"] / row["floor_ms"]
+                rows.append(row)
+    return {"rate": rate, "delay_ms": args.delay_ms, "measured_rate": f"{achieved:.0f}", "world_size": args.workers,
+            "size": args.size, "rows": rows}
+
+
+def main(argv=None) -> list[dict]:
+    from benchmarks import step_time
+    from benchmarks.common import table, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rates", default="100mbit,1gbit,unshaped", help="comma-separated; 'unshaped' = no tc")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added to every link")
+    parser.add_argument("--models", default="resnet18")
+    parser.add_argument("--size", default="cifar", choices=["full", "cifar", "tiny"])
+    parser.add_argument("--hooks", default=",".join(step_time.hooks()))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per rate and model")
+    parser.add_argument("--out", default=None)
+    # internal: one worker inside its namespace
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return []
+    why = check_privileges()
+    if why:
+        print(why, file=sys.stderr)
+        raise SystemExit(2)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    hooks = [h for h in args.hooks.split(",") if h]
+    out = []
+    for rate in [r.strip() for r in args.rates.split(",") if r.strip()]:
+        print(f"{rate}: {args.workers} workers, {args.models}, {len(hooks)} hooks ...", flush=True)
+        result = run_rate(rate, args, hooks)
+        print(table(result["rows"], step_time.COLUMNS + [("floor_ms", "floor ms", ".1f"), ("vs_floor", "step/floor", ".2f")]))
+        path = write_json(f"emulate_{rate}", result, args.out)
+        print(f"wrote {path}\n")
+        out.append(result)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""DDP training-step time of every hook side by side, on NCCL or gloo.
+
+For each model (torchvision ResNet-50 and ResNet-18, a GPT-style decoder of about 110M
+parameters) on synthetic batches: the median time of a full training step (forward, backward
+with the hook, optimizer step) for every hook of ours, for fp32 all-reduce (DDP's default),
+torch's bf16_compress_hook and torch's powerSGD_hook; the compute-only time (the same step under
+``no_sync``, nothing communicated); bytes each worker puts on the wire per step; and ratios to
+fp32. torch's powerSGD_hook runs with one bucket holding the whole model under gloo: with several
+buckets its P/Q all-reduces, issued from future callbacks, interleave differently on the ranks
+and it aborts ("Received data size doesn't match expected size").
+
+    python benchmarks/step_time.py --models resnet18 --workers 2          # local workers
+    torchrun --nnodes 2 --nproc-per-node 8 ... benchmarks/step_time.py   # a cluster
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import launch  # noqa: E402
+from benchmarks.common import table, write_json  # noqa: E402
+from benchmarks.models import build as build_model  # noqa: E402
+from ddp_hooks import catalog  # noqa: E402
+from ddp_hooks.compress.lowrank import LowRankPlan  # noqa: E402
+from ddp_hooks.core.stats import wire_factor  # noqa: E402
+
+TORCH_HOOKS = ("torch-bf16", "torch-powersgd")
+
+
+def hooks() -> list[str]:
+    return list(catalog.ENTRIES) + list(TORCH_HOOKS)
+
+
+def _torch_hook(name, ddp, lr):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if name == "torch-bf16":
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    else:
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
+
+
+def torch_wire_bytes(name: str, shapes, world: int) -> float:
+    """Wire bytes per worker per step of torch's hooks (they do not count them)."""
+    factor = wire_factor("all_reduce", world)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    if name == "torch-bf16":
+        return 2 * numel * factor
+    plan = LowRankPlan.build([torch.Size(s) for s in shapes], 4, 2.0)
+    exact = sum(torch.Size(shapes[i]).numel() for i in plan.exact)
+    return 4 * (plan.p_numel + plan.q_numel + exact) * factor
+
+
+def _step(ddp, opt, x, y, loss_fn, dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss_fn(ddp(x), y).backward()
+    opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _measure(rank, world, model_name, names, batch, steps, warmup, size, lr):
+    dev = launch.device()
+    out = {}
+    gloo = dist.get_backend() == "gloo"
+    for name in ["compute-only"] + names:
+        torch.manual_seed(0)
+        model, x, y, loss_fn = build_model(model_name, batch, size)
+        model, x, y = model.to(dev), x.to(dev), y.to(dev)
+        model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        one_bucket = name == "torch-powersgd" and gloo
+        ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                  bucket_cap_mb=model_mb + 1 if one_bucket else 25)
+        state = None
+        if name == "compute-only":
+            opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
+        elif name in TORCH_HOOKS:
+            opt = _torch_hook(name, ddp, lr)
+        else:
+            setup = catalog.build(name, ddp, lr)
+            opt, state = setup.optimizer, setup.state
+        times = []
+        for i in range(warmup + steps):
+            if name == "compute-only":
+                with ddp.no_sync():
+                    t = _step(ddp, opt, x, y, loss_fn, dev)
+            else:
+                t = _step(ddp, opt, x, y, loss_fn, dev)
+            times.append(t)
+        stats = state.stats()["total"] if state is not None else None
+        shapes = [tuple(p.shape) for p in model.parameters()]
+        out[name] = {
+            "times": times[warmup:],
+            "wire_bytes": (stats["wire_bytes"] / stats["steps"] if stats else
+                           torch_wire_bytes(name, shapes, world) if name in TORCH_HOOKS else 0.0),
+            "codec_s": (stats["compress_s"] + stats["decompress_s"]) / stats["steps"] if stats else None,
+            "one_bucket": one_bucket,
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+        del ddp, opt, model
+    return out
+
+
+def summarize(model_name: str, results: list[dict]) -> list[dict]:
+    """One row per hook: median step time (slowest rank), ratios, bytes, floor."""
+    names = list(results[0])
+    step = {n: max(statistics.median(r[n]["times"]) for r in results) for n in names}
+    compute = step["compute-only"]
+    rows = []
+    for n in names[1:]:
+        wire = results[0][n]["wire_bytes"]
+        rows.append({
+            "model": model_name, "hook": n, "step_ms": 1000 * step[n], "compute_ms": 1000 * compute,
+            "vs_fp32": step["fp32"] / step[n] if "fp32" in step else None,
+            "vs_torch_bf16": step.get("torch-bf16", float("nan")) / step[n],
+            "vs_torch_powersgd": step.get("torch-powersgd", float("nan")) / step[n],
+            "wire_mb": wire / 2**20, "codec_ms": 1000 * results[0][n]["codec_s"] if results[0][n]["codec_s"] else None,
+            "one_bucket": results[0][n]["one_bucket"], "params": results[0][n]["params"],
+        })
+    return rows
+
+
+COLUMNS = [("model", "model", ""), ("hook", "hook", ""), ("step_ms", "step ms", ".1f"),
+           ("compute_ms", "compute ms", ".1f"), ("vs_fp32", "fp32/hook", ".2f"),
+           ("vs_torch_bf16", "torch-bf16/hook", ".2f"), ("vs_torch_powersgd", "torch-psgd/hook", ".2f"),
+           ("wire_mb", "wire MB/step", ".3f"), ("codec_ms", "codec ms", ".1f")]
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet50,resnet18,gpt")
+    parser.add_argument("--hooks", default=",".join(hooks()))
+    parser.add_argument("--batch", type=int, default=16, help="per-worker batch")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--size", default="full", choices=["full", "cifar", "tiny"],
+                        help="cifar: ResNets on 32x32 input; tiny: small models, for tests")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--workers", type=int, default=2, help="local workers when not under torchrun")
+    parser.add_argument("--name", default=None, help="results file name (default step_time_<backend>)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    names = [h.strip() for h in args.hooks.split(",") if h.strip()]
+    unknown = set(names) - set(hooks())
+    if unknown:
+        parser.error(f"unknown hooks {sorted(unknown)}; choose from {', '.join(hooks())}")
+    rows = []
+    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        print(f"{model_name}: {', '.join(names)} ...", flush=True)
+        results = launch.run(_measure, args.workers, model_name, names, args.batch, args.steps, args.warmup,
+                             args.size, args.lr)
+        if results is None:
+            return []
+        rows += summarize(model_name, results)
+        world = len(results)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    print(f"\n{backend}, world size {world}, batch {args.batch}/worker; step = forward + backward + optimizer step "
+          "(median, slowest rank); compute = the same under no_sync\n")
+    print(table(rows, COLUMNS))
+    if backend == "gloo" and "torch-powersgd" in names:
+        print("\ntorch-powersgd ran with one bucket holding the model: with several buckets under gloo it aborts.")
+    path = write_json(args.name or f"step_time_{backend}",
+                      {"backend": backend, "world_size": world, "batch": args.batch, "rows": rows}, args.out)
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
