@@ -93,21 +93,26 @@ def _measure(rank, world, model_name, names, batch, steps, warmup, size, lr):
         else:
             setup = catalog.build(name, ddp, lr)
             opt, state = setup.optimizer, setup.state
-        times = []
+        times, before = [], None
         for i in range(warmup + steps):
+            if i == warmup and state is not None:
+                before = state.stats()["total"]  # count the timed steps only
             if name == "compute-only":
                 with ddp.no_sync():
                     t = _step(ddp, opt, x, y, loss_fn, dev)
             else:
                 t = _step(ddp, opt, x, y, loss_fn, dev)
             times.append(t)
-        stats = state.stats()["total"] if state is not None else None
+        delta = None
+        if state is not None:
+            after = state.stats()["total"]
+            delta = {k: (after[k] - before[k]) / steps for k in ("wire_bytes", "compress_s", "decompress_s")}
         shapes = [tuple(p.shape) for p in model.parameters()]
         out[name] = {
             "times": times[warmup:],
-            "wire_bytes": (stats["wire_bytes"] / stats["steps"] if stats else
+            "wire_bytes": (delta["wire_bytes"] if delta else
                            torch_wire_bytes(name, shapes, world) if name in TORCH_HOOKS else 0.0),
-            "codec_s": (stats["compress_s"] + stats["decompress_s"]) / stats["steps"] if stats else None,
+            "codec_s": delta["compress_s"] + delta["decompress_s"] if delta else None,
             "one_bucket": one_bucket,
             "params": sum(p.numel() for p in model.parameters()),
         }

@@ -66,7 +66,7 @@ def test_shard_plan_pieces_cover_the_bucket(n):
     plan = ShardPlan.build(sizes, n, torch.device("cpu"))
     assert plan.shard % 8 == 0 and plan.n * plan.shard >= sum(sizes)
     x = torch.randn(sum(sizes))
-    values = torch.cat([plan.compress(j, row)[2] for j, row in enumerate(plan.pad(x))])
+    values = torch.cat([plan.compress(j, row, torch.empty(plan.shard))[2] for j, row in enumerate(plan.pad(x))])
     cuts = sorted({b for r in _ranges(sizes) for b in r} | set(range(0, sum(sizes), plan.shard)))
     pieces = [(a, b) for a, b in zip(cuts, cuts[1:])]
     assert torch.equal(values[: sum(sizes)], _plain_scaled_sign(x, pieces))

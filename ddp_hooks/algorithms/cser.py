@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.futures import Future
 
 from ..compress import grbs
-from ..core import HookState, SyncOptimizer, check_float, check_int
+from ..core import HookState, SyncOptimizer, check_float, check_int, nonfinite
 
 
 def overall_ratio(grad_ratio: float | None, model_ratio: float, period: int) -> float:
@@ -120,7 +120,7 @@ class CSER(HookState):
             return fut
         with self.time(step, "compress", buf.device):
             idx = grbs.select(buf.numel(), self.block_size, self.grad_ratio, self._generator).to(buf.device)
-            bad = (~torch.isfinite(buf).all()).to(buf.dtype).view(1)
+            bad = nonfinite(buf).to(buf.dtype).view(1)
             payload = torch.cat([grbs.gather(buf, idx), bad]).mul_(1.0 / self.world_size)
         self.count_bits(step, 8 * buf.element_size() * idx.numel())
         reduced = self.transport.all_reduce(payload, step)

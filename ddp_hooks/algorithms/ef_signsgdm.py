@@ -128,7 +128,6 @@ class EFSignSGDM(HookState):
 
         with self.time(step, "compress", device):
             g = buf if buf.dtype == torch.float32 else buf.to(torch.float32)
-            bad = ~torch.isfinite(g).all()
             p = layout.p
             if momentum is not None:
                 torch.add(g, momentum, alpha=self.momentum, out=layout.momentum)  # m = mu m + g
@@ -143,7 +142,9 @@ class EFSignSGDM(HookState):
             else:
                 p.add_(error, alpha=rho)
             packed = pack_signs(p)
-            scales = block_scales(p, layout.blocks)
+            scales = block_scales(p, layout.blocks, layout.local)
+            # the memories are finite, so the fp64 block sums are finite iff the gradient is
+            bad = ~torch.isfinite(scales).all()
         self.count_bits(step, layout.numel + 32 * len(layout.blocks))
 
         def commit(delta: torch.Tensor, step_bad: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,9 @@ class EFSignSGDM(HookState):
                     torch.where(step_bad, error, local, out=error)
                     if momentum is not None:
                         torch.where(step_bad, momentum, layout.momentum, out=momentum)
-                buf.copy_(delta.masked_fill(step_bad, float("nan")))
+                buf.copy_(delta)
+                if device.type != "cpu" or bool(step_bad):
+                    buf.masked_fill_(step_bad, float("nan"))
             return buf
 
         if self.topology == "allgather":
@@ -179,8 +182,8 @@ class EFSignSGDM(HookState):
         p = mean
         if valid:
             p[:valid].add_(e * (rho[lo:hi] if torch.is_tensor(rho) else rho))
-        packed, scales, delta = plan.compress(j, p)
-        bad = any_bad | ~torch.isfinite(p).all()
+        packed, scales, delta = plan.compress(j, p, layout.shard)
+        bad = any_bad | ~torch.isfinite(scales).all()
         if valid:
             torch.where(bad, e, p[:valid] - delta[:valid], out=e)
         return packed, scales.masked_fill(bad, float("nan"))

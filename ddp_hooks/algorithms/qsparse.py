@@ -25,7 +25,7 @@ import torch
 from torch.futures import Future
 
 from ..compress.sparse import KINDS, Codec
-from ..core import HookState, SyncOptimizer, check_choice, check_float, check_int
+from ..core import HookState, SyncOptimizer, check_choice, check_float, check_int, nonfinite
 from ..core.layouts import LayoutCache
 
 
@@ -46,7 +46,7 @@ class _Plan:
             payload, idx, values = codec.encode(v, shared if codec.kind == "grbs" else generator)
             payloads.append(payload)
             local.append((idx, values))
-        bad = torch.stack([~torch.isfinite(v).all() for v in vectors]).any().float().view(1)
+        bad = torch.stack([nonfinite(v) for v in vectors]).any().float().view(1)
         payloads.append(bad.view(torch.uint8))
         return torch.cat(payloads), local
 

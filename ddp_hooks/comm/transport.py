@@ -23,12 +23,17 @@ from torch.futures import Future, collect_all
 
 
 class _Sequencer:
-    """Runs submitted thunks strictly in ticket order (tickets are taken in bucket order)."""
+    """Runs submitted thunks strictly in ticket order (tickets are taken in bucket order).
+
+    One thread at a time drains the ready thunks, outside the lock, so that taking a ticket in
+    the hook never waits for a thunk's work (e.g. a server step) to finish.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._next_ticket = 0
         self._next_run = 0
+        self._draining = False
         self._ready: dict[int, tuple[Callable[[], Future] | None, Future, BaseException | None]] = {}
 
     def reserve(self) -> int:
@@ -46,18 +51,26 @@ class _Sequencer:
     ) -> None:
         with self._lock:
             self._ready[ticket] = (thunk, out, error)
-            while self._next_run in self._ready:
-                thunk, out, error = self._ready.pop(self._next_run)
+            if self._draining:
+                return  # the draining thread will run it in its turn
+            self._draining = True
+        while True:
+            with self._lock:
+                item = self._ready.pop(self._next_run, None)
+                if item is None:
+                    self._draining = False
+                    return
                 self._next_run += 1
-                if error is not None:
-                    out.set_exception(error)
-                    continue
-                try:
-                    inner = thunk()
-                except BaseException as exc:  # noqa: BLE001 - forwarded to the waiting future
-                    out.set_exception(exc)
-                    continue
-                inner.add_done_callback(lambda f, out=out: _forward(f, out))
+            thunk, out, error = item
+            if error is not None:
+                out.set_exception(error)
+                continue
+            try:
+                inner = thunk()
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the waiting future
+                out.set_exception(exc)
+                continue
+            inner.add_done_callback(lambda f, out=out: _forward(f, out))
 
 
 def _forward(source: Future, target: Future) -> None:

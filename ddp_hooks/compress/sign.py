@@ -63,19 +63,28 @@ def ranges(sizes: list[int], start: int = 0) -> list[tuple[int, int]]:
     return out
 
 
-def block_scales(x: torch.Tensor, blocks: list[tuple[int, int]]) -> torch.Tensor:
-    """``||x_b||_1 / d_b`` per block (float32, accumulated in float64)."""
-    sums = torch.stack([x[lo:hi].abs().sum(dtype=torch.float64) for lo, hi in blocks])
+def block_scales(x: torch.Tensor, blocks: list[tuple[int, int]], work: torch.Tensor | None = None) -> torch.Tensor:
+    """``||x_b||_1 / d_b`` per block (float32, accumulated in float64). ``work``: an optional
+    buffer of ``x``'s size for ``|x|``, so that nothing bucket-sized is allocated."""
+    magnitude = torch.abs(x, out=work) if work is not None else x.abs()
+    sums = torch.stack([magnitude[lo:hi].sum(dtype=torch.float64) for lo, hi in blocks])
     sizes = torch.tensor([hi - lo for lo, hi in blocks], dtype=torch.float64, device=x.device)
     return (sums / sizes).to(torch.float32)
 
 
 def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
-    """``out[i] = +scale or -scale`` of ``i``'s block, by the sign bit ``bits[i]``."""
-    for (lo, hi), s in zip(blocks, scales):
-        torch.where(bits[lo:hi], s, -s, out=out[lo:hi])
+    """``out[i] = +scale or -scale`` of ``i``'s block, by the sign bit ``bits[i]`` (exactly:
+    ``bit * 2s - s``). ``blocks`` must cover ``out`` from its start, in order."""
+    if out.device.type == "cpu":
+        out[: blocks[-1][1]].copy_(bits[: blocks[-1][1]])  # 0 / 1
+        for (lo, hi), s in zip(blocks, scales.tolist()):  # reading CPU scales costs nothing
+            out[lo:hi].mul_(2 * s).sub_(s)
+        return out
+    counts = torch.tensor([hi - lo for lo, hi in blocks], device=out.device)
+    n = blocks[-1][1]
+    per = torch.repeat_interleave(scales, counts, output_size=n)  # no host synchronization
+    torch.where(bits[:n], per, -per, out=out[:n])
     return out
-
 
 def scaled_sign(x: torch.Tensor, blocks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress a 1-D fp32 vector: (packed signs, per-block fp32 scales)."""
@@ -145,16 +154,18 @@ class ShardPlan:
     def decode(self, j: int, packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Shard ``j``'s message (packed signs, per-piece scales ``(k,)``) into ``out`` ``(shard,)``;
         the padding tail is zero."""
-        bits = unpack_bits(packed, self.shard)
-        out.zero_()
-        return expand(bits, scales, [(lo, hi) for _, lo, hi in self.pieces[j]], out)
+        blocks = [(lo, hi) for _, lo, hi in self.pieces[j]]
+        if not blocks:
+            return out.zero_()
+        out[blocks[-1][1] :].zero_()
+        return expand(unpack_bits(packed, self.shard), scales, blocks, out)
 
-    def compress(self, j: int, x: torch.Tensor):
+    def compress(self, j: int, x: torch.Tensor, out: torch.Tensor):
         """Blockwise scaled sign of shard ``j`` (``x``: ``(shard,)``) with its pieces as blocks:
-        (packed ``(shard/8,)``, scales ``(k,)`` zero-padded, decompressed ``(shard,)``)."""
+        (packed ``(shard/8,)``, scales ``(k,)`` zero-padded, decompressed into ``out``)."""
         blocks = [(lo, hi) for _, lo, hi in self.pieces[j]]
         scales = x.new_zeros(self.k)
         if blocks:
-            scales[: len(blocks)] = block_scales(x, blocks)
+            scales[: len(blocks)] = block_scales(x, blocks, out)
         packed = pack_signs(x)
-        return packed, scales, self.decode(j, packed, scales, torch.empty_like(x))
+        return packed, scales, self.decode(j, packed, scales, out)

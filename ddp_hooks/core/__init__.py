@@ -1,6 +1,6 @@
 """What every algorithm shares: the hook state base, memory, stats, the optimizer wrapper."""
 
-from .checks import check_choice, check_float, check_int
+from .checks import check_choice, check_float, check_int, nonfinite
 from .memory import ParameterMemory
 from .state import HookState, comm_hook
 from .stats import Stats
@@ -15,4 +15,5 @@ __all__ = [
     "check_float",
     "check_int",
     "comm_hook",
+    "nonfinite",
 ]

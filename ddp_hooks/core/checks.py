@@ -1,7 +1,10 @@
-"""Argument validation shared by every state: one message shape for every bad input."""
+"""Checks shared by every state: argument validation (one message shape for every bad
+input) and the non-finite test."""
 
 import math
 from numbers import Integral, Real
+
+import torch
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> int:
@@ -49,3 +52,10 @@ def _range(low, high, low_open=False, high_open=False) -> str:
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
     return f"{left}{low}, {'inf)' if high is None else str(high) + right}"
+
+
+def nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: does ``x`` hold inf or NaN? One read, no bucket-sized temporary and no
+    host synchronization (a float32 sum that overflows also counts, which finite gradients
+    never reach)."""
+    return ~torch.isfinite(x.sum(dtype=torch.float32))
