@@ -242,6 +242,8 @@ def main(argv=None) -> list[dict]:
         print(f"{rate}: {args.workers} workers, {args.models}, {len(hooks)} hooks ...", flush=True)
         result = run_rate(rate, args, hooks)
         print(table(result["rows"], step_time.COLUMNS + [("floor_ms", "floor ms", ".1f"), ("vs_floor", "step/floor", ".2f")]))
+        if "torch-bf16" not in hooks:
+            print("(torch's bf16_compress_hook needs CUDA and NCCL: torch-bf16/hook compares with ddp_hooks' bf16)")
         path = write_json(f"emulate_{rate}", result, args.out)
         print(f"wrote {path}\n")
         out.append(result)

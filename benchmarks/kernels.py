@@ -1,0 +1,122 @@
+"""The fused CUDA kernels against copy bandwidth and against their torch references.
+
+For each kernel and size: median time (CUDA events, after warm-up, inputs larger than L2),
+effective bandwidth = ideal bytes / time, its fraction of the measured device-to-device copy
+bandwidth, and the speedup over the same math written with torch ops. Ideal bytes per fp32
+element: fused sign + EF 20.1 (two passes: the per-block scale must be known before the
+signs) and 12.1 for one pass; unpack-average of n messages 4 + n/8; top-k + EF one-pass
+floor 12 (read p and e, write e).
+
+    python benchmarks/kernels.py
+"""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import table, write_json  # noqa: E402
+from ddp_hooks import kernels  # noqa: E402
+from ddp_hooks.compress.sign import block_scales, pack_signs, ranges, scaled_sign_decompress  # noqa: E402
+
+
+def _time(fn, repeats: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def run(sizes, repeats, topk_n, fractions) -> list[dict]:
+    rows = []
+    for n in sizes:
+        src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+        copy_bw = 8 * n / _time(lambda: dst.copy_(src), repeats)
+        p, e, e_out = torch.randn(n, device="cuda"), torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+        block = 4096
+        bounds = list(range(0, n, block)) + [n]
+        blocks = list(zip(bounds, bounds[1:]))
+        offsets = torch.tensor(bounds, device="cuda")
+        fused = _time(lambda: kernels.sign_compress_ef(p, e, 1.0, offsets, e_out), repeats)
+
+        def reference():
+            v = p + e
+            scales = block_scales(v, blocks)
+            packed = pack_signs(v)
+            return v - scaled_sign_decompress(packed, scales, blocks)
+
+        ref = _time(reference, max(3, repeats // 10))
+        rows.append(_row("sign+EF (fused, 2 passes)", n, fused, ref, 20.1, copy_bw, floor_bytes=12.1))
+        for m in (8, 64):
+            packed_rows = torch.randint(0, 256, (m, (n + 7) // 8), dtype=torch.uint8, device="cuda")
+            scales = torch.rand(m, len(blocks), device="cuda")
+            out = torch.empty(n, device="cuda")
+            t = _time(lambda: kernels.unpack_average(packed_rows, scales, offsets, out), repeats)
+            ref_t = _time(lambda: sum(scaled_sign_decompress(packed_rows[r], scales[r], blocks) for r in range(m)) / m,
+                          max(3, repeats // 10))
+            rows.append(_row(f"unpack-average n={m}", n, t, ref_t, 4 + m / 8, copy_bw))
+    for frac in fractions:
+        n, k = topk_n, max(1, int(topk_n * frac))
+        p, e = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+        e0 = e.clone()
+        src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+        copy_bw = 8 * n / _time(lambda: dst.copy_(src), repeats)
+        exact = _time(lambda: (e.copy_(e0), kernels.topk_ef(p, e, k)), repeats)
+        reset = _time(lambda: e.copy_(e0), repeats)
+        threshold = torch.tensor(float(torch.quantile(torch.randn(1_000_000, device="cuda").abs(), 1 - frac)), device="cuda")
+        approx = _time(lambda: (e.copy_(e0), kernels.threshold_ef(p, e, threshold, int(1.05 * k))), repeats)
+
+        def recipe():  # add, abs, topk, error-feedback scatter
+            acc = p + e
+            _, idx = acc.abs().topk(k, sorted=False)
+            values = acc[idx]
+            acc[idx] = 0
+            return idx, values
+
+        ref = _time(lambda: (e.copy_(e0), recipe()), max(3, repeats // 10))
+        rows.append(_row(f"top-k {frac:.1%} exact", n, exact - reset, ref - reset, 12.0, copy_bw))
+        rows.append(_row(f"top-k {frac:.1%} threshold", n, approx - reset, ref - reset, 12.0, copy_bw))
+    return rows
+
+
+def _row(kernel, n, seconds, ref_seconds, ideal, copy_bw, floor_bytes=None):
+    eff = ideal * n / seconds
+    return {"kernel": kernel, "n": n, "us": 1e6 * seconds, "ideal_B_per_elem": ideal, "effective_GBps": eff / 1e9,
+            "of_copy": eff / copy_bw, "copy_GBps": copy_bw / 1e9, "speedup_vs_torch": ref_seconds / seconds,
+            "vs_one_pass_floor": (seconds / (floor_bytes * n / copy_bw)) if floor_bytes else None}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=",".join(str(2**k) for k in (20, 24, 26)))
+    parser.add_argument("--topk-n", type=int, default=100_000_000)
+    parser.add_argument("--fractions", default="0.001,0.01")
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or kernels.load() is None:
+        print(f"benchmarks/kernels.py needs a CUDA GPU and the built extension ({kernels.status()}); nothing measured")
+        return []
+    rows = run([int(s) for s in args.sizes.split(",")], args.repeats, args.topk_n,
+               [float(f) for f in args.fractions.split(",")])
+    print(table(rows, [("kernel", "kernel", ""), ("n", "n", ",d"), ("us", "us", ".1f"),
+                       ("effective_GBps", "GB/s", ".0f"), ("of_copy", "of copy", ".0%"),
+                       ("speedup_vs_torch", "vs torch", ".1f"), ("vs_one_pass_floor", "vs 1-pass floor", ".2f")]))
+    path = write_json("kernels_cuda", {"rows": rows}, args.out)
+    print(f"\nwrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Fused CUDA kernels: they compile (nvcc, and the bindings against torch's headers), the
+torch path is taken where they cannot run, and on a GPU each equals its torch reference."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+
+from ddp_hooks import kernels
+from ddp_hooks.compress.sign import block_scales, pack_signs, ranges, scaled_sign_decompress
+
+
+# ---------------------------------------------------------------- build checks (no GPU needed)
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("source", ["sign.cu", "topk.cu"])
+def test_kernels_compile_with_nvcc_for_sm90_and_ptx(source, tmp_path):
+    src = kernels.source_dir()
+    done = subprocess.run(
+        ["nvcc", "-c", str(src / source), "-o", str(tmp_path / "k.o"), "-O3", "-std=c++17", f"-I{src}",
+         "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+def test_bindings_compile_against_torch_headers(tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    src = kernels.source_dir()
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{src}"]
+    done = subprocess.run(
+        ["g++", "-c", "-std=c++17", "-fPIC", "-O0", str(src / "bindings.cpp"), "-o", str(tmp_path / "b.o"),
+         "-DTORCH_EXTENSION_NAME=ddp_hooks_kernels", *includes],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_sources_are_found():
+    src = kernels.source_dir()
+    assert all((src / s).exists() for s in kernels.SOURCES)
+
+
+def test_env_switch_forces_the_torch_path():
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "from ddp_hooks import kernels\n"
+        "assert kernels.load() is None and kernels.load() is None\n"
+        "print(kernels.status())\n"
+    )
+    env = {**os.environ, "DDP_HOOKS_NO_CUDA_EXT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("fused CUDA kernels off") == 1  # one log line, however often asked
+    assert "off: DDP_HOOKS_NO_CUDA_EXT=1" in out.stdout
+
+
+def test_cpu_tensors_are_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        kernels.topk_ef(torch.zeros(4), torch.zeros(4), 2)
+
+
+# ---------------------------------------------------------------- GPU: kernels vs references
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or kernels.load() is None,
+                         reason="needs a CUDA GPU and a built extension")
+SIZES = [1, 31, 33, 1000, 100_003]
+
+
+def _offsets(n, g):
+    cuts = sorted(set(torch.randint(1, max(2, n), (5,), generator=g).tolist()) - {0, n}) if n > 2 else []
+    return [0, *cuts, n]
+
+
+@gpu
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_compress_ef_is_bit_exact(n):
+    g = torch.Generator().manual_seed(n)
+    p, e = torch.randn(n, generator=g).cuda(), torch.randn(n, generator=g).cuda()
+    bounds = _offsets(n, g)
+    blocks = list(zip(bounds, bounds[1:]))
+    e_out = torch.full_like(p, float("nan"))  # poisoned
+    packed, scales = kernels.sign_compress_ef(p, e, 1.0, torch.tensor(bounds, device="cuda"), e_out)
+    v = p + e
+    assert torch.equal(packed, pack_signs(v))
+    assert torch.equal(scales, block_scales(v, blocks))
+    assert torch.equal(e_out, v - scaled_sign_decompress(pack_signs(v), scales, blocks))
+
+
+@gpu
+@pytest.mark.parametrize("n", SIZES)
+def test_unpack_average_is_bit_exact(n):
+    g = torch.Generator().manual_seed(n)
+    rows_v = torch.randn(4, n, generator=g).cuda()
+    bounds = _offsets(n, g)
+    blocks = list(zip(bounds, bounds[1:]))
+    rows = torch.stack([pack_signs(r) for r in rows_v])
+    scales = torch.stack([block_scales(r, blocks) for r in rows_v])
+    out = torch.full((n,), float("nan"), device="cuda")
+    kernels.unpack_average(rows, scales, torch.tensor(bounds, device="cuda"), out)
+    acc = torch.zeros(n, device="cuda")
+    for r in range(4):
+        acc.add_(scaled_sign_decompress(rows[r], scales[r], blocks))
+    assert torch.equal(out, acc.div_(4))
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(33, 5), (1000, 10), (1_000_003, 10_000)])
+@pytest.mark.parametrize("sign", [False, True])
+def test_topk_ef_selects_torch_topk_set(n, k, sign):
+    g = torch.Generator().manual_seed(n + k)
+    p, e = torch.randn(n, generator=g).cuda(), torch.randn(n, generator=g).cuda()
+    v = p + e
+    idx, values = kernels.topk_ef(p, e, k, sign)
+    assert set(idx.tolist()) == set(torch.topk(v.abs(), k).indices.tolist())
+    kept = v[idx]
+    if sign:
+        scale = (kept.abs().double().sum() / k).float()
+        torch.testing.assert_close(values, torch.where(kept >= 0, scale, -scale), rtol=0, atol=0)
+    else:
+        assert torch.equal(values, kept)
+    expected = v.clone()
+    expected[idx] = kept - values
+    assert torch.equal(e, expected)
+
+
+@gpu
+def test_threshold_ef_selects_everything_above_the_threshold():
+    g = torch.Generator().manual_seed(0)
+    p, e = torch.randn(100_001, generator=g).cuda(), torch.randn(100_001, generator=g).cuda()
+    v = p + e
+    threshold = torch.tensor(2.5, device="cuda")
+    idx, values, count = kernels.threshold_ef(p, e, threshold, 20_000)
+    above = (v.abs() >= 2.5).nonzero().view(-1)
+    assert int(count) == above.numel()
+    assert set(idx[: above.numel()].tolist()) == set(above.tolist())
+    assert torch.equal(e[above], torch.zeros_like(e[above]))
