@@ -117,17 +117,24 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch's hook compresses from step 2)")
     parser.add_argument("--workers", type=int, default=2, help="local workers when not under torchrun")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure every configuration this many times and keep the fastest median "
+                             "(shared machines drift between configurations)")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
 
     rows, orth_rows = [], []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         print(f"{model_name}: timing {', '.join(CONFIGS)} ...", flush=True)
-        results = launch.run(_measure, args.workers, model_name, args.rank, args.steps, args.warmup)
-        if results is None:
-            continue
-        world = len(results)
-        backward = {c: median([median(r[c]) for r in results]) * 1000 for c in CONFIGS}
+        backward = {}
+        for _ in range(args.rounds):
+            results = launch.run(_measure, args.workers, model_name, args.rank, args.steps, args.warmup)
+            if results is None:
+                return
+            world = len(results)
+            for c in CONFIGS:
+                t = median([median(r[c]) for r in results]) * 1000
+                backward[c] = min(backward.get(c, t), t)
         base = backward["noop"]
         for c in CONFIGS[1:]:
             hook = backward[c] - base
@@ -155,7 +162,8 @@ def main(argv=None) -> None:
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     path = write_json(
         f"powersgd_{device_kind}",
-        {"world_size": world, "rank": args.rank, "steps": args.steps, "hooks": rows, "orthogonalization": orth_rows},
+        {"world_size": world, "rank": args.rank, "steps": args.steps, "rounds": args.rounds, "hooks": rows,
+         "orthogonalization": orth_rows},
         args.out,
     )
     print(f"\nwrote {path}")

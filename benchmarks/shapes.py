@@ -29,7 +29,12 @@ def gpt_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: 
     return shapes + [(width,), (width,)]
 
 
-MODELS = {"resnet50": resnet50_shapes, "gpt": gpt_shapes}
+def tiny_shapes() -> list[tuple[int, ...]]:
+    """A few small matrices and vectors, for smoke tests of the benchmark scripts."""
+    return [(64, 32), (64,), (64, 32), (32, 16, 3, 3), (10, 64)]
+
+
+MODELS = {"resnet50": resnet50_shapes, "gpt": gpt_shapes, "tiny": tiny_shapes}
 
 
 class ShapeBag(nn.Module):

@@ -1,0 +1,120 @@
+"""Every benchmark script runs at a tiny size (gloo, CPU), so none can rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import advisor, convergence, emulate, kernels, laq, powersgd, step_time
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_step_time_tiny(tmp_path, capsys):
+    rows = step_time.main(["--models", "resnet18,gpt", "--size", "tiny", "--hooks", "fp32,ef-sgdm,torch-powersgd",
+                           "--steps", "2", "--warmup", "2", "--batch", "2", "--workers", "2", "--out", str(tmp_path)])
+    assert {(r["model"], r["hook"]) for r in rows} == {
+        (m, h) for m in ("resnet18", "gpt") for h in ("fp32", "ef-sgdm", "torch-powersgd")}
+    fp32 = next(r for r in rows if r["hook"] == "fp32" and r["model"] == "resnet18")
+    ef = next(r for r in rows if r["hook"] == "ef-sgdm" and r["model"] == "resnet18")
+    assert ef["wire_mb"] < fp32["wire_mb"] / 10  # 1 bit instead of 32, both ways
+    saved = json.loads((tmp_path / "step_time_gloo.json").read_text())
+    assert saved["machine"]["torch"] and saved["rows"]
+    assert "one bucket" in capsys.readouterr().out
+
+
+def test_convergence_tiny(tmp_path):
+    runs = convergence.main(["--suite", "qsparse", "--only", "SGD,SignTopK H=4", "--steps", "20", "--eval-every", "10",
+                             "--workers", "2", "--out", str(tmp_path)])
+    assert [r["label"] for r in runs] == ["SGD", "SignTopK H=4"]
+    assert runs[1]["wire_bytes"] < runs[0]["wire_bytes"] / 50
+    assert all(0 <= p["accuracy"] <= 1 for r in runs for p in r["points"])
+    assert (tmp_path / "convergence_qsparse_digits.json").exists()
+
+
+def test_convergence_suites_are_well_formed():
+    for name in ("hooks", "cser", "qsparse"):
+        assert all("label" in s and "kind" in s for s in convergence.suite(name))
+    cser = {s["label"]: s for s in convergence.suite("cser")}
+    import ddp_hooks as dh
+
+    for rc in (32, 256, 1024):
+        args = cser[f"CSER RC{rc}"]["args"]
+        assert dh.cser_ratio(args["grad_ratio"], args["model_ratio"], args["period"]) == pytest.approx(rc)
+
+
+def test_laq_tiny(tmp_path):
+    rows = laq.main(["--workers", "2", "--iterations", "30", "--eval-every", "10", "--out", str(tmp_path)])
+    by = {r["method"]: r for r in rows}
+    assert by["GD"]["total_uploads"] == 2 * 30  # GD and QGD upload every round
+    assert by["QGD"]["total_uploads"] == 2 * 30
+    assert by["LAQ"]["total_uploads"] <= by["QGD"]["total_uploads"]
+    assert by["LAQ"]["total_bits"] < by["GD"]["total_bits"]
+
+
+def test_powersgd_benchmark_tiny(tmp_path):
+    powersgd.main(["--models", "tiny", "--steps", "2", "--warmup", "2", "--rounds", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "powersgd_cpu.json").read_text())
+    assert {r["config"] for r in saved["hooks"]} == {"torch-default", "torch-batched", "ours-1bucket", "ours-25mb"}
+
+
+def test_kernels_benchmark_says_what_it_needs(capsys):
+    if not kernels.torch.cuda.is_available():
+        assert kernels.main([]) == []
+        assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_advisor_prefers_compression_on_slow_links_and_not_on_fast_ones():
+    shapes = [(1024, 1024)] * 11
+    slow = advisor.predict(shapes, 4, 0.4, advisor.parse_rate("100mbit"), 0.0)
+    fast = advisor.predict(shapes, 4, 0.4, advisor.parse_rate("400gbit"), 0.0,
+                           overhead_s={h: 0.05 for h in advisor.hooks() if h != "fp32"})
+    assert slow[0].hook != "fp32" and "Use" in advisor.advise(slow)
+    assert fast[0].hook == "fp32" and "No hook pays off" in advisor.advise(fast)
+    by = {p.hook: p for p in slow}
+    assert by["fp32"].wire_bytes == pytest.approx(4 * 11 * 2**20 * 1.5)  # ring: 2(n-1)/n
+    assert by["bf16"].wire_bytes == pytest.approx(by["fp32"].wire_bytes / 2)
+    assert advisor.parse_rate("1gbit") == 1.25e8
+
+
+def test_advisor_validates_against_emulation_results(tmp_path):
+    def result(rate, measured, fp32_ms, bf16_ms):
+        return {"rate": rate, "measured_rate": measured, "world_size": 2, "size": "tiny",
+                "rows": [{"model": "resnet18", "hook": "fp32", "step_ms": fp32_ms, "compute_ms": 100.0},
+                         {"model": "resnet18", "hook": "bf16", "step_ms": bf16_ms, "compute_ms": 100.0}]}
+
+    (tmp_path / "a.json").write_text(json.dumps(result("unshaped", "1e10", 101.0, 102.0)))
+    (tmp_path / "b.json").write_text(json.dumps(result("100mbit", "1e8", 350.0, 230.0)))
+    rows = advisor.validate([str(tmp_path / "a.json"), str(tmp_path / "b.json")], advisor.shapes_of)
+    assert {r["hook"] for r in rows} == {"fp32", "bf16"}
+    assert all(r["rate"] == "100mbit" and r["predicted_ms"] > 100 for r in rows)
+
+
+def test_advisor_cli(capsys):
+    advisor.main(["--params", "11.7e6", "--compute-ms", "400", "--world", "4", "--bandwidth", "1gbit"])
+    out = capsys.readouterr().out
+    assert "fp32" in out and "Use" in out
+
+
+def test_emulate_tiny(tmp_path):
+    why = emulate.check_privileges()
+    if why:
+        pytest.skip(why)
+    results = emulate.main(["--workers", "2", "--rates", "100mbit", "--models", "resnet18", "--size", "tiny",
+                            "--hooks", "fp32,qsparse", "--steps", "1", "--warmup", "1", "--batch", "2",
+                            "--out", str(tmp_path)])
+    (result,) = results
+    assert 60e6 < float(result["measured_rate"]) < 140e6  # the shaping took effect
+    assert {r["hook"] for r in result["rows"]} == {"fp32", "qsparse"}
+    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "dh" not in leftovers  # everything it created is gone
+
+
+def test_emulate_refuses_clearly_without_root():
+    code = ("import os, sys; sys.path.insert(0, %r); os.geteuid = lambda: 1000\n"
+            "from benchmarks import emulate; emulate.main(['--rates', 'unshaped'])") % str(ROOT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "needs root" in done.stderr
