@@ -39,3 +39,16 @@ def train_steps(ddp, opt, data):
 
 def params_of(module):
     return [p.detach().clone() for p in module.parameters()]
+
+
+def value_errors(factory, cases) -> list[str]:
+    """The ValueError message of ``factory(**kwargs)`` for each case (the call must raise)."""
+    messages = []
+    for kwargs in cases:
+        try:
+            factory(**kwargs)
+        except ValueError as exc:
+            messages.append(str(exc))
+        else:
+            messages.append(f"no ValueError for {kwargs}")
+    return messages

@@ -10,7 +10,7 @@ import ddp_hooks as dh
 from ddp_hooks.core import HookState
 from ddp_hooks.testing import run_world
 
-from models import Reordered, batches, params_of, train_steps
+from models import Reordered, batches, params_of, train_steps, value_errors
 
 
 # ---------------------------------------------------------------- warm-up is exact DDP
@@ -177,13 +177,7 @@ def test_state_dict_round_trip_resumes_exactly_and_validates():
 
 # ---------------------------------------------------------------- argument checks
 def _bad_args(rank, world):
-    out = []
-    for kwargs in ({"warmup_steps": -1}, {"warmup_steps": 1.5}):
-        try:
-            dh.AllReduce(**kwargs)
-        except ValueError as exc:
-            out.append(str(exc))
-    return out
+    return value_errors(dh.AllReduce, ({"warmup_steps": -1}, {"warmup_steps": 1.5}))
 
 
 def test_bad_constructor_arguments_raise_value_error_naming_them():

@@ -12,7 +12,7 @@ import ddp_hooks as dh
 from ddp_hooks.compress import grbs
 from ddp_hooks.testing import run_world
 
-from models import batches, params_of
+from models import batches, params_of, value_errors
 
 
 # ---------------------------------------------------------------- GRBS
@@ -239,18 +239,9 @@ def test_ratio_helper_and_proposals():
 
 
 def _bad_args(rank, world):
-    msgs = []
-    for kwargs in ({"grad_ratio": 0.5}, {"model_ratio": 0}, {"period": 0}, {"block_size": 0}):
-        try:
-            dh.CSER(**kwargs)
-        except ValueError as exc:
-            msgs.append(str(exc))
+    msgs = value_errors(dh.CSER, ({"grad_ratio": 0.5}, {"model_ratio": 0}, {"period": 0}, {"block_size": 0}))
     ddp = DDP(_Net())
-    try:
-        dh.CSER().register(ddp)
-    except ValueError as exc:
-        msgs.append(str(exc))
-    return msgs
+    return msgs + value_errors(lambda: dh.CSER().register(ddp), [{}])
 
 
 def test_bad_arguments_raise_value_error_naming_them():
@@ -258,3 +249,64 @@ def test_bad_arguments_raise_value_error_naming_them():
     assert len(msgs) == 5
     for msg, name in zip(msgs, ["grad_ratio", "model_ratio", "period", "block_size", "optimizer"]):
         assert name in msg, msg
+
+
+# ---------------------------------------------------------------- resets with other compressors
+def _codec_world(rank, world, steps, compressor, model_ratio, period):
+    model = _Net()
+    ddp = DDP(model)
+    opt = dh.CSER(grad_ratio=None, model_ratio=model_ratio, period=period, model_compressor=compressor).register(
+        ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9))
+    out = []
+    for x, y in batches(rank, steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        out.append(params_of(model))
+    return out
+
+
+def _topk_message(v, k):
+    out = torch.zeros_like(v)
+    order = torch.tensor(sorted(range(v.numel()), key=lambda i: -abs(float(v[i])))[:k])
+    out[order] = v[order]
+    return out
+
+
+def test_reset_with_topk_tracks_the_residual_explicitly():
+    world, steps, ratio, period = 2, 6, 4.0, 2
+    results = run_world(_codec_world, world, steps, "topk", ratio, period)
+    # the reference: local momentum SGD, and every `period` steps c_i = TopK(x_i - x^) per tensor
+    models = [_Net() for _ in range(world)]
+    agreed = [p.detach().clone() for p in models[0].parameters()]
+    moms = [[torch.zeros_like(p) for p in agreed] for _ in range(world)]
+    data = [batches(i, steps) for i in range(world)]
+    for t in range(steps):
+        for i, m in enumerate(models):
+            m.zero_grad()
+            nn.functional.cross_entropy(m(data[i][t][0]), data[i][t][1]).backward()
+            with torch.no_grad():
+                for p, buf in zip(m.parameters(), moms[i]):
+                    buf.mul_(0.9).add_(p.grad)
+                    p.sub_(0.1 * buf)
+        if (t + 1) % period == 0:
+            for kk, a in enumerate(agreed):
+                ps = [list(m.parameters())[kk] for m in models]
+                k = math.ceil(a.numel() / ratio)
+                cs = [_topk_message((p.detach() - a).reshape(-1), k).view_as(a) for p in ps]
+                mean = sum(cs) / world
+                with torch.no_grad():
+                    for p, c in zip(ps, cs):
+                        p.add_(mean - c)
+                a.add_(mean)
+        for i in range(world):
+            for got, want in zip(results[i][t], models[i].parameters()):
+                torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_reset_with_full_topk_makes_models_equal():
+    results = run_world(_codec_world, 2, 4, "topk", 1.0, 2)
+    for step in (1, 3):
+        for a, b in zip(results[0][step], results[1][step]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not all(torch.allclose(a, b) for a, b in zip(results[0][0], results[1][0]))

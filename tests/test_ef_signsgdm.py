@@ -18,6 +18,8 @@ from ddp_hooks.compress.sign import (
 )
 from ddp_hooks.testing import run_world
 
+from models import value_errors
+
 
 # ---------------------------------------------------------------- compressor
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 1001])
@@ -269,18 +271,11 @@ def test_non_finite_gradient_reaches_every_rank_and_spares_memory(topology):
 
 # ---------------------------------------------------------------- wiring and arguments
 def _wiring_world(rank, world):
-    msgs = []
     ddp = DDP(_model())
-    try:
-        dh.EFSignSGDM(0.9).register(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9))
-    except ValueError as exc:
-        msgs.append(str(exc))
-    for kwargs in ({"momentum": 1.0}, {"momentum": -0.1}, {"block_size": 0}, {"topology": "ring"}):
-        try:
-            dh.EFSignSGDM(**kwargs)
-        except ValueError as exc:
-            msgs.append(str(exc))
-    return msgs
+    sgdm = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    msgs = value_errors(lambda: dh.EFSignSGDM(0.9).register(ddp, sgdm), [{}])
+    cases = ({"momentum": 1.0}, {"momentum": -0.1}, {"block_size": 0}, {"topology": "ring"})
+    return msgs + value_errors(dh.EFSignSGDM, cases)
 
 
 def test_refuses_double_momentum_and_bad_arguments():

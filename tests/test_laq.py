@@ -10,6 +10,8 @@ import ddp_hooks as dh
 from ddp_hooks.compress.laq import pack_codes, quantize_innovation, unpack_codes
 from ddp_hooks.testing import run_world
 
+from models import value_errors
+
 
 # ---------------------------------------------------------------- quantizer
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -162,19 +164,11 @@ def test_lag_and_qgd_settings():
 
 
 def _bad_args(rank, world):
-    msgs = []
-    for kwargs in ({"bits": 0}, {"bits": 9}, {"memory_depth": 0}, {"max_staleness": 0}, {"wire": "ring"}):
-        try:
-            dh.LAQ(**kwargs)
-        except ValueError as exc:
-            msgs.append(str(exc))
+    cases = ({"bits": 0}, {"bits": 9}, {"memory_depth": 0}, {"max_staleness": 0}, {"wire": "ring"})
     model = nn.Linear(3, 3)
     ddp = DDP(model)
-    try:
-        dh.LAQ().register(ddp, torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.2}]))
-    except ValueError as exc:
-        msgs.append(str(exc))
-    return msgs
+    groups = [{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.2}]
+    return value_errors(dh.LAQ, cases) + value_errors(lambda: dh.LAQ().register(ddp, torch.optim.SGD(groups)), [{}])
 
 
 def test_bad_arguments_raise_value_error_naming_them():

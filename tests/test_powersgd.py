@@ -11,6 +11,7 @@ from ddp_hooks.compress.orthogonalize import METHODS, orthogonalize
 from ddp_hooks.testing import run_world
 
 from benchmarks.shapes import ShapeBag, resnet50_shapes
+from models import value_errors
 
 
 # ---------------------------------------------------------------- orthogonalization
@@ -258,13 +259,8 @@ def test_converges_like_torch_powersgd_hook_at_the_same_rank():
 
 # ---------------------------------------------------------------- arguments
 def _bad_args(rank, world):
-    msgs = []
-    for kwargs in ({"rank": 0}, {"min_compression_rate": 0.5}, {"orthogonalization": "svd"}, {"epsilon": -1.0}):
-        try:
-            dh.PowerSGD(**kwargs)
-        except ValueError as exc:
-            msgs.append(str(exc))
-    return msgs
+    cases = ({"rank": 0}, {"min_compression_rate": 0.5}, {"orthogonalization": "svd"}, {"epsilon": -1.0})
+    return value_errors(dh.PowerSGD, cases)
 
 
 def test_bad_arguments_raise_value_error_naming_them():

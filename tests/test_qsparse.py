@@ -12,7 +12,7 @@ import ddp_hooks as dh
 from ddp_hooks.compress.sparse import Codec, quantize, stochastic_levels, top_indices
 from ddp_hooks.testing import run_world
 
-from models import batches, params_of
+from models import batches, params_of, value_errors
 
 
 # ---------------------------------------------------------------- operators
@@ -222,13 +222,8 @@ def test_memory_is_wiped_at_a_learning_rate_change():
 
 
 def _bad_args(rank, world):
-    msgs = []
-    for kwargs in ({"compressor": "dgc"}, {"k": 0}, {"k": 1.5}, {"period": 0}, {"levels": 300}):
-        try:
-            dh.QsparseLocalSGD(**kwargs)
-        except ValueError as exc:
-            msgs.append(str(exc))
-    return msgs
+    cases = ({"compressor": "dgc"}, {"k": 0}, {"k": 1.5}, {"period": 0}, {"levels": 300})
+    return value_errors(dh.QsparseLocalSGD, cases)
 
 
 def test_bad_arguments_raise_value_error_naming_them():

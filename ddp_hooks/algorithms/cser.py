@@ -24,7 +24,12 @@ import torch.distributed as dist
 from torch.futures import Future
 
 from ..compress import grbs
-from ..core import HookState, SyncOptimizer, check_float, check_int, nonfinite
+from ..compress.sparse import KINDS, MessagePlan, subtract_message
+from ..core import HookState, PeriodicSyncOptimizer, check_choice, check_float, check_int, nonfinite
+from ..core.layouts import LayoutCache
+
+#: reset compressors besides GRBS (the sparse/quantized codecs; residuals tracked explicitly)
+RESET_CODECS = tuple(k for k in KINDS if k != "grbs")
 
 
 def overall_ratio(grad_ratio: float | None, model_ratio: float, period: int) -> float:
@@ -61,9 +66,15 @@ class CSER(HookState):
 
     Args:
         grad_ratio: GRBS ratio of the every-step gradient sync (>= 1), or ``None`` for none.
-        model_ratio: GRBS ratio of the error reset (>= 1; 1 resets the residual completely).
+        model_ratio: ratio of the error reset (>= 1; 1 resets the residual completely).
         period: steps between error resets (``H`` >= 1).
         block_size: GRBS block size in elements.
+        model_compressor: ``"grbs"`` (default: the reset is partial model averaging) or one of
+            ``"topk"``, ``"randk"``, ``"signtopk"``, ``"qtopk"``, ``"sign"``, ``"qsgd"`` (keeping
+            ``1 / model_ratio`` of each tensor where it sparsifies); these track the residual
+            ``e_i = x_i - x^`` against an explicitly stored agreed model ``x^`` (one more copy
+            of the model) and all-gather their fixed-size payloads.
+        levels: quantization levels for ``qtopk`` / ``qsgd``.
         seed: seed of the generator shared by all ranks (independent of the global RNG).
         warmup_steps: first steps reduced by an exact fp32 all-reduce.
         process_group: the group to reduce over (default WORLD).
@@ -76,6 +87,8 @@ class CSER(HookState):
         period: int = 16,
         *,
         block_size: int = 256,
+        model_compressor: str = "grbs",
+        levels: int = 16,
         seed: int = 0,
         warmup_steps: int = 0,
         process_group=None,
@@ -84,9 +97,16 @@ class CSER(HookState):
         self.model_ratio = check_float("model_ratio", model_ratio, 1.0)
         self.period = check_int("period", period, 1)
         self.block_size = check_int("block_size", block_size, 1)
+        self.model_compressor = check_choice("model_compressor", model_compressor, {"grbs", *RESET_CODECS})
+        self.levels = check_int("levels", levels, 1, 255)
         self.seed = check_int("seed", seed, 0)
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator = torch.Generator().manual_seed(self.seed)  # shared by all ranks
+        self._local = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank)  # this rank's
+        keep = 1.0 / self.model_ratio
+        self._plans = LayoutCache(
+            lambda params: MessagePlan(params, self.model_compressor, keep if keep < 1 else 2**62, self.levels)
+        )
 
     @classmethod
     def csea(cls, ratio: float, **kwargs) -> "CSER":
@@ -109,6 +129,9 @@ class CSER(HookState):
         if optimizer is None:
             raise ValueError("CSER steps through an optimizer wrapper: pass register(ddp, optimizer)")
         super().register(ddp, optimizer)
+        if self.model_compressor != "grbs" and self.memory.missing("agreed", list(self._named.values())):
+            for p in self._named.values():  # x^ starts as the common initial model
+                self.memory.set("agreed", p, p.detach().clone())
         return CSEROptimizer(optimizer, self)
 
     # ---- partial gradient synchronization (every step) -----------------------------------
@@ -142,7 +165,10 @@ class CSER(HookState):
         Because every rank selects the same elements ``S`` and ``x_i = x^ + e_i`` with a common
         ``x^``, this is ``x_i[S] <- x^[S] + mean_j e_j[S] = mean_j x_j[S]``: partial model
         averaging, computed directly (exact when the models agree, and no copy of ``x^``).
+        Other compressors: :meth:`_reset_with_codec`.
         """
+        if self.model_compressor != "grbs":
+            return self._reset_with_codec(step)
         params = list(self._named.values())
         offsets = [0]
         for p in params:
@@ -162,6 +188,26 @@ class CSER(HookState):
         with torch.no_grad(), self.time(step, "decompress", params[0].device):
             for (p, sel, _), values in zip(pieces, mean.split([s.numel() for _, s, _ in pieces])):
                 grbs.scatter(p.view(-1), sel, values)
+
+    def _reset_with_codec(self, step: int) -> None:
+        """``c_i = C(x_i - x^)``; ``x_i <- x_i - c_i + mean_j c_j``; ``x^ <- x^ + mean_j c_j``."""
+        params = list(self._named.values())
+        plan = self._plans.get(params, step)
+        device = params[0].device
+        with torch.no_grad():
+            with self.time(step, "compress", device):
+                agreed = [self.memory.get("agreed", p) for p in params]
+                residuals = [(p.detach() - a).reshape(-1).float() for p, a in zip(params, agreed)]
+                payload, local = plan.encode(residuals, self._local, self._generator)
+            self.count_bits(step, plan.paper_bits)
+            gathered = self.transport.all_gather(payload, step).wait()
+            with self.time(step, "decompress", device):
+                means = [torch.empty_like(r) for r in residuals]
+                plan.mean(gathered, means, local)
+                for p, a, mean, (idx, values) in zip(params, agreed, means, local):
+                    a.view(-1).add_(mean.to(a.dtype))
+                    subtract_message(mean, idx, values)  # mean c - c_i
+                    p.view(-1).add_(mean.to(p.dtype))
 
     @contextmanager
     def averaged(self):
@@ -184,31 +230,22 @@ class CSER(HookState):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {"generator": self._generator.get_state()}
+        return {"generator": self._generator.get_state(), "local": self._local.get_state()}
 
     def load_extra_state(self, state: dict) -> None:
         self._generator.set_state(state["generator"])
+        self._local.set_state(state["local"])
 
 
-class CSEROptimizer(SyncOptimizer):
+class CSEROptimizer(PeriodicSyncOptimizer):
     """Steps the local optimizer (momentum stays local), then every ``period`` steps resets."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, hook_state: CSER) -> None:
-        super().__init__(optimizer, hook_state)
-        self.local_steps = 0
+        super().__init__(optimizer, hook_state, hook_state.period)
 
-    def after_step(self) -> None:
-        self.local_steps += 1
-        state = self.hook_state
-        if self.local_steps % state.period == 0:
-            state.reset(max(0, state.step - 1))
+    def synchronize(self, step: int) -> None:
+        self.hook_state.reset(step)
 
     def averaged(self):
         """See :meth:`CSER.averaged`."""
         return self.hook_state.averaged()
-
-    def wrapper_state(self) -> dict:
-        return {"local_steps": self.local_steps}
-
-    def load_wrapper_state(self, state: dict) -> None:
-        self.local_steps = int(state["local_steps"])

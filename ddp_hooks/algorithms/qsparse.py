@@ -24,53 +24,9 @@ offered: DDP's collectives need every rank at every synchronization.
 import torch
 from torch.futures import Future
 
-from ..compress.sparse import KINDS, Codec
-from ..core import HookState, SyncOptimizer, check_choice, check_float, check_int, nonfinite
+from ..compress.sparse import KINDS, MessagePlan, subtract_message
+from ..core import HookState, PeriodicSyncOptimizer, check_choice, check_float, check_int
 from ..core.layouts import LayoutCache
-
-
-class _Plan:
-    """Codecs of a list of tensors and where each payload sits in the concatenated message."""
-
-    def __init__(self, params, kind, k, levels):
-        self.codecs = [Codec(kind, p.numel(), k, levels) for p in params]
-        self.offsets = [0]
-        for c in self.codecs:
-            self.offsets.append(self.offsets[-1] + c.nbytes)
-        self.paper_bits = sum(c.paper_bits() for c in self.codecs)
-
-    def encode(self, vectors, generator, shared):
-        """Payload (with a trailing 4-byte non-finite flag) and each tensor's local message."""
-        payloads, local = [], []
-        for codec, v in zip(self.codecs, vectors):
-            payload, idx, values = codec.encode(v, shared if codec.kind == "grbs" else generator)
-            payloads.append(payload)
-            local.append((idx, values))
-        bad = torch.stack([nonfinite(v) for v in vectors]).any().float().view(1)
-        payloads.append(bad.view(torch.uint8))
-        return torch.cat(payloads), local
-
-    def mean(self, gathered: torch.Tensor, outputs, local) -> torch.Tensor:
-        """Write ``mean_j q_j`` of every tensor into ``outputs`` (flat fp32, zeroed here);
-        workers are added in rank order, so every rank computes the same floats."""
-        n = gathered.shape[0]
-        for k, (codec, out) in enumerate(zip(self.codecs, outputs)):
-            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]], local[k][0])
-            out.zero_()
-            for j in range(n):
-                if idx is None:
-                    out.add_(values[j])
-                else:
-                    out.index_add_(0, idx[j], values[j])  # indices unique within a payload
-            out.div_(n)
-        return gathered[:, -4:].contiguous().view(torch.float32).sum() > 0
-
-
-def _subtract_message(mem: torch.Tensor, idx, values) -> None:
-    if idx is None:
-        mem.sub_(values)
-    else:
-        mem.index_add_(0, idx, values, alpha=-1.0)
 
 
 class QsparseLocalSGD(HookState):
@@ -117,7 +73,7 @@ class QsparseLocalSGD(HookState):
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
         self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank)
         self._shared = torch.Generator().manual_seed(self.seed)
-        self._plans = LayoutCache(lambda params: _Plan(params, self.compressor, self.k, self.levels))
+        self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
         self._lr_at_sync: list[float] | None = None
 
     def register(self, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
@@ -157,7 +113,7 @@ class QsparseLocalSGD(HookState):
                 out = torch.empty_like(p)
                 bad = plan.mean(fut.value(), out.split([t.numel() for t in grads]), local)
                 for piece, (idx, values) in zip(pieces, local):
-                    _subtract_message(piece, idx, values)  # p becomes p - q_i
+                    subtract_message(piece, idx, values)  # p becomes p - q_i
                 torch.where(bad, error, p, out=error)
                 buf.copy_(out.masked_fill_(bad, float("nan")))
             return buf
@@ -184,7 +140,7 @@ class QsparseLocalSGD(HookState):
                     delta.add_(x_last.view(-1)).sub_(p.detach().view(-1))  # mem + (x_last - x)
                 payload, local = plan.encode(deltas, self._generator, self._shared)
                 for delta, (idx, values) in zip(deltas, local):
-                    _subtract_message(delta, idx, values)  # mem = Delta - q_i
+                    subtract_message(delta, idx, values)  # mem = Delta - q_i
             self.count_bits(step, plan.paper_bits)
             gathered = self.transport.all_gather(payload, step).wait()
             with self.time(step, "decompress", device):
@@ -208,21 +164,11 @@ class QsparseLocalSGD(HookState):
         self._lr_at_sync = state["lr_at_sync"]
 
 
-class QsparseOptimizer(SyncOptimizer):
+class QsparseOptimizer(PeriodicSyncOptimizer):
     """Steps the local optimizer; with ``period > 1`` synchronizes after every ``period`` steps."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, hook_state: QsparseLocalSGD) -> None:
-        super().__init__(optimizer, hook_state)
-        self.local_steps = 0
+        super().__init__(optimizer, hook_state, hook_state.period if hook_state.period > 1 else 0)
 
-    def after_step(self) -> None:
-        self.local_steps += 1
-        state = self.hook_state
-        if state.period > 1 and self.local_steps % state.period == 0:
-            state.synchronize(max(0, state.step - 1))
-
-    def wrapper_state(self) -> dict:
-        return {"local_steps": self.local_steps}
-
-    def load_wrapper_state(self, state: dict) -> None:
-        self.local_steps = int(state["local_steps"])
+    def synchronize(self, step: int) -> None:
+        self.hook_state.synchronize(step)

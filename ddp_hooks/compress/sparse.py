@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from ..core.checks import nonfinite
 from .sign import pack_signs, unpack_signs
 
 KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd")
@@ -160,3 +161,49 @@ class Codec:
         if "levels" in parts:
             signs = signs * parts["levels"].to(torch.float32)
         return idx, signs * scale
+
+
+class MessagePlan:
+    """Codecs of a list of tensors (``numel`` each) and where each payload sits in one
+    concatenated message, with a trailing 4-byte non-finite flag."""
+
+    def __init__(self, tensors, kind: str, k: int | float, levels: int) -> None:
+        self.codecs = [Codec(kind, t.numel(), k, levels) for t in tensors]
+        self.offsets = [0]
+        for c in self.codecs:
+            self.offsets.append(self.offsets[-1] + c.nbytes)
+        self.paper_bits = sum(c.paper_bits() for c in self.codecs)
+
+    def encode(self, vectors, generator, shared):
+        """Payload (with a trailing 4-byte non-finite flag) and each tensor's local message."""
+        payloads, local = [], []
+        for codec, v in zip(self.codecs, vectors):
+            payload, idx, values = codec.encode(v, shared if codec.kind == "grbs" else generator)
+            payloads.append(payload)
+            local.append((idx, values))
+        bad = torch.stack([nonfinite(v) for v in vectors]).any().float().view(1)
+        payloads.append(bad.view(torch.uint8))
+        return torch.cat(payloads), local
+
+    def mean(self, gathered: torch.Tensor, outputs, local) -> torch.Tensor:
+        """Write ``mean_j q_j`` of every tensor into ``outputs`` (flat fp32, zeroed here);
+        workers are added in rank order, so every rank computes the same floats."""
+        n = gathered.shape[0]
+        for k, (codec, out) in enumerate(zip(self.codecs, outputs)):
+            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]], local[k][0])
+            out.zero_()
+            for j in range(n):
+                if idx is None:
+                    out.add_(values[j])
+                else:
+                    out.index_add_(0, idx[j], values[j])  # indices unique within a payload
+            out.div_(n)
+        return gathered[:, -4:].contiguous().view(torch.float32).sum() > 0
+
+
+def subtract_message(dense: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> None:
+    """``dense -= q`` for a message ``q`` given as (indices or None for dense, values)."""
+    if idx is None:
+        dense.sub_(values)
+    else:
+        dense.index_add_(0, idx, values, alpha=-1.0)

@@ -77,3 +77,28 @@ class SyncOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optim!r})"
+
+
+class PeriodicSyncOptimizer(SyncOptimizer):
+    """Counts local steps and calls :meth:`synchronize` after every ``period`` of them
+    (``period = 0``: never)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, hook_state: HookState, period: int) -> None:
+        super().__init__(optimizer, hook_state)
+        self.period = period
+        self.local_steps = 0
+
+    def after_step(self) -> None:
+        self.local_steps += 1
+        if self.period and self.local_steps % self.period == 0:
+            self.synchronize(max(0, self.hook_state.step - 1))
+
+    def synchronize(self, step: int) -> None:
+        """The algorithm's periodic synchronization, attributed to training step ``step``."""
+        raise NotImplementedError
+
+    def wrapper_state(self) -> dict[str, Any]:
+        return {"local_steps": self.local_steps}
+
+    def load_wrapper_state(self, state: dict[str, Any]) -> None:
+        self.local_steps = int(state["local_steps"])
