@@ -110,16 +110,13 @@ def test_bytes_per_step_match_the_rc_formula():
 
 # ---------------------------------------------------------------- the plain reference
 class _Recording(dh.CSER):
-    """Records the elements the hook and the resets selected, in model parameter order."""
+    """Records the elements the hook and the resets selected."""
 
-    def reduce(self, bucket, step):
-        state = self._generator.get_state()
-        idx = grbs.select(bucket.buffer().numel(), self.block_size, self.grad_ratio, self._generator)
-        self._generator.set_state(state)  # the real hook draws the same selection next
+    def selection(self, params, step):
+        idx = super().selection(params, step)
         index = {id(p): k for k, p in enumerate(self._named.values())}
-        members = [index[id(p)] for p in bucket.parameters()]
-        self.log.append(("grad", step, members, idx))
-        return super().reduce(bucket, step)
+        self.log.append(("grad", step, [index[id(p)] for p in params], idx))
+        return idx
 
     def reset(self, step):
         state = self._generator.get_state()

@@ -4,7 +4,8 @@ section 2), with GRBS as the compressor.
 Every worker keeps its own model ``x_i = x^ + e_i``: ``x^`` is the model all ranks agree on,
 ``e_i`` the local residual (neither is stored: only ``x_i`` is). Per step::
 
-    partial gradient sync (the hook):  g_i[S1] <- mean_j g_j[S1]   S1 = GRBS(grad_ratio), shared
+    partial gradient sync (the hook):  g_i[S1] <- mean_j g_j[S1]   S1 = GRBS(grad_ratio) over the
+                                       model, drawn once per step from a shared generator
                                        the rest of g_i stays local, the local optimizer steps
                                        (local momentum: M-CSER), so local models bifurcate
     every `period` steps, error reset: c_i = C(e_i)                 C = GRBS(model_ratio)
@@ -135,6 +136,35 @@ class CSER(HookState):
         return CSEROptimizer(optimizer, self)
 
     # ---- partial gradient synchronization (every step) -----------------------------------
+    def _model_offsets(self) -> dict[int, int]:
+        """Where each parameter starts in the model's flat parameter order (named order)."""
+        if getattr(self, "_offsets", None) is None:
+            self._offsets, start = {}, 0
+            for p in self._named.values():
+                self._offsets[id(p)] = start
+                start += p.numel()
+            self._total = start
+        return self._offsets
+
+    def selection(self, params, step: int) -> torch.Tensor:
+        """Bucket positions (CPU int64) of this step's GRBS selection.
+
+        One selection over the whole model is drawn per step, at its first bucket, and each
+        bucket takes its parameters' part: the draws do not depend on how DDP buckets the
+        parameters (so a restarted run, whose DDP rebuilds its buckets again, resumes exactly).
+        """
+        offsets = self._model_offsets()
+        if getattr(self, "_drawn", (None,))[0] != step:
+            self._drawn = (step, grbs.select(self._total, self.block_size, self.grad_ratio, self._generator))
+        chosen = self._drawn[1]
+        pieces, start = [], 0
+        for p in params:
+            lo = offsets[id(p)]
+            a, b = torch.searchsorted(chosen, torch.tensor([lo, lo + p.numel()])).tolist()
+            pieces.append(chosen[a:b] - lo + start)
+            start += p.numel()
+        return torch.cat(pieces)
+
     def reduce(self, bucket, step: int) -> Future:
         buf = bucket.buffer()
         if self.grad_ratio is None:
@@ -142,7 +172,7 @@ class CSER(HookState):
             fut.set_result(buf)
             return fut
         with self.time(step, "compress", buf.device):
-            idx = grbs.select(buf.numel(), self.block_size, self.grad_ratio, self._generator).to(buf.device)
+            idx = self.selection(bucket.parameters(), step).to(buf.device)
             bad = nonfinite(buf).to(buf.dtype).view(1)
             payload = torch.cat([grbs.gather(buf, idx), bad]).mul_(1.0 / self.world_size)
         self.count_bits(step, 8 * buf.element_size() * idx.numel())
@@ -235,6 +265,8 @@ class CSER(HookState):
     def load_extra_state(self, state: dict) -> None:
         self._generator.set_state(state["generator"])
         self._local.set_state(state["local"])
+        self._drawn = (None,)
+        self._offsets = None
 
 
 class CSEROptimizer(PeriodicSyncOptimizer):
