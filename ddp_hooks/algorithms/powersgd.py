@@ -44,6 +44,7 @@ class _Bucket:
         device = params[0].device
         self.matrices = torch.empty(numel, dtype=torch.float32, device=device)
         self.approx = torch.empty(numel, dtype=torch.float32, device=device)
+        self.queries = torch.empty(self.plan.q_numel, dtype=torch.float32, device=device)  # new Q
         self.numels = [p.numel() for p in self.compressed]
 
 
@@ -143,6 +144,8 @@ class PowerSGD(HookState):
             ms = plan.m_views(matrices)
             q_flat = self._queries(b, device)
             qts = plan.q_views(q_flat)
+            q_new = b.queries  # the new Q goes here; it replaces q_flat only if the step is finite
+            new_qts = plan.q_views(q_new)
             p_flat = torch.empty(plan.p_numel, dtype=torch.float32, device=device)
             ps = plan.p_views(p_flat)
             for m, qt, p in zip(ms, qts, ps):
@@ -154,25 +157,26 @@ class PowerSGD(HookState):
             with self.time(step, "compress", device):
                 for p in ps:
                     orthogonalize(p, method, self.epsilon)
-                for m, p, qt in zip(ms, ps, qts):
+                for m, p, qt in zip(ms, ps, new_qts):
                     torch.bmm(p.transpose(1, 2), m, out=qt)  # Q^T = P^T M
-            return self.transport.all_reduce(q_flat, step, stage=1)
+            return self.transport.all_reduce(q_new, step, stage=1)
 
         q_fut = self.transport.then(p_fut, 1, project)
 
         def finish(_) -> torch.Tensor:
             with self.time(step, "decompress", device):
-                q_flat.div_(n)
+                q_new.div_(n)
+                # a non-finite gradient on any rank shows in the reduced P: keep the old Q and error
+                bad = ~torch.isfinite(p_flat).all()
+                torch.where(bad, q_flat, q_new, out=q_flat)
                 approx = b.approx
-                for m_hat, p, qt in zip(plan.m_views(approx), ps, qts):
+                for m_hat, p, qt in zip(plan.m_views(approx), ps, new_qts):
                     torch.bmm(p, qt, out=m_hat)  # M^ = P Q^T
                 for i, piece in zip(plan.order, approx.split(b.numels)):
                     grads[i].copy_(piece.view_as(grads[i]))
                 if exact_buf is not None:
                     write_exact()
                 if self.error_feedback:
-                    # a non-finite gradient on any rank shows in the reduced P: keep the old error
-                    bad = ~torch.isfinite(p_flat).all()
                     torch.sub(matrices, approx, out=matrices)  # e = M - M^
                     if device.type == "cpu" and not bool(bad):
                         # reading a CPU flag costs nothing: swap buffers instead of copying
