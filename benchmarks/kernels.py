@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import table, write_json  # noqa: E402
 from ddp_hooks import kernels  # noqa: E402
-from ddp_hooks.compress.sign import block_scales, pack_signs, ranges, scaled_sign_decompress  # noqa: E402
+from ddp_hooks.compress.sign import block_scales, pack_signs, scaled_sign_decompress  # noqa: E402
 
 
 def _time(fn, repeats: int, warmup: int = 10) -> float:

@@ -75,7 +75,7 @@ def _measure(rank: int, world: int, model_name: str, matrix_rank: int, steps: in
         model = ShapeBag(shapes).to(dev)
         ddp = _register(config, model, matrix_rank)
         times = []
-        for i in range(warmup + steps):
+        for _ in range(warmup + steps):
             model.zero_grad(set_to_none=True)
             if dev.type == "cuda":
                 torch.cuda.synchronize()

@@ -121,7 +121,7 @@ def run_world(
                                     f"rank {rank} of {world_size} died (exit code {p.exitcode})"
                                 ) from None
                             if not ok2:
-                                raise WorldError(f"rank {rank2} of {world_size} failed:\n{payload2}")
+                                raise WorldError(f"rank {rank2} of {world_size} failed:\n{payload2}") from None
                             out[rank2] = torch.load(io.BytesIO(payload2), weights_only=False)
                             done.add(rank2)
                             break
@@ -130,7 +130,7 @@ def run_world(
                         raise WorldError(
                             f"world of {world_size} timed out after {timeout:.0f}s; "
                             f"ranks {missing} did not finish"
-                        )
+                        ) from None
                     continue
                 if not ok:
                     # a rank that died usually makes its peers fail: name it first

@@ -216,7 +216,7 @@ def _averaged_world(rank, world):
 
 def test_averaged_models_for_evaluation_then_restored():
     results = run_world(_averaged_world, 2)
-    for local, inside, after in results:
+    for local, _, after in results:
         assert all(torch.equal(a, b) for a, b in zip(local, after))
     for k in range(len(results[0][0])):
         mean = (results[0][0][k] + results[1][0][k]) / 2
@@ -239,6 +239,18 @@ def _bad_args(rank, world):
     msgs = value_errors(dh.CSER, ({"grad_ratio": 0.5}, {"model_ratio": 0}, {"period": 0}, {"block_size": 0}))
     ddp = DDP(_Net())
     return msgs + value_errors(lambda: dh.CSER().register(ddp), [{}])
+
+
+def _variants(rank, world):
+    csea = dh.CSER.csea(32)
+    pl = dh.CSER.partial_local_sgd(8, 4)
+    return (csea.grad_ratio, csea.period, csea.ratio), (pl.grad_ratio, pl.period, pl.ratio)
+
+
+def test_csea_and_partial_local_sgd_constructors():
+    csea, pl = run_world(_variants, 1)[0]
+    assert csea == (None, 1, 32.0)
+    assert pl == (None, 4, 32.0)
 
 
 def test_bad_arguments_raise_value_error_naming_them():

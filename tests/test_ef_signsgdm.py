@@ -124,7 +124,8 @@ def ef_sgdm_reference(local_grads, lrs, layouts, mu, nesterov, block_size):
 
 def _server_blocks(sizes, n):
     numel = sum(sizes)
-    shard = -(-(-(-numel // n)) // 8) * 8
+    shard = (numel + n - 1) // n
+    shard = (shard + 7) // 8 * 8
     cuts = sorted({b for r in _ranges(sizes) for b in r} | set(range(0, numel, shard)))
     return list(zip(cuts, cuts[1:]))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddp_hooks import kernels
-from ddp_hooks.compress.sign import block_scales, pack_signs, ranges, scaled_sign_decompress
+from ddp_hooks.compress.sign import block_scales, pack_signs, scaled_sign_decompress
 
 
 # ---------------------------------------------------------------- build checks (no GPU needed)

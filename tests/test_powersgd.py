@@ -77,7 +77,7 @@ class _Recording(dh.PowerSGD):
     def _queries(self, b, device):
         flat = super()._queries(b, device)
         index = {id(p): k for k, p in enumerate(self._named.values())}
-        for p, piece, g_size in zip(b.compressed, flat.split(b.q_sizes), b.q_sizes):
+        for p, piece in zip(b.compressed, flat.split(b.q_sizes)):
             self.first_q.setdefault(index[id(p)], piece.clone())
         return flat
 
@@ -201,7 +201,6 @@ def _resnet_world(rank, world, steps):
     state = dh.PowerSGD(rank=4).register(ddp)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
-    buckets = 0
     for _ in range(steps):
         coeffs = [torch.randn(p.shape, generator=g) for p in model.weights]
         opt.zero_grad()

@@ -100,7 +100,7 @@ def test_many_buckets_in_flight_two_stage_exchange():
     assert sum(step == 1 for step, _ in results[0][2]) >= 30, "needs many buckets in flight"
     for step in range(2):
         mean = [sum(r[0][step][i] for r in results) / world for i in range(2 * depth)]
-        for local, reduced, _, _ in results:
+        for _, reduced, _, _ in results:
             for m, g in zip(mean, reduced[step]):
                 torch.testing.assert_close(g, m, rtol=1e-5, atol=1e-7)
         for other in results[1:]:  # ranks hold identical gradients

@@ -4,7 +4,7 @@ For each block b of a flat vector p: ``scale_b = ||p_b||_1 / d_b`` and ``C(p)_b 
 sgn(p_b)`` with ``sgn(0) = +1``. Signs are packed 8 per byte, least significant bit first:
 bit ``i % 8`` of byte ``i // 8`` is 1 iff ``p[i] >= 0`` (padding bits are 1). Block sums are
 accumulated in float64 and rounded once to float32, so the result does not depend on the
-summation order (the fused CUDA kernels match this reference bit for bit).
+summation order; the fused CUDA kernels are tested for bit equality with this reference.
 
 Blocks are contiguous ranges ``(lo, hi)``: one per parameter tensor, or each tensor cut into
 ``block_size`` pieces. A :class:`ShardPlan` splits a bucket into ``n`` equal, byte-aligned
@@ -86,11 +86,6 @@ def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: list[tuple[int, int
     torch.where(bits[:n], per, -per, out=out[:n])
     return out
 
-def scaled_sign(x: torch.Tensor, blocks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compress a 1-D fp32 vector: (packed signs, per-block fp32 scales)."""
-    return pack_signs(x), block_scales(x, blocks)
-
-
 def scaled_sign_decompress(
     packed: torch.Tensor, scales: torch.Tensor, blocks: list[tuple[int, int]], out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -120,7 +115,8 @@ class ShardPlan:
     @classmethod
     def build(cls, sizes: list[int], n: int, device: torch.device) -> "ShardPlan":
         numel = sum(sizes)
-        shard = -(-(-(-numel // n)) // 8) * 8
+        per_rank = -(-numel // n)  # ceil(numel / n)
+        shard = -(-per_rank // 8) * 8  # rounded up to whole bytes of signs
         starts = [lo for lo, _ in ranges(sizes)] + [numel]
         pieces: list[list[tuple[int, int, int]]] = []
         b = 0
