@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
-from ddp_hooks.compress.laq import pack_codes, quantize_innovation, unpack_codes
+from ddp_hooks.compress.laq import codes_of, pack_codes, quantize_innovation, quantize_innovation_, unpack_codes
 from ddp_hooks.testing import run_world
 
 from models import value_errors
@@ -26,6 +26,21 @@ def test_quantization_error_within_tau_r_and_codes_fit_in_b_bits(bits):
     packed = pack_codes(codes, bits)
     assert packed.numel() == -(-257 * bits // 8)
     assert torch.equal(unpack_codes(packed, 257, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_in_place_quantizer_matches_and_codes_are_recovered(bits):
+    g = torch.Generator().manual_seed(10 + bits)
+    grad, ref = torch.randn(300, generator=g), torch.randn(300, generator=g)
+    radius, codes, q = quantize_innovation(grad, ref, bits)
+    out, work = torch.empty(300), torch.empty(300)
+    radius2 = quantize_innovation_(grad, ref, bits, out=out, work=work)
+    assert float(radius2) == float(radius)
+    torch.testing.assert_close(out, q, rtol=0, atol=1e-6)
+    assert torch.equal(codes_of(out, ref, radius2, bits), codes)
+    out_zero = torch.empty(300)
+    assert float(quantize_innovation_(ref, ref, bits, out=out_zero, work=work)) == 0
+    assert torch.equal(out_zero, ref)
 
 
 def test_zero_radius_gives_the_reference_back():

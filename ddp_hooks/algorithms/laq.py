@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from ..compress.laq import dequantize, pack_codes, quantize_innovation, unpack_codes
+from ..compress.laq import codes_of, dequantize, pack_codes, quantize_innovation_, unpack_codes
 from ..core import HookState, SyncOptimizer, check_choice, check_float, check_int
 
 
@@ -135,37 +135,48 @@ class LAQ(HookState):
         return 32 + self.bits * numel if self.quantize else 32 * numel
 
     # ---- the rule and the aggregation (before the local step) ----------------------------------
+    def _workspace(self, numel: int, device) -> dict[str, torch.Tensor]:
+        ws = getattr(self, "_ws", None)
+        if ws is None or ws["g"].numel() != numel or ws["g"].device != device:
+            ws = self._ws = {k: torch.empty(numel, device=device) for k in ("g", "q_new", "work")}
+        return ws
+
     def aggregate(self, step: int) -> None:
         """Decide, communicate, and set every ``p.grad`` to ``aggregate / M``."""
         params = list(self._named.values())
         device = params[0].device
         s = self._state_scalars(device)
         n = self.world_size
-        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
         q_ref = self.memory.flat("q_ref", params)
         aggregate = self.memory.flat("aggregate", params)
+        ws = self._workspace(q_ref.numel(), device)
+        g, q_new, innovation = ws["g"], ws["q_new"], ws["work"]
+        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params], out=g)
         lr = self.learning_rates(params)[0]
 
         with self.time(step, "compress", device):
             if self.quantize:
-                radius, codes, q_new = quantize_innovation(g, q_ref, self.bits)
-                eps2 = (g - q_new).square().sum()
+                radius = quantize_innovation_(g, q_ref, self.bits, out=q_new, work=innovation)
+                torch.sub(g, q_new, out=innovation)
+                eps2 = torch.linalg.vector_norm(innovation).square()
             else:
-                radius, codes, q_new, eps2 = None, None, g, g.new_zeros(())
-            innovation = q_new - q_ref
+                radius = None
+                q_new.copy_(g)
+                eps2 = g.new_zeros(())
+            torch.sub(q_new, q_ref, out=innovation)
             if self.skip:
                 weight = self.xi * self.memory_depth / max(1, self._changes)
                 history = weight * s["changes"].sum() / (lr * lr if lr > 0 else 1.0)
                 threshold = history + self.error_weight * (eps2 + s["eps2_last"]) + self.threshold_offset
-                upload = (innovation.square().sum() >= threshold) | (s["clock"] >= self.max_staleness)
+                upload = (torch.linalg.vector_norm(innovation).square() >= threshold) | (s["clock"] >= self.max_staleness)
             else:
                 upload = torch.ones((), dtype=torch.bool, device=device)
 
         flags = self.transport.all_gather(upload.to(torch.uint8).view(1), step).wait()
         if self.wire == "dense":
-            sent = torch.where(upload, innovation, torch.zeros_like(innovation))
-            received = self.transport.all_reduce(sent, step).wait()
+            received = self.transport.all_reduce(innovation.mul_(upload), step).wait()
         else:
+            codes = codes_of(q_new, q_ref, radius, self.bits) if self.quantize else None
             received = self._broadcast_uploads(flags, radius, codes, innovation, g.numel(), step, device)
 
         with self.time(step, "decompress", device):
@@ -175,8 +186,9 @@ class LAQ(HookState):
             s["clock"] = torch.where(upload, torch.zeros_like(s["clock"]), s["clock"] + 1)
             s["uploads"] += upload.float()
             s["uploads_all"] += flags.float().sum()
-            for p, piece in zip(params, (aggregate / n).split([p.numel() for p in params])):
-                p.grad = piece.view_as(p).to(p.dtype)
+            for p, piece in zip(params, aggregate.split([p.numel() for p in params])):
+                grad = piece.view_as(p).div(n)
+                p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
 
     def _broadcast_uploads(self, flags, radius, codes, innovation, numel, step, device) -> torch.Tensor:
         """Only the uploaders' payloads travel: one broadcast per uploader, the same list on
@@ -208,11 +220,12 @@ class LAQ(HookState):
         """After the local step: remember ``||theta^{k+1} - theta^k||^2`` (the last D of them)."""
         params = list(self._named.values())
         s = self._state_scalars(params[0].device)
-        theta = self._flat_params(params)
         prev = self.memory.flat("theta_prev", params)
+        work = self._workspace(prev.numel(), prev.device)["work"]
+        torch.cat([p.detach().reshape(-1).float() for p in params], out=work)
         s["changes"] = torch.roll(s["changes"], 1)
-        s["changes"][0] = (theta - prev).square().sum()
-        prev.copy_(theta)
+        s["changes"][0] = torch.linalg.vector_norm(prev.sub_(work)).square()  # ||theta_new - theta||
+        prev.copy_(work)
         self._changes = min(self.memory_depth, self._changes + 1)
 
     # ---- reporting and checkpoints ---------------------------------------------------------------

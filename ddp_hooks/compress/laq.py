@@ -27,6 +27,28 @@ def quantize_innovation(g: torch.Tensor, q_ref: torch.Tensor, bits: int):
     return radius, codes.to(torch.uint8), dequantize(q_ref, radius, codes, bits)
 
 
+def quantize_innovation_(g: torch.Tensor, q_ref: torch.Tensor, bits: int, out: torch.Tensor, work: torch.Tensor):
+    """:func:`quantize_innovation` without bucket-sized temporaries: writes ``Q(g)`` into ``out``
+    (``work`` is scratch of the same size) and returns the radius; :func:`codes_of` recovers
+    the codes when they must travel."""
+    levels = (1 << bits) - 1
+    torch.sub(g, q_ref, out=work)
+    radius = torch.linalg.vector_norm(work, float("inf"))
+    safe = torch.where(radius > 0, radius, torch.ones_like(radius))
+    step = 2 * safe / levels
+    torch.add(work, radius, out=out)
+    out.div_(step).add_(0.5).floor_().clamp_(0, levels).mul_(radius > 0)  # the codes
+    out.mul_(2 * radius / levels).add_(q_ref).sub_(radius)  # q_ref - R + 2 tau R code
+    return radius
+
+
+def codes_of(q: torch.Tensor, q_ref: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:
+    """The uint8 codes of a quantized ``q`` (inverse of :func:`dequantize`)."""
+    levels = (1 << bits) - 1
+    safe = torch.where(radius > 0, radius, torch.ones_like(radius))
+    return ((q - q_ref + radius) / (2 * safe / levels)).round_().clamp_(0, levels).to(torch.uint8)
+
+
 def dequantize(q_ref: torch.Tensor, radius: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``q_ref - R + 2 tau R code`` (exactly the receiver's reconstruction)."""
     levels = (1 << bits) - 1
