@@ -101,7 +101,7 @@ class EFSignSGDM(HookState):
                     "the momentum on EFSignSGDM(momentum=...)"
                 )
 
-    def _rho(self, params, layout: _Layout):
+    def _rho(self, params):
         """``lr_{t-1} / lr_t`` per parameter: a float, or a per-element tensor when they differ."""
         lrs = self.learning_rates(params)
         rhos = []
@@ -119,7 +119,7 @@ class EFSignSGDM(HookState):
         params, buf = bucket.parameters(), bucket.buffer()
         device = buf.device
         layout = self._layouts.get(params, step)
-        rho = self._rho(params, layout)
+        rho = self._rho(params)
         mem = self.memory
         repair = self.topology == "sharded" and mem.needs_assembly("server_error", params)
         error = mem.flat("error", params)
