@@ -262,17 +262,8 @@ def test_bad_arguments_raise_value_error_naming_them():
 
 # ---------------------------------------------------------------- resets with other compressors
 def _codec_world(rank, world, steps, compressor, model_ratio, period):
-    model = _Net()
-    ddp = DDP(model)
-    opt = dh.CSER(grad_ratio=None, model_ratio=model_ratio, period=period, model_compressor=compressor).register(
-        ddp, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9))
-    out = []
-    for x, y in batches(rank, steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(ddp(x), y).backward()
-        opt.step()
-        out.append(params_of(model))
-    return out
+    config = {"grad_ratio": None, "model_ratio": model_ratio, "period": period, "model_compressor": compressor}
+    return _train_world(rank, world, config, steps)[0]
 
 
 def _topk_message(v, k):
