@@ -102,6 +102,9 @@ class CSER(HookState):
         self.levels = check_int("levels", levels, 1, 255)
         self.seed = check_int("seed", seed, 0)
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
+        self._offsets: dict[int, int] | None = None  # each parameter's start in the model order
+        self._total = 0
+        self._drawn: tuple = (None, None)  # (step, this step's model-wide selection)
         self._generator = torch.Generator().manual_seed(self.seed)  # shared by all ranks
         self._local = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank)  # this rank's
         keep = 1.0 / self.model_ratio
@@ -138,7 +141,7 @@ class CSER(HookState):
     # ---- partial gradient synchronization (every step) -----------------------------------
     def _model_offsets(self) -> dict[int, int]:
         """Where each parameter starts in the model's flat parameter order (named order)."""
-        if getattr(self, "_offsets", None) is None:
+        if self._offsets is None:
             self._offsets, start = {}, 0
             for p in self._named.values():
                 self._offsets[id(p)] = start
@@ -154,14 +157,14 @@ class CSER(HookState):
         parameters (so a restarted run, whose DDP rebuilds its buckets again, resumes exactly).
         """
         offsets = self._model_offsets()
-        if getattr(self, "_drawn", (None,))[0] != step:
+        if self._drawn[0] != step:
             self._drawn = (step, grbs.select(self._total, self.block_size, self.grad_ratio, self._generator))
         chosen = self._drawn[1]
+        bounds = torch.tensor([[offsets[id(p)], offsets[id(p)] + p.numel()] for p in params])
+        cuts = torch.searchsorted(chosen, bounds.view(-1)).tolist()  # one call; CPU tensors
         pieces, start = [], 0
-        for p in params:
-            lo = offsets[id(p)]
-            a, b = torch.searchsorted(chosen, torch.tensor([lo, lo + p.numel()])).tolist()
-            pieces.append(chosen[a:b] - lo + start)
+        for k, p in enumerate(params):
+            pieces.append(chosen[cuts[2 * k] : cuts[2 * k + 1]] - offsets[id(p)] + start)
             start += p.numel()
         return torch.cat(pieces)
 
@@ -200,10 +203,9 @@ class CSER(HookState):
         if self.model_compressor != "grbs":
             return self._reset_with_codec(step)
         params = list(self._named.values())
-        offsets = [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
-        idx = grbs.select(offsets[-1], self.block_size, self.model_ratio, self._generator)
+        starts = self._model_offsets()
+        offsets = [starts[id(p)] for p in params] + [self._total]
+        idx = grbs.select(self._total, self.block_size, self.model_ratio, self._generator)
         bounds = torch.searchsorted(idx, torch.tensor(offsets)).tolist()  # idx is on the CPU
         pieces = []
         with self.time(step, "compress", params[0].device):
@@ -265,7 +267,7 @@ class CSER(HookState):
     def load_extra_state(self, state: dict) -> None:
         self._generator.set_state(state["generator"])
         self._local.set_state(state["local"])
-        self._drawn = (None,)
+        self._drawn = (None, None)
         self._offsets = None
 
 

@@ -76,6 +76,7 @@ class LAQ(HookState):
         self.wire = check_choice("wire", wire, {"dense", "uploads"})
         super().__init__(process_group=process_group)
         self._scalars: dict[str, torch.Tensor] | None = None
+        self._ws: dict[str, torch.Tensor] | None = None  # fp32 workspaces of the model's size
         self._changes = 0  # model changes recorded so far (capped at D)
 
     @classmethod
@@ -136,7 +137,7 @@ class LAQ(HookState):
 
     # ---- the rule and the aggregation (before the local step) ----------------------------------
     def _workspace(self, numel: int, device) -> dict[str, torch.Tensor]:
-        ws = getattr(self, "_ws", None)
+        ws = self._ws
         if ws is None or ws["g"].numel() != numel or ws["g"].device != device:
             ws = self._ws = {k: torch.empty(numel, device=device) for k in ("g", "q_new", "work")}
         return ws
