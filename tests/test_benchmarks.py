@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import advisor, convergence, emulate, kernels, laq, powersgd, step_time
+from benchmarks import advisor, convergence, cpu_codec, emulate, kernels, laq, powersgd, step_time
+from ddp_hooks import native
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +62,14 @@ def test_powersgd_benchmark_tiny(tmp_path):
 
 
 @pytest.mark.skipif(kernels.torch.cuda.is_available(), reason="a GPU is present: the script measures")
+@pytest.mark.skipif(not native.available(), reason=f"fused CPU codec {native.status()}")
+def test_cpu_codec_benchmark_tiny(tmp_path):
+    rows = cpu_codec.main(["--models", "tiny", "--threads", "1", "--repeats", "2", "--out", str(tmp_path)])
+    assert [r["step"] for r in rows] == ["input", "compress", "decode", "decode+add", "round"]
+    assert all(r["fused_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+    assert json.loads((tmp_path / "cpu_codec.json").read_text())["rows"]
+
+
 def test_kernels_benchmark_says_what_it_needs(capsys):
     assert kernels.main([]) == []
     assert "needs a CUDA GPU" in capsys.readouterr().out

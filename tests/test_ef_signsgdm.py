@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
+from ddp_hooks import native
 from ddp_hooks.compress.sign import (
     ShardPlan,
     block_scales,
@@ -68,10 +69,24 @@ def test_shard_plan_pieces_cover_the_bucket(n):
     plan = ShardPlan.build(sizes, n, torch.device("cpu"))
     assert plan.shard % 8 == 0 and plan.n * plan.shard >= sum(sizes)
     x = torch.randn(sum(sizes))
-    values = torch.cat([plan.compress(j, row, torch.empty(plan.shard))[2] for j, row in enumerate(plan.pad(x))])
+    values, residuals = [], []
+    for j, row in enumerate(plan.pad(x)):
+        residual = torch.full((plan.shard,), float("nan"))
+        packed, scales = plan.compress(j, row, residual)
+        assert packed.numel() == plan.shard // 8 and scales.numel() == plan.k
+        values.append(plan.decode(j, packed, scales, torch.full((plan.shard,), float("nan"))))
+        residuals.append(residual)
+    values, residuals = torch.cat(values), torch.cat(residuals)
     cuts = sorted({b for r in _ranges(sizes) for b in r} | set(range(0, sum(sizes), plan.shard)))
     pieces = [(a, b) for a, b in zip(cuts, cuts[1:])]
-    assert torch.equal(values[: sum(sizes)], _plain_scaled_sign(x, pieces))
+    expected = _plain_scaled_sign(x, pieces)
+    padded = plan.pad(x).flatten()
+    assert torch.equal(values[: sum(sizes)], expected)
+    assert not values[sum(sizes) :].any()  # padding decodes to zero
+    valid = padded.new_zeros(padded.numel(), dtype=torch.bool)
+    for j in range(plan.n):
+        valid[j * plan.shard : min((j + 1) * plan.shard, sum(sizes))] = True
+    assert torch.equal(residuals[valid], x - expected)
 
 
 # ---------------------------------------------------------------- the plain reference (1b)
@@ -191,6 +206,23 @@ def test_hook_agrees_with_single_process_reference(world, topology):
     # the reference is not trivially satisfied: the output is not the plain mean gradient
     mean = sum(results[i][0][5][0] for i in range(world)) / world
     assert not torch.allclose(results[0][1][5][0], mean, rtol=1e-2, atol=1e-3)
+
+
+def _torch_codec_world(rank, world, *args):
+    with native.disabled():
+        assert not native.available()
+        return _reference_world(rank, world, *args)
+
+
+@pytest.mark.parametrize("topology", ["sharded", "allgather"])
+def test_torch_codec_agrees_with_reference(topology):
+    """The same agreement with the fused CPU loops switched off (the torch operations)."""
+    steps, world = 14, 2
+    results = run_world(_torch_codec_world, world, steps, 0.9, True, topology, 5, torch.float32, 0.0005)
+    expected = _expected(results, world, steps, block_size=5)
+    for t in range(steps):
+        for got, want in zip(results[1][1][t], expected[t]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_topologies_give_the_same_parameters():

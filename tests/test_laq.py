@@ -8,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
 from ddp_hooks.compress.laq import codes_of, pack_codes, quantize_innovation, quantize_innovation_, unpack_codes
+from ddp_hooks import native
 from ddp_hooks.testing import run_world
 
 from models import value_errors
@@ -147,6 +148,21 @@ def test_agrees_with_single_process_reference_over_50_iterations(world, wire):
     # collectives were issued whatever each rank decided)
     assert sum(uploads) < 0.7 * world * iterations
     assert len(set(uploads)) > 1 or world == 2
+
+
+def _torch_codec_world(rank, world, *args):
+    with native.disabled():
+        return _world(rank, world, *args)
+
+
+def test_torch_codec_agrees_with_single_process_reference():
+    """The same agreement with the fused CPU loops switched off (the torch operations)."""
+    iterations = 50
+    results = run_world(_torch_codec_world, 2, iterations, {"bits": 4, "wire": "uploads"})
+    theta, uploads = laq_reference(2, iterations)
+    for rank in range(2):
+        torch.testing.assert_close(torch.cat([p.reshape(-1) for p in results[rank][0]]), theta, rtol=1e-4, atol=1e-5)
+        assert results[rank][1] == uploads[rank]
 
 
 def test_skipping_workers_stale_gradient_is_used():

@@ -30,7 +30,8 @@ the momentum takes the bucket's values in.
 import torch
 from torch.futures import Future
 
-from ..compress.sign import ShardPlan, block_scales, block_sizes, expand, pack_signs, ranges, unpack_bits
+from .. import native
+from ..compress.sign import ShardPlan, block_sizes, compress, ranges
 from ..core import HookState, check_choice, check_float, check_int
 from ..core.layouts import LayoutCache
 
@@ -48,9 +49,30 @@ class _Layout:
         padded = self.plan.n * self.plan.shard
         self.p = torch.empty(self.numel, device=device)  # worker message before compression
         self.momentum = torch.empty(self.numel, device=device)  # candidate momentum
-        self.local = torch.empty(self.numel, device=device)  # C(p), then the candidate error
-        self.out = torch.zeros(padded, device=device)  # decoded server message
-        self.shard = torch.empty(self.plan.shard, device=device)  # one decoded worker shard
+        self.local = torch.empty(self.numel, device=device)  # candidate error p - C(p)
+        self.out = torch.zeros(padded, device=device)  # decoded server message (16-bit buckets)
+        self.mean = torch.empty(self.plan.shard, device=device)  # mean of the workers' shards
+        self.shard = torch.empty(self.plan.shard, device=device)  # scratch of one shard
+
+
+def worker_input(g, momentum, momentum_out, mu: float, nesterov: bool, error, rho, p) -> torch.Tensor:
+    """The compressor's input ``p`` (module docstring): ``m' = g + mu m`` into ``momentum_out``
+    (when ``momentum`` is not None), ``p = (g + mu m' or m' or g) + rho e``."""
+    if not torch.is_tensor(rho) and native.usable(g, p):
+        return native.ef_input(g, momentum, momentum_out, mu, nesterov, error, rho, p)
+    if momentum is not None:
+        torch.add(g, momentum, alpha=mu, out=momentum_out)  # m' = mu m + g
+        if nesterov:
+            torch.add(g, momentum_out, alpha=mu, out=p)  # g + mu m'
+        else:
+            p.copy_(momentum_out)
+    else:
+        p.copy_(g)
+    if torch.is_tensor(rho):
+        p.addcmul_(error, rho)
+    else:
+        p.add_(error, alpha=rho)
+    return p
 
 
 class EFSignSGDM(HookState):
@@ -128,47 +150,35 @@ class EFSignSGDM(HookState):
 
         with self.time(step, "compress", device):
             g = buf if buf.dtype == torch.float32 else buf.to(torch.float32)
-            p = layout.p
-            if momentum is not None:
-                torch.add(g, momentum, alpha=self.momentum, out=layout.momentum)  # m = mu m + g
-                if self.nesterov:
-                    torch.add(g, layout.momentum, alpha=self.momentum, out=p)  # g + mu m
-                else:
-                    p.copy_(layout.momentum)
-            else:
-                p.copy_(g)
-            if torch.is_tensor(rho):
-                p.addcmul_(error, rho)
-            else:
-                p.add_(error, alpha=rho)
-            packed = pack_signs(p)
-            scales = block_scales(p, layout.blocks, layout.local)
+            p = worker_input(g, momentum, layout.momentum, self.momentum, self.nesterov, error, rho, layout.p)
+            packed, scales = compress(p, layout.blocks, layout.local)  # local = p - C(p)
             # the memories are finite, so the fp64 block sums are finite iff the gradient is
             bad = ~torch.isfinite(scales).all()
         self.count_bits(step, layout.numel + 32 * len(layout.blocks))
+        # fp32 buckets take the server's message directly (the gradient is consumed by then)
+        out = buf if buf.dtype == torch.float32 else layout.out[: layout.numel]
 
         def commit(delta: torch.Tensor, step_bad: torch.Tensor) -> torch.Tensor:
             """Worker memories take this step only if every worker's bucket was finite."""
             with self.time(step, "decompress", device):
-                local = expand(unpack_bits(packed, layout.numel), scales, layout.blocks, layout.local)
-                torch.sub(p, local, out=local)  # e = p - C(p)
                 if device.type == "cpu" and not bool(step_bad):
                     # reading a CPU flag costs nothing: swap buffers instead of copying
-                    layout.local = mem.swap_flat("error", params, local)
+                    layout.local = mem.swap_flat("error", params, layout.local)
                     if momentum is not None:
                         layout.momentum = mem.swap_flat("momentum", params, layout.momentum)
                 else:
-                    torch.where(step_bad, error, local, out=error)
+                    torch.where(step_bad, error, layout.local, out=error)
                     if momentum is not None:
                         torch.where(step_bad, momentum, layout.momentum, out=momentum)
-                buf.copy_(delta)
+                if delta.data_ptr() != buf.data_ptr():
+                    buf.copy_(delta)
                 if device.type != "cpu" or bool(step_bad):
                     buf.masked_fill_(step_bad, float("nan"))
             return buf
 
         if self.topology == "allgather":
-            return self._allgather(layout, packed, scales, bad, server_error, rho, commit, step)
-        return self._sharded(layout, packed, scales, bad, server_error, rho, repair, commit, step)
+            return self._allgather(layout, packed, scales, bad, server_error, rho, out, commit, step)
+        return self._sharded(layout, packed, scales, bad, server_error, rho, repair, out, commit, step)
 
     def _server(self, layout, j, mean, server_error, rho, any_bad):
         """Server step on shard ``j``: p = mean + rho * e_srv; Delta = C(p); e_srv = p - Delta.
@@ -181,31 +191,37 @@ class EFSignSGDM(HookState):
         e = server_error[lo:hi]
         p = mean
         if valid:
-            p[:valid].add_(e * (rho[lo:hi] if torch.is_tensor(rho) else rho))
-        packed, scales, delta = plan.compress(j, p, layout.shard)
+            if torch.is_tensor(rho):
+                p[:valid].addcmul_(e, rho[lo:hi])
+            else:
+                p[:valid].add_(e, alpha=rho)
+        packed, scales = plan.compress(j, p, layout.shard)  # shard[:valid] = p - C(p)
         bad = any_bad | ~torch.isfinite(scales).all()
         if valid:
-            torch.where(bad, e, p[:valid] - delta[:valid], out=e)
+            if e.device.type == "cpu" and not bool(bad):
+                e.copy_(layout.shard[:valid])
+            else:
+                torch.where(bad, e, layout.shard[:valid], out=e)
         return packed, scales.masked_fill(bad, float("nan"))
 
     def _worker_mean(self, layout, j, packed_rows, scale_rows) -> torch.Tensor:
         """Mean over workers of their decoded messages for shard ``j``, added in rank order."""
-        plan = layout.plan
-        acc = torch.zeros(plan.shard, device=packed_rows.device)
-        for i in range(packed_rows.shape[0]):
-            acc.add_(plan.decode(j, packed_rows[i], scale_rows[i], layout.shard))
+        plan, acc = layout.plan, layout.mean
+        plan.decode(j, packed_rows[0], scale_rows[0], acc)
+        for i in range(1, packed_rows.shape[0]):
+            plan.decode(j, packed_rows[i], scale_rows[i], acc, accumulate=True, work=layout.shard)
         return acc.div_(packed_rows.shape[0])
 
-    def _decode_replies(self, layout, replies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All shards' server messages ``(n, shard/8 + 4k)`` -> (Delta, non-finite flag)."""
+    def _decode_replies(self, layout, replies: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All shards' server messages ``(n, shard/8 + 4k)`` -> (Delta in ``out``, non-finite flag)."""
         plan = layout.plan
         nbytes = plan.shard // 8
         out_scales = replies[:, nbytes:].contiguous().view(torch.float32)
         for j in range(plan.n):
-            plan.decode(j, replies[j, :nbytes], out_scales[j], layout.out[j * plan.shard : (j + 1) * plan.shard])
-        return layout.out[: plan.numel], ~torch.isfinite(out_scales).all()
+            plan.decode(j, replies[j, :nbytes], out_scales[j], out[j * plan.shard : (j + 1) * plan.shard])
+        return out, ~torch.isfinite(out_scales).all()
 
-    def _allgather(self, layout, packed, scales, bad, server_error, rho, commit, step) -> Future:
+    def _allgather(self, layout, packed, scales, bad, server_error, rho, out, commit, step) -> Future:
         plan = layout.plan
         nbytes = packed.numel()
         payload = torch.cat([packed, scales.view(torch.uint8), bad.float().view(1).view(torch.uint8)])
@@ -228,12 +244,12 @@ class EFSignSGDM(HookState):
                     )
                     out_packed, out_scales = self._server(layout, j, mean, server_error, rho, any_bad)
                     replies.append(torch.cat([out_packed, out_scales.view(torch.uint8)]))
-                delta, step_bad = self._decode_replies(layout, torch.stack(replies))
+                delta, step_bad = self._decode_replies(layout, torch.stack(replies), out)
             return commit(delta, step_bad)
 
         return gathered.then(finish)
 
-    def _sharded(self, layout, packed, scales, bad, server_error, rho, repair, commit, step) -> Future:
+    def _sharded(self, layout, packed, scales, bad, server_error, rho, repair, out, commit, step) -> Future:
         plan = layout.plan
         n, j = plan.n, self.rank
         shard_bytes = plan.shard // 8
@@ -265,7 +281,7 @@ class EFSignSGDM(HookState):
 
         def finish(fut: Future) -> torch.Tensor:
             with self.time(step, "decompress", packed.device):
-                delta, step_bad = self._decode_replies(layout, fut.value())
+                delta, step_bad = self._decode_replies(layout, fut.value(), out)
             return commit(delta, step_bad)
 
         return replies.then(finish)

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from ..compress.laq import codes_of, dequantize, pack_codes, quantize_innovation_, unpack_codes
+from .. import native
+from ..compress.laq import codes_of, dequantize, pack_codes, quantize_step, unpack_codes
 from ..core import HookState, SyncOptimizer, check_choice, check_float, check_int
 
 
@@ -157,19 +158,18 @@ class LAQ(HookState):
 
         with self.time(step, "compress", device):
             if self.quantize:
-                radius = quantize_innovation_(g, q_ref, self.bits, out=q_new, work=innovation)
-                torch.sub(g, q_new, out=innovation)
-                eps2 = torch.linalg.vector_norm(innovation).square()
+                radius, eps2, innovation_sq = quantize_step(g, q_ref, self.bits, q_new, innovation)
             else:
                 radius = None
                 q_new.copy_(g)
                 eps2 = g.new_zeros(())
-            torch.sub(q_new, q_ref, out=innovation)
+                torch.sub(q_new, q_ref, out=innovation)
+                innovation_sq = torch.linalg.vector_norm(innovation).square()
             if self.skip:
                 weight = self.xi * self.memory_depth / max(1, self._changes)
                 history = weight * s["changes"].sum() / (lr * lr if lr > 0 else 1.0)
                 threshold = history + self.error_weight * (eps2 + s["eps2_last"]) + self.threshold_offset
-                upload = (torch.linalg.vector_norm(innovation).square() >= threshold) | (s["clock"] >= self.max_staleness)
+                upload = (innovation_sq >= threshold) | (s["clock"] >= self.max_staleness)
             else:
                 upload = torch.ones((), dtype=torch.bool, device=device)
 
@@ -182,14 +182,22 @@ class LAQ(HookState):
 
         with self.time(step, "decompress", device):
             aggregate.add_(received)
-            torch.where(upload, q_new, q_ref, out=q_ref)
+            if device.type == "cpu":  # a CPU flag: swap buffers instead of copying
+                if bool(upload):
+                    ws["q_new"] = self.memory.swap_flat("q_ref", params, q_new)
+            else:
+                torch.where(upload, q_new, q_ref, out=q_ref)
             s["eps2_last"] = torch.where(upload, eps2, s["eps2_last"])
             s["clock"] = torch.where(upload, torch.zeros_like(s["clock"]), s["clock"] + 1)
             s["uploads"] += upload.float()
             s["uploads_all"] += flags.float().sum()
             for p, piece in zip(params, aggregate.split([p.numel() for p in params])):
-                grad = piece.view_as(p).div(n)
-                p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+                piece = piece.view_as(p)
+                if p.grad is not None and p.grad.dtype == torch.float32 and p.grad.shape == p.shape:
+                    torch.div(piece, n, out=p.grad)
+                else:
+                    grad = piece.div(n)
+                    p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
 
     def _broadcast_uploads(self, flags, radius, codes, innovation, numel, step, device) -> torch.Tensor:
         """Only the uploaders' payloads travel: one broadcast per uploader, the same list on
@@ -222,11 +230,16 @@ class LAQ(HookState):
         params = list(self._named.values())
         s = self._state_scalars(params[0].device)
         prev = self.memory.flat("theta_prev", params)
-        work = self._workspace(prev.numel(), prev.device)["work"]
-        torch.cat([p.detach().reshape(-1).float() for p in params], out=work)
         s["changes"] = torch.roll(s["changes"], 1)
-        s["changes"][0] = torch.linalg.vector_norm(prev.sub_(work)).square()  # ||theta_new - theta||
-        prev.copy_(work)
+        if all(native.usable(p) and p.dtype == torch.float32 for p in params) and native.usable(prev):
+            pieces = prev.split([p.numel() for p in params])
+            change = sum(native.sqdiff_copy(p.detach().reshape(-1), piece) for p, piece in zip(params, pieces))
+            s["changes"][0] = change  # ||theta_new - theta||^2, theta_prev = theta_new
+        else:
+            work = self._workspace(prev.numel(), prev.device)["work"]
+            torch.cat([p.detach().reshape(-1).float() for p in params], out=work)
+            s["changes"][0] = torch.linalg.vector_norm(prev.sub_(work)).square()  # ||theta_new - theta||
+            prev.copy_(work)
         self._changes = min(self.memory_depth, self._changes + 1)
 
     # ---- reporting and checkpoints ---------------------------------------------------------------

@@ -12,6 +12,7 @@ Codes are packed ``b`` bits each, least significant bit first, into bytes.
 
 import torch
 
+from .. import native
 from .sign import pack_signs, unpack_signs
 
 
@@ -40,6 +41,25 @@ def quantize_innovation_(g: torch.Tensor, q_ref: torch.Tensor, bits: int, out: t
     out.div_(step).add_(0.5).floor_().clamp_(0, levels).mul_(radius > 0)  # the codes
     out.mul_(2 * radius / levels).add_(q_ref).sub_(radius)  # q_ref - R + 2 tau R code
     return radius
+
+
+def quantize_step(g: torch.Tensor, q_ref: torch.Tensor, bits: int, q_new: torch.Tensor, innovation: torch.Tensor):
+    """One round of the quantizer with what the skip rule needs: writes ``q_new = Q(g)`` and
+    ``innovation = q_new - q_ref``; returns (radius, ``||g - q_new||^2``, ``||innovation||^2``)
+    as 0-d fp32 tensors. On CPU the fused loops of :mod:`ddp_hooks.native` do it in two passes
+    (the same ``Q(g)``; the norms are summed in float64 there)."""
+    if g.dtype == torch.float32 and native.usable(g, q_ref, q_new, innovation):
+        levels = (1 << bits) - 1
+        radius = torch.tensor(native.absmax_diff(g, q_ref) if g.numel() else 0.0)
+        safe = torch.where(radius > 0, radius, torch.ones_like(radius))
+        step, unit = 2 * safe / levels, 2 * radius / levels  # as the torch path rounds them
+        eps2, inno2 = native.laq_quantize(g, q_ref, radius.item(), step.item(), unit.item(), levels, q_new, innovation)
+        return radius, torch.tensor(eps2, dtype=torch.float32), torch.tensor(inno2, dtype=torch.float32)
+    radius = quantize_innovation_(g, q_ref, bits, out=q_new, work=innovation)
+    torch.sub(g, q_new, out=innovation)
+    eps2 = torch.linalg.vector_norm(innovation).square()
+    torch.sub(q_new, q_ref, out=innovation)
+    return radius, eps2, torch.linalg.vector_norm(innovation).square()
 
 
 def codes_of(q: torch.Tensor, q_ref: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:

@@ -10,11 +10,16 @@ Blocks are contiguous ranges ``(lo, hi)``: one per parameter tensor, or each ten
 ``block_size`` pieces. A :class:`ShardPlan` splits a bucket into ``n`` equal, byte-aligned
 element ranges (shards) for the sharded two-way exchange; the server compresses each block
 restricted to a shard (a block that straddles two shards gets one scale per piece).
+
+On CPU, fp32 inputs go through the fused loops of :mod:`ddp_hooks.native` when they are
+available (same results; ``DDP_HOOKS_NO_NATIVE=1`` keeps the torch operations below).
 """
 
 from dataclasses import dataclass
 
 import torch
+
+from .. import native
 
 # Multiplying 8 bytes that are 0 or 1 (one int64 word, byte i = bit i) by this constant
 # gathers byte i's low bit into bit 56 + i, with no carries between them.
@@ -26,6 +31,8 @@ _SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """Pack ``x >= 0`` of a 1-D tensor into ``ceil(len/8)`` bytes (LSB first, padding bits 1)."""
+    if x.dtype == torch.float32 and native.usable(x):
+        return native.pack_signs(x)
     n = x.numel()
     bits = torch.ones(-(-n // 8) * 8, dtype=torch.bool, device=x.device)
     torch.ge(x, 0, out=bits[:n])
@@ -66,6 +73,8 @@ def ranges(sizes: list[int], start: int = 0) -> list[tuple[int, int]]:
 def block_scales(x: torch.Tensor, blocks: list[tuple[int, int]], work: torch.Tensor | None = None) -> torch.Tensor:
     """``||x_b||_1 / d_b`` per block (float32, accumulated in float64). ``work``: an optional
     buffer of ``x``'s size for ``|x|``, so that nothing bucket-sized is allocated."""
+    if x.dtype == torch.float32 and native.usable(x):
+        return native.block_scales(x, native.bounds_of(blocks))
     magnitude = torch.abs(x, out=work) if work is not None else x.abs()
     sums = torch.stack([magnitude[lo:hi].sum(dtype=torch.float64) for lo, hi in blocks])
     sizes = torch.tensor([hi - lo for lo, hi in blocks], dtype=torch.float64, device=x.device)
@@ -86,13 +95,47 @@ def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: list[tuple[int, int
     torch.where(bits[:n], per, -per, out=out[:n])
     return out
 
+def decode(
+    packed: torch.Tensor, scales: torch.Tensor, blocks: list[tuple[int, int]], out: torch.Tensor,
+    accumulate: bool = False, work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[i] = +-scale`` of ``i``'s block by sign bit ``i`` of ``packed`` for ``i`` in the
+    blocks (contiguous, in order, from 0). ``accumulate``: ``out[i] +=`` instead, with ``work``
+    (``out``'s size) as scratch for the torch path."""
+    if out.dtype == torch.float32 and native.usable(packed, scales, out):
+        return native.sign_decode(packed, native.bounds_of(blocks), scales, out, accumulate)
+    if not accumulate:
+        return expand(unpack_bits(packed, blocks[-1][1]), scales, blocks, out)
+    n = blocks[-1][1]
+    part = expand(unpack_bits(packed, n), scales, blocks, work if work is not None else torch.empty_like(out))
+    out[:n].add_(part[:n])
+    return out
+
+
+def compress(x: torch.Tensor, blocks: list[tuple[int, int]], residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise scaled sign of ``x``: returns (all of ``x``'s packed signs, fp32 scales of the
+    blocks) and writes the compression error ``x - C(x)`` into ``residual`` within the blocks
+    (contiguous, in order, from 0; elements of ``x`` past the last block are only packed)."""
+    if x.dtype == torch.float32 and native.usable(x, residual):
+        bounds = native.bounds_of(blocks)
+        scales = native.block_scales(x, bounds)
+        native.sign_residual(x, bounds, scales, residual=residual)
+        return native.pack_signs(x), scales
+    n = blocks[-1][1]
+    packed = pack_signs(x)
+    scales = block_scales(x[:n], blocks, residual[:n])
+    expand(unpack_bits(packed, n), scales, blocks, residual)
+    torch.sub(x[:n], residual[:n], out=residual[:n])
+    return packed, scales
+
+
 def scaled_sign_decompress(
     packed: torch.Tensor, scales: torch.Tensor, blocks: list[tuple[int, int]], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``scale[block(i)] * sign(i)`` for every element (fp32)."""
     n = blocks[-1][1] if blocks else 0
     out = torch.empty(n, dtype=torch.float32, device=packed.device) if out is None else out
-    return expand(unpack_bits(packed, n), scales, blocks, out)
+    return decode(packed, scales, blocks, out) if blocks else out
 
 
 @dataclass
@@ -147,21 +190,25 @@ class ShardPlan:
         ext = torch.cat([block_scales_, block_scales_.new_zeros(1)])
         return ext[self.piece_block]
 
-    def decode(self, j: int, packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Shard ``j``'s message (packed signs, per-piece scales ``(k,)``) into ``out`` ``(shard,)``;
-        the padding tail is zero."""
+    def decode(self, j: int, packed: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+               accumulate: bool = False, work: torch.Tensor | None = None) -> torch.Tensor:
+        """Shard ``j``'s message (packed signs, per-piece scales ``(k,)``) into ``out`` ``(shard,)``,
+        whose padding tail becomes zero; ``accumulate``: added to ``out`` (``work``: scratch of
+        ``out``'s size for the torch path)."""
         blocks = [(lo, hi) for _, lo, hi in self.pieces[j]]
+        if accumulate:
+            return decode(packed, scales, blocks, out, True, work) if blocks else out
         if not blocks:
             return out.zero_()
         out[blocks[-1][1] :].zero_()
-        return expand(unpack_bits(packed, self.shard), scales, blocks, out)
+        return decode(packed, scales, blocks, out)
 
-    def compress(self, j: int, x: torch.Tensor, out: torch.Tensor):
+    def compress(self, j: int, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Blockwise scaled sign of shard ``j`` (``x``: ``(shard,)``) with its pieces as blocks:
-        (packed ``(shard/8,)``, scales ``(k,)`` zero-padded, decompressed into ``out``)."""
+        (packed ``(shard/8,)``, scales ``(k,)`` zero-padded); ``residual[:valid] = x - C(x)``
+        for the shard's ``valid`` elements."""
         blocks = [(lo, hi) for _, lo, hi in self.pieces[j]]
-        scales = x.new_zeros(self.k)
-        if blocks:
-            scales[: len(blocks)] = block_scales(x, blocks, out)
-        packed = pack_signs(x)
-        return packed, scales, self.decode(j, packed, scales, out)
+        if not blocks:
+            return pack_signs(x), x.new_zeros(self.k)
+        packed, scales = compress(x, blocks, residual)
+        return packed, torch.cat([scales, scales.new_zeros(self.k - len(blocks))])

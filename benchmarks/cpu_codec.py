@@ -1,0 +1,151 @@
+"""dist-EF-SGDM's scaled-sign codec on CPU: the fused C loops (ddp_hooks.native) against the
+torch operations, side by side, per step of the codec and for a whole worker + server round.
+
+For each model's gradient (one bucket holding every tensor, one block per tensor) and thread
+count: median time of each step with the fused loops and with the torch reference, the
+speedup, and the effective bandwidth (ideal bytes / time) as a fraction of the measured copy
+bandwidth at the same thread count. Ideal bytes per fp32 element: worker input 20 (read g, m,
+e; write m, p), compress 8.125 (read p; write the residual and the packed signs), decode
+4.125, decode-and-add 8.125. "round" is everything one worker of an n-worker sharded exchange
+computes per step (input, compress, n shard decodes, the server step on its shard, decoding
+the n replies), without communication.
+
+    python benchmarks/cpu_codec.py                       # resnet50, gpt; 1 thread and all cores
+    python benchmarks/cpu_codec.py --models resnet18 --threads 1
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from math import prod
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import table, write_json  # noqa: E402
+from benchmarks.shapes import MODELS  # noqa: E402
+from ddp_hooks import native  # noqa: E402
+from ddp_hooks.algorithms.ef_signsgdm import worker_input  # noqa: E402
+from ddp_hooks.compress import sign  # noqa: E402
+
+IDEAL_BYTES = {"input": 20.0, "compress": 8.125, "decode": 4.125, "decode+add": 8.125}
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout, first_stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for b in range(2):
+            c_in = cin if b == 0 else cout
+            shapes += [(cout, c_in, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if b == 0 and (first_stride != 1 or c_in != cout):
+                shapes += [(cout, c_in, 1, 1), (cout,), (cout,)]
+        cin = cout
+    return shapes + [(1000, 512), (1000,)]
+
+
+SHAPES = {**MODELS, "resnet18": resnet18_shapes}
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _steps(numels: list[int], workers: int) -> dict:
+    """The codec's steps as closures over fresh buffers of one bucket."""
+    n = sum(numels)
+    blocks = sign.ranges(numels)
+    plan = sign.ShardPlan.build(numels, workers, torch.device("cpu"))
+    g, m, e = torch.randn(n), torch.randn(n), torch.randn(n)
+    m_out, p, residual, out = torch.empty(n), torch.empty(n), torch.empty(n), torch.empty(n)
+    packed, scales = sign.compress(g, blocks, residual)
+    acc, scratch = torch.empty(plan.shard), torch.empty(plan.shard)
+    rows = plan.pad(g)
+    shard_msgs = [plan.compress(j, rows[j], scratch) for j in range(plan.n)]
+
+    def one_round():
+        worker_input(g, m, m_out, 0.9, True, e, 1.0, p)
+        sign.compress(p, blocks, residual)
+        plan.decode(0, *shard_msgs[0], acc)
+        for j in range(1, plan.n):  # the n workers' messages for this rank's shard
+            plan.decode(0, *shard_msgs[0], acc, accumulate=True, work=scratch)
+        acc.div_(plan.n)
+        plan.compress(0, acc, scratch)
+        for j in range(plan.n):  # the n servers' replies
+            plan.decode(j, *shard_msgs[j], out[j * plan.shard: (j + 1) * plan.shard])
+
+    return {
+        "input": lambda: worker_input(g, m, m_out, 0.9, True, e, 1.0, p),
+        "compress": lambda: sign.compress(g, blocks, residual),
+        "decode": lambda: sign.decode(packed, scales, blocks, out),
+        "decode+add": lambda: sign.decode(packed, scales, blocks, out, accumulate=True, work=residual),
+        "round": one_round,
+        "_numel": n,
+    }
+
+
+def run(models: list[str], threads: list[int], repeats: int, workers: int) -> list[dict]:
+    rows = []
+    before = torch.get_num_threads()
+    try:
+        for model in models:
+            numels = [prod(s) for s in SHAPES[model]()]
+            steps = _steps(numels, workers)
+            n = steps["_numel"]
+            for t in threads:
+                torch.set_num_threads(t)
+                src, dst = torch.randn(n), torch.empty(n)
+                copy_bw = 8 * n / _time(lambda: dst.copy_(src), repeats)
+                for name in ("input", "compress", "decode", "decode+add", "round"):
+                    fused = _time(steps[name], repeats)
+                    with native.disabled():
+                        ref = _time(steps[name], repeats)
+                    ideal = IDEAL_BYTES.get(name)
+                    rows.append({
+                        "model": model, "numel": n, "threads": t, "step": name,
+                        "fused_ms": fused * 1e3, "torch_ms": ref * 1e3, "speedup": ref / fused,
+                        "fused_gbs": ideal * n / fused / 1e9 if ideal else None,
+                        "of_copy": ideal * n / fused / copy_bw if ideal else None,
+                        "copy_gbs": copy_bw / 1e9,
+                    })
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="resnet50,gpt", help=f"comma-separated, from {sorted(SHAPES)}")
+    ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
+    ap.add_argument("--workers", type=int, default=4, help="world size of the simulated round")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    models = args.models.split(",")
+    for m in models:
+        if m not in SHAPES:
+            raise SystemExit(f"--models: unknown model {m!r}, choose from {sorted(SHAPES)}")
+    if not native.available():
+        raise SystemExit(f"the fused CPU codec is not available ({native.status()}); nothing to compare")
+    cores = os.cpu_count() or 1
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
+    rows = run(models, threads, args.repeats, args.workers)
+    print(table(rows, [("model", "model", ""), ("threads", "thr", "d"), ("step", "step", ""),
+                       ("fused_ms", "fused ms", ".2f"), ("torch_ms", "torch ms", ".2f"), ("speedup", "speedup", ".1f"),
+                       ("fused_gbs", "GB/s", ".1f"), ("of_copy", "of copy", ".0%")]))
+    print(write_json("cpu_codec", {"workers": args.workers, "rows": rows}, args.out))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

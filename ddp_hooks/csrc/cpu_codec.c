@@ -1,0 +1,174 @@
+/* Fused CPU loops for the blockwise scaled sign codec (ddp_hooks.native).
+ *
+ * Plain C99, no Python or torch headers: ddp_hooks.native compiles this file with the system C
+ * compiler on first use and calls it through ctypes (which releases the GIL). Every function
+ * works on a half-open element range [lo, hi) so that callers can split a bucket over threads.
+ * The semantics are those of the torch reference in ddp_hooks/compress/sign.py:
+ *   sign bit of x is 1 iff x >= 0 (so +0, -0 -> 1, NaN -> 0); packed 8 per byte, LSB first;
+ *   C(x)_i = +s_b if bit else -s_b, with s_b the block's mean |x| summed in double.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* The input of the compressor, one pass:
+ *   mode 0: p = g + rho * e
+ *   mode 1: m_new = g + mu * m;  p = m_new + rho * e
+ *   mode 2: m_new = g + mu * m;  p = g + mu * m_new + rho * e      (Nesterov)
+ * e may be NULL (no error term). */
+void dh_ef_input(int64_t lo, int64_t hi, const float *g, const float *m, float *m_new, float mu, int mode,
+                 const float *e, float rho, float *p) {
+    if (mode == 0) {
+        if (e) for (int64_t i = lo; i < hi; ++i) p[i] = g[i] + rho * e[i];
+        else for (int64_t i = lo; i < hi; ++i) p[i] = g[i];
+        return;
+    }
+    for (int64_t i = lo; i < hi; ++i) {
+        float mn = g[i] + mu * m[i];
+        float v = mode == 2 ? g[i] + mu * mn : mn;
+        m_new[i] = mn;
+        p[i] = e ? v + rho * e[i] : v;
+    }
+}
+
+/* sum |x_i| over [lo, hi) in double, with 8 independent accumulators added in a fixed order */
+static double abs_sum(const float *x, int64_t lo, int64_t hi) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8)
+        for (int k = 0; k < 8; ++k) acc[k] += (double)fabsf(x[i + k]);
+    double tail = 0;
+    for (; i < hi; ++i) tail += (double)fabsf(x[i]);
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+/* Partial block sums: for each block b (bounds[b] .. bounds[b+1]) the sum of |x| over its
+ * intersection with [lo, hi), written to sums[b] (0 for blocks outside). */
+void dh_block_abs_sums(int64_t lo, int64_t hi, const float *x, int64_t nblocks, const int64_t *bounds,
+                       double *sums) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+        int64_t a = bounds[b] > lo ? bounds[b] : lo;
+        int64_t z = bounds[b + 1] < hi ? bounds[b + 1] : hi;
+        sums[b] = a < z ? abs_sum(x, a, z) : 0.0;
+    }
+}
+
+/* Pack x >= 0 of elements [lo, hi) (lo a multiple of 8) into bytes lo/8 ..; elements at or
+ * beyond n are padding (bit 1). */
+void dh_pack_signs(int64_t lo, int64_t hi, int64_t n, const float *x, uint8_t *packed) {
+    int64_t i = lo;
+    for (; i + 8 <= hi && i + 8 <= n; i += 8) {
+        unsigned byte = 0;
+        for (int k = 0; k < 8; ++k) byte |= (unsigned)(x[i + k] >= 0.0f) << k;
+        packed[i >> 3] = (uint8_t)byte;
+    }
+    for (; i < hi; i += 8) {
+        unsigned byte = 0;
+        for (int k = 0; k < 8; ++k) byte |= (unsigned)(i + k >= n || x[i + k] >= 0.0f) << k;
+        packed[i >> 3] = (uint8_t)byte;
+    }
+}
+
+/* For every block b and element i of it within [lo, hi): with v = +s_b if x_i >= 0 else -s_b,
+ * decoded[i] = v and residual[i] = x_i - v (either may be NULL). */
+void dh_sign_residual(int64_t lo, int64_t hi, const float *x, int64_t nblocks, const int64_t *bounds,
+                      const float *scales, float *decoded, float *residual) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+        int64_t a = bounds[b] > lo ? bounds[b] : lo;
+        int64_t z = bounds[b + 1] < hi ? bounds[b + 1] : hi;
+        const float s = scales[b];
+        for (int64_t i = a; i < z; ++i) {
+            float v = x[i] >= 0.0f ? s : -s;
+            if (decoded) decoded[i] = v;
+            if (residual) residual[i] = x[i] - v;
+        }
+    }
+}
+
+/* SIGNS[b][k] = +1 if bit k of byte b is set, else -1; filled by dh_init, which the loader
+ * calls once before any other function. */
+static float SIGNS[256][8];
+
+void dh_init(void) {
+    for (int b = 0; b < 256; ++b)
+        for (int k = 0; k < 8; ++k) SIGNS[b][k] = ((b >> k) & 1) ? 1.0f : -1.0f;
+}
+
+/* Decode packed signs with per-block scales over the blocks' elements within [lo, hi):
+ * out[i] = v (accumulate 0) or out[i] += v (accumulate 1), v = +s_b if bit i else -s_b
+ * (s * +-1 is exact, so this equals the reference's bit * 2s - s). */
+void dh_sign_decode(int64_t lo, int64_t hi, const uint8_t *packed, int64_t nblocks, const int64_t *bounds,
+                    const float *scales, float *out, int accumulate) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+        int64_t a = bounds[b] > lo ? bounds[b] : lo;
+        int64_t z = bounds[b + 1] < hi ? bounds[b + 1] : hi;
+        const float s = scales[b];
+        int64_t i = a;
+        for (; i < z && (i & 7); ++i) {  /* up to the next whole byte */
+            float v = SIGNS[packed[i >> 3]][i & 7] * s;
+            out[i] = accumulate ? out[i] + v : v;
+        }
+        if (accumulate)
+            for (; i + 8 <= z; i += 8) {
+                const float *t = SIGNS[packed[i >> 3]];
+                for (int k = 0; k < 8; ++k) out[i + k] += t[k] * s;
+            }
+        else
+            for (; i + 8 <= z; i += 8) {
+                const float *t = SIGNS[packed[i >> 3]];
+                for (int k = 0; k < 8; ++k) out[i + k] = t[k] * s;
+            }
+        for (; i < z; ++i) {
+            float v = SIGNS[packed[i >> 3]][i & 7] * s;
+            out[i] = accumulate ? out[i] + v : v;
+        }
+    }
+}
+
+/* ---- LAQ's innovation quantizer (ddp_hooks/compress/laq.py) ---------------------------------- */
+
+/* max |g_i - q_i| over [lo, hi); NaN if any difference is NaN (like torch's inf-norm) */
+float dh_absmax_diff(int64_t lo, int64_t hi, const float *g, const float *q) {
+    float m = 0.0f;
+    int nan = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+        float d = fabsf(g[i] - q[i]);
+        nan |= d != d;
+        m = d > m ? d : m;
+    }
+    return nan ? NAN : m;
+}
+
+/* The b-bit grid of radius R around q_ref, in the reference's float32 operation order:
+ *   code  = clamp(floor((g - q_ref + R) / step + 0.5), 0, levels) * (R > 0)
+ *   q_new = code * unit + q_ref - R                 (step = 2R/levels or 2/levels when R = 0,
+ *   innovation = q_new - q_ref                        unit = 2R/levels)
+ * and float64 partial sums: sums[0] += sum (g - q_new)^2, sums[1] += sum innovation^2. */
+void dh_laq_quantize(int64_t lo, int64_t hi, const float *g, const float *q_ref, float radius, float step,
+                     float unit, float levels, float *q_new, float *innovation, double *sums) {
+    const float positive = radius > 0.0f ? 1.0f : 0.0f;
+    double eps2 = 0.0, inno2 = 0.0;
+    for (int64_t i = lo; i < hi; ++i) {
+        float c = floorf((g[i] - q_ref[i] + radius) / step + 0.5f);
+        c = c < 0.0f ? 0.0f : (c > levels ? levels : c);
+        float qn = c * positive * unit + q_ref[i] - radius;
+        float r = g[i] - qn, d = qn - q_ref[i];
+        q_new[i] = qn;
+        innovation[i] = d;
+        eps2 += (double)r * r;
+        inno2 += (double)d * d;
+    }
+    sums[0] = eps2;
+    sums[1] = inno2;
+}
+
+/* sum (dst_i - src_i)^2 in float64 over [lo, hi), then dst = src */
+double dh_sqdiff_copy(int64_t lo, int64_t hi, const float *src, float *dst) {
+    double acc = 0.0;
+    for (int64_t i = lo; i < hi; ++i) {
+        double d = (double)dst[i] - (double)src[i];
+        acc += d * d;
+        dst[i] = src[i];
+    }
+    return acc;
+}

@@ -1,0 +1,268 @@
+"""Fused CPU loops for the scaled-sign codec, built on first use with the system C compiler.
+
+The torch reference in :mod:`ddp_hooks.compress.sign` runs one tensor operation per step of the
+math, so a bucket is read and written five to ten times; on a CPU with a few cores per worker
+that costs more than the bytes it saves on a 1 Gb/s link. ``csrc/cpu_codec.c`` fuses those
+passes (plain C, no Python headers). It is compiled once per source version and machine into
+the cache directory (``$DDP_HOOKS_CACHE``, else ``$XDG_CACHE_HOME/ddp_hooks``, else
+``~/.cache/ddp_hooks``) and called through :mod:`ctypes`, which releases the GIL; a bucket is
+split over ``torch.get_num_threads()`` threads.
+
+``DDP_HOOKS_NO_NATIVE=1`` forces the torch reference; so does a missing compiler or a failed
+build (one log line says why). :func:`available` tells whether the loops are in use.
+Results equal the torch reference's up to float rounding of the fused arithmetic (the signs,
+packing and decoding are exact; block sums are accumulated in float64 in both).
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ddp_hooks")
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_codec.c"
+FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off"]
+CHUNK = 1 << 20  # elements per thread task (a multiple of 8)
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "reason": None, "pool": None, "threads": 0}
+
+_i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "dh_ef_input": [_i64, _i64, _ptr, _ptr, _ptr, _f32, _int, _ptr, _f32, _ptr],
+    "dh_block_abs_sums": [_i64, _i64, _ptr, _i64, _ptr, _ptr],
+    "dh_pack_signs": [_i64, _i64, _i64, _ptr, _ptr],
+    "dh_sign_residual": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr],
+    "dh_sign_decode": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
+    "dh_init": [],
+    "dh_absmax_diff": [_i64, _i64, _ptr, _ptr],
+    "dh_laq_quantize": [_i64, _i64, _ptr, _ptr, _f32, _f32, _f32, _f32, _ptr, _ptr, _ptr],
+    "dh_sqdiff_copy": [_i64, _i64, _ptr, _ptr],
+}
+_RESTYPES = {"dh_absmax_diff": ctypes.c_float, "dh_sqdiff_copy": ctypes.c_double}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DDP_HOOKS_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ddp_hooks"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (set CC, or install cc/gcc/clang)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS + [cc, platform.machine()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_codec-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # every rank may build at once: compile to a private name, then rename atomically
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[:1]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load():
+    """The loaded library, or None (the torch reference is used; logged once)."""
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        _state["tried"] = True
+        reason = None
+        if os.environ.get("DDP_HOOKS_NO_NATIVE") == "1":
+            reason = "DDP_HOOKS_NO_NATIVE=1"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                for name, args in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = args, _RESTYPES.get(name)
+                lib.dh_init()
+                _state["lib"] = lib
+            except Exception as exc:  # noqa: BLE001 - any build problem falls back to torch
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _state["reason"] = reason
+        if reason is not None:
+            log.info("ddp_hooks: fused CPU codec off (%s); using the torch reference", reason)
+        return _state["lib"]
+
+
+def available() -> bool:
+    """Whether the fused loops are built, loaded and not switched off."""
+    return load() is not None
+
+
+def status() -> str:
+    """'loaded', or why the fused CPU loops are not used."""
+    return "loaded" if available() else f"off: {_state['reason'] or 'disabled'}"
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the fused loops can take these tensors (CPU, contiguous) and are loaded."""
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and available()
+
+
+def _ptr_of(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into one range per intra-op thread (boundaries multiples of 8)."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or n <= CHUNK:
+        return [(0, n)]
+    step = max(CHUNK, (-(-n // threads) + 7) // 8 * 8)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _map(fn, chunks: list[tuple[int, int]]) -> None:
+    """``fn(i, lo, hi)`` for every chunk, on the thread pool when there are several."""
+    if len(chunks) == 1:
+        fn(0, *chunks[0])
+        return
+    threads = torch.get_num_threads()
+    with _lock:
+        if _state["threads"] != threads:
+            if _state["pool"] is not None:
+                _state["pool"].shutdown(wait=False)
+            _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="ddp_hooks_codec")
+            _state["threads"] = threads
+        pool = _state["pool"]
+    list(pool.map(lambda i: fn(i, *chunks[i]), range(len(chunks))))
+
+
+def _run(fn, n: int, *args) -> None:
+    """``fn(lo, hi, *args)`` over ``[0, n)``, split over torch's intra-op threads."""
+    _map(lambda _, lo, hi: fn(lo, hi, *args), _chunks(n))
+
+
+def bounds_of(blocks: list[tuple[int, int]]) -> torch.Tensor:
+    """Contiguous blocks ``[(lo, hi), ...]`` as an int64 tensor of their ``len + 1`` bounds."""
+    for (_, hi), (lo, _) in zip(blocks, blocks[1:]):
+        if hi != lo:
+            raise ValueError("the fused codec takes contiguous blocks")
+    return torch.tensor([blocks[0][0]] + [hi for _, hi in blocks], dtype=torch.int64)
+
+
+def ef_input(g, momentum, momentum_out, mu: float, nesterov: bool, error, rho: float, p) -> torch.Tensor:
+    """``p`` = the worker's compressor input: ``m' = g + mu m`` into ``momentum_out`` and
+    ``p = (g + mu m' if nesterov else m') + rho e`` (no momentum when ``momentum`` is None,
+    no error term when ``error`` is None)."""
+    mode = 0 if momentum is None else (2 if nesterov else 1)
+    _run(load().dh_ef_input, p.numel(), _ptr_of(g), _ptr_of(momentum), _ptr_of(momentum_out), float(mu), mode,
+         _ptr_of(error), float(rho), _ptr_of(p))
+    return p
+
+
+def block_scales(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """``sum |x_b| / d_b`` per block (float64 sums rounded once to float32)."""
+    nblocks = bounds.numel() - 1
+    chunks = _chunks(int(bounds[-1]))
+    partial = torch.empty(len(chunks), nblocks, dtype=torch.float64)
+    lib = load()
+    _map(lambda i, lo, hi: lib.dh_block_abs_sums(lo, hi, x.data_ptr(), nblocks, bounds.data_ptr(),
+                                                 partial[i].data_ptr()), chunks)
+    sizes = (bounds[1:] - bounds[:-1]).to(torch.float64)
+    return (partial.sum(0) / sizes).to(torch.float32)
+
+
+def pack_signs(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x >= 0`` packed 8 per byte, LSB first, padding bits 1 (``ceil(n/8)`` uint8)."""
+    n = x.numel()
+    out = torch.empty(-(-n // 8), dtype=torch.uint8) if out is None else out
+    _run(load().dh_pack_signs, -(-n // 8) * 8, n, x.data_ptr(), out.data_ptr())
+    return out
+
+
+def sign_residual(x: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor,
+                  decoded: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> None:
+    """Within the blocks: ``decoded = +-scale`` by the sign of ``x``, ``residual = x - decoded``."""
+    _run(load().dh_sign_residual, int(bounds[-1]), x.data_ptr(), bounds.numel() - 1, bounds.data_ptr(),
+         scales.data_ptr(), _ptr_of(decoded), _ptr_of(residual))
+
+
+def sign_decode(packed: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+                accumulate: bool = False) -> torch.Tensor:
+    """Within the blocks: ``out (+)= +-scale`` by the packed sign bits."""
+    _run(load().dh_sign_decode, int(bounds[-1]), packed.data_ptr(), bounds.numel() - 1, bounds.data_ptr(),
+         scales.data_ptr(), out.data_ptr(), int(accumulate))
+    return out
+
+
+def _collect(fn, n: int, *args) -> list:
+    """``[fn(lo, hi, *args) for each chunk]``, in chunk order."""
+    chunks = _chunks(n)
+    results = [None] * len(chunks)
+
+    def one(i, lo, hi):
+        results[i] = fn(lo, hi, *args)
+
+    _map(one, chunks)
+    return results
+
+
+def absmax_diff(g: torch.Tensor, q: torch.Tensor) -> float:
+    """``max |g - q|`` (NaN if any difference is NaN; 0 for empty tensors)."""
+    parts = _collect(load().dh_absmax_diff, g.numel(), g.data_ptr(), q.data_ptr())
+    return float("nan") if any(v != v for v in parts) else max(parts)
+
+
+def laq_quantize(g, q_ref, radius: float, step: float, unit: float, levels: int, q_new, innovation):
+    """LAQ's grid quantization in one pass (see csrc/cpu_codec.c): writes ``q_new`` and
+    ``innovation = q_new - q_ref``; returns (``||g - q_new||^2``, ``||innovation||^2``), float64
+    sums."""
+    chunks = _chunks(g.numel())
+    sums = torch.zeros(len(chunks), 2, dtype=torch.float64)
+    lib = load()
+    _map(lambda i, lo, hi: lib.dh_laq_quantize(lo, hi, g.data_ptr(), q_ref.data_ptr(), radius, step, unit,
+                                               float(levels), q_new.data_ptr(), innovation.data_ptr(),
+                                               sums[i].data_ptr()), chunks)
+    total = sums.sum(0)
+    return float(total[0]), float(total[1])
+
+
+def sqdiff_copy(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """``||dst - src||^2`` (float64 sum), then ``dst = src``."""
+    return sum(_collect(load().dh_sqdiff_copy, src.numel(), src.data_ptr(), dst.data_ptr()))
+
+
+class disabled:
+    """Context manager: the torch reference is used inside (for comparisons and benchmarks)."""
+
+    def __enter__(self):
+        load()
+        self._lib = _state["lib"]
+        _state["lib"] = None
+        return self
+
+    def __exit__(self, *exc):
+        _state["lib"] = self._lib
+        return False

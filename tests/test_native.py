@@ -1,0 +1,167 @@
+"""The fused CPU loops of ddp_hooks.native against the torch reference of compress/sign.py:
+fresh random inputs, odd sizes and tails, outputs poisoned before each call, one and two
+threads (a bucket split over threads)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ddp_hooks import native
+from ddp_hooks.algorithms.ef_signsgdm import worker_input
+from ddp_hooks.compress import sign
+from ddp_hooks.compress.laq import quantize_step
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"fused CPU codec {native.status()}")
+
+SIZES = [1, 7, 8, 9, 1001, native.CHUNK * 2 + 13]
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _input(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4) * 10
+    x[:: 17] = 0.0
+    x[5::19] = -0.0
+    return x
+
+
+def _blocks(n, seed):
+    """Random contiguous blocks from 0 covering ``n`` (a few of length 1)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    cuts = sorted({0, n, *torch.randint(1, max(2, n), (min(n, 40),), generator=g).tolist()})
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_compress_matches_torch_reference(n, threads):
+    x, blocks = _input(n, n), _blocks(n, n)
+    res = torch.full_like(x, float("nan"))
+    packed, scales = sign.compress(x, blocks, res)
+    with native.disabled():
+        ref_res = torch.full_like(x, float("nan"))
+        ref_packed, ref_scales = sign.compress(x, blocks, ref_res)
+    assert torch.equal(packed, ref_packed)  # signs and padding bits exact
+    # float64 sums in another order round to the same float32 but for rare ties
+    torch.testing.assert_close(scales, ref_scales, rtol=1e-7, atol=0)
+    if torch.equal(scales, ref_scales):
+        assert torch.equal(res, ref_res)
+    else:
+        torch.testing.assert_close(res, ref_res, rtol=1e-6, atol=1e-6)
+    # the residual is exactly x - C(x) for the scales returned
+    decoded = sign.decode(packed, scales, blocks, torch.full_like(x, float("nan")))
+    assert torch.equal(res, x - decoded)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_pack_and_scales_match_torch_reference(n, threads):
+    x, blocks = _input(n, 3 * n), _blocks(n, 3 * n)
+    x[n // 2] = float("nan")  # NaN packs as 0, like x >= 0 in torch
+    got = sign.pack_signs(x)
+    with native.disabled():
+        want = sign.pack_signs(x)
+        want_scales = sign.block_scales(x.nan_to_num(), blocks)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(sign.block_scales(x.nan_to_num(), blocks), want_scales, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_decode_and_accumulate_match_torch_reference(n, threads):
+    blocks = _blocks(n, 5 * n)
+    packed = sign.pack_signs(_input(n, 5 * n))
+    scales = torch.rand(len(blocks) + 3)  # extra (padding) scales are ignored
+    base = _input(n, 7 * n)
+    out = sign.decode(packed, scales, blocks, torch.full((n,), float("nan")))
+    acc = sign.decode(packed, scales, blocks, base.clone(), accumulate=True)
+    with native.disabled():
+        ref = sign.decode(packed, scales, blocks, torch.full((n,), float("nan")))
+        ref_acc = sign.decode(packed, scales, blocks, base.clone(), accumulate=True)
+    assert torch.equal(out, ref) and torch.equal(acc, ref_acc)
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(None, False), (0.9, False), (0.9, True)])
+@pytest.mark.parametrize("with_error", [True, False])
+def test_worker_input_matches_torch_ops(momentum, nesterov, with_error, threads):
+    n = native.CHUNK + 1001
+    g, m, e = _input(n, 1), _input(n, 2), _input(n, 3)
+    outs = []
+    for off in (False, True):
+        m_out, p = torch.full_like(g, float("nan")), torch.full_like(g, float("nan"))
+        args = (g, None if momentum is None else m, m_out, momentum or 0.0, nesterov, e if with_error else None, 0.7, p)
+        if off:
+            with native.disabled():
+                worker_input(*args[:5], e if with_error else torch.zeros_like(g), 0.7, p)
+        else:
+            worker_input(*args)
+        outs.append((m_out, p))
+    (m_got, p_got), (m_want, p_want) = outs
+    # inputs up to ~30 in magnitude: a few float32 roundings in another order
+    torch.testing.assert_close(p_got, p_want, rtol=1e-6, atol=2e-5)
+    if momentum is not None:
+        torch.testing.assert_close(m_got, m_want, rtol=1e-6, atol=2e-5)
+
+
+def test_bounds_must_be_contiguous():
+    with pytest.raises(ValueError, match="contiguous"):
+        native.bounds_of([(0, 3), (4, 6)])
+
+
+def test_env_switch_and_missing_compiler_fall_back():
+    code = "from ddp_hooks import native; print(native.status())"
+    env = dict(os.environ, DDP_HOOKS_NO_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "off: DDP_HOOKS_NO_NATIVE=1"
+    env = dict(os.environ, CC="no-such-compiler", PATH="/nonexistent", DDP_HOOKS_CACHE=os.devnull + "-none")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith("off: no C compiler")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_laq_quantize_step_matches_torch_reference(n, bits, threads):
+    g, q_ref = _input(n, 11 * n), _input(n, 13 * n)
+    outs = []
+    for off in (False, True):
+        q_new, innovation = torch.full_like(g, float("nan")), torch.full_like(g, float("nan"))
+        if off:
+            with native.disabled():
+                radius, eps2, inno2 = quantize_step(g, q_ref, bits, q_new, innovation)
+        else:
+            radius, eps2, inno2 = quantize_step(g, q_ref, bits, q_new, innovation)
+        outs.append((radius, eps2, inno2, q_new, innovation))
+    got, want = outs
+    assert torch.equal(got[0], want[0])  # the same radius
+    assert torch.equal(got[3], want[3]) and torch.equal(got[4], want[4])  # the same grid point, bit for bit
+    q_new, innovation = got[3], got[4]
+    truth = [(g.double() - q_new.double()).square().sum(), innovation.double().square().sum()]
+    for a, b, t in zip(got[1:3], want[1:3], truth):  # float64 sums here, float32 in torch
+        torch.testing.assert_close(a.double(), t, rtol=1e-6, atol=1e-30)
+        # torch's float32 norm of 2M values spanning many magnitudes is off by up to ~0.2%
+        torch.testing.assert_close(b.double(), t, rtol=1e-2, atol=1e-30)
+
+
+def test_laq_quantize_step_without_change_and_with_nan():
+    g = _input(1001, 1)
+    q_new, innovation = torch.empty_like(g), torch.empty_like(g)
+    radius, eps2, inno2 = quantize_step(g, g.clone(), 4, q_new, innovation)
+    assert float(radius) == 0 and float(eps2) == 0 and float(inno2) == 0 and torch.equal(q_new, g)
+    bad = g.clone()
+    bad[500] = float("nan")
+    radius, *_ = quantize_step(bad, g, 4, q_new, innovation)
+    assert torch.isnan(radius)
+
+
+def test_sqdiff_copy():
+    src, dst = _input(native.CHUNK + 77, 1), _input(native.CHUNK + 77, 2)
+    want = float((dst.double() - src.double()).square().sum())
+    assert native.sqdiff_copy(src, dst) == pytest.approx(want, rel=1e-12)
+    assert torch.equal(dst, src)
