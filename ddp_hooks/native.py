@@ -44,6 +44,7 @@ _SIGNATURES = {
     "dh_sign_residual": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr],
     "dh_sign_decode": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
     "dh_init": [],
+    "dh_pack_residual": [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr],
     "dh_absmax_diff": [_i64, _i64, _ptr, _ptr],
     "dh_laq_quantize": [_i64, _i64, _ptr, _ptr, _f32, _f32, _f32, _f32, _ptr, _ptr, _ptr],
     "dh_sqdiff_copy": [_i64, _i64, _ptr, _ptr],
@@ -207,6 +208,15 @@ def sign_residual(x: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor,
     """Within the blocks: ``decoded = +-scale`` by the sign of ``x``, ``residual = x - decoded``."""
     _run(load().dh_sign_residual, int(bounds[-1]), x.data_ptr(), bounds.numel() - 1, bounds.data_ptr(),
          scales.data_ptr(), _ptr_of(decoded), _ptr_of(residual))
+
+
+def pack_residual(x: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_signs` of all of ``x`` and :func:`sign_residual` in one pass; returns the packed signs."""
+    n = x.numel()
+    out = torch.empty(-(-n // 8), dtype=torch.uint8)
+    _run(load().dh_pack_residual, -(-n // 8) * 8, n, x.data_ptr(), bounds.numel() - 1, bounds.data_ptr(),
+         scales.data_ptr(), out.data_ptr(), residual.data_ptr())
+    return out
 
 
 def sign_decode(packed: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,

@@ -119,8 +119,7 @@ def compress(x: torch.Tensor, blocks: list[tuple[int, int]], residual: torch.Ten
     if x.dtype == torch.float32 and native.usable(x, residual):
         bounds = native.bounds_of(blocks)
         scales = native.block_scales(x, bounds)
-        native.sign_residual(x, bounds, scales, residual=residual)
-        return native.pack_signs(x), scales
+        return native.pack_residual(x, bounds, scales, residual), scales
     n = blocks[-1][1]
     packed = pack_signs(x)
     scales = block_scales(x[:n], blocks, residual[:n])

@@ -53,6 +53,15 @@ void dh_block_abs_sums(int64_t lo, int64_t hi, const float *x, int64_t nblocks, 
     }
 }
 
+/* SIGNS[b][k] = +1 if bit k of byte b is set, else -1; filled by dh_init, which the loader
+ * calls once before any other function. */
+static float SIGNS[256][8];
+
+void dh_init(void) {
+    for (int b = 0; b < 256; ++b)
+        for (int k = 0; k < 8; ++k) SIGNS[b][k] = ((b >> k) & 1) ? 1.0f : -1.0f;
+}
+
 /* Pack x >= 0 of elements [lo, hi) (lo a multiple of 8) into bytes lo/8 ..; elements at or
  * beyond n are padding (bit 1). */
 void dh_pack_signs(int64_t lo, int64_t hi, int64_t n, const float *x, uint8_t *packed) {
@@ -85,13 +94,48 @@ void dh_sign_residual(int64_t lo, int64_t hi, const float *x, int64_t nblocks, c
     }
 }
 
-/* SIGNS[b][k] = +1 if bit k of byte b is set, else -1; filled by dh_init, which the loader
- * calls once before any other function. */
-static float SIGNS[256][8];
-
-void dh_init(void) {
-    for (int b = 0; b < 256; ++b)
-        for (int k = 0; k < 8; ++k) SIGNS[b][k] = ((b >> k) & 1) ? 1.0f : -1.0f;
+/* dh_pack_signs and dh_sign_residual in one pass over [lo, hi) (lo a multiple of 8; blocks
+ * contiguous from 0, elements past the last block, up to n, are packed only). Runs of whole
+ * bytes inside one block go tile by tile: the residual loop, then the packing loop over the
+ * same tile while it is in L1 (both vectorize; one loop doing both does not). */
+void dh_pack_residual(int64_t lo, int64_t hi, int64_t n, const float *x, int64_t nblocks, const int64_t *bounds,
+                      const float *scales, uint8_t *packed, float *residual) {
+    const int64_t TILE = 1024;
+    int64_t b = 0, end = nblocks > 0 ? bounds[nblocks] : 0;
+    int64_t i = lo;
+    while (i < hi) {
+        while (b < nblocks && bounds[b + 1] <= i) ++b;
+        if (b < nblocks && i + 8 <= n && i + 8 <= bounds[b + 1]) {  /* whole bytes in block b */
+            int64_t z = bounds[b + 1] < n ? bounds[b + 1] : n;
+            z = z < hi ? z : hi;
+            z = i + (z - i) / 8 * 8;
+            const float s = scales[b];
+            for (int64_t t = i; t < z; t += TILE) {
+                int64_t e = t + TILE < z ? t + TILE : z;
+                for (int64_t j = t; j < e; ++j) residual[j] = x[j] - (x[j] >= 0.0f ? s : -s);
+                for (int64_t j = t; j < e; j += 8) {
+                    unsigned byte = 0;
+                    for (int k = 0; k < 8; ++k) byte |= (unsigned)(x[j + k] >= 0.0f) << k;
+                    packed[j >> 3] = (uint8_t)byte;
+                }
+            }
+            i = z;
+            continue;
+        }
+        unsigned byte = 0;  /* a byte across a block boundary, or past the blocks or n */
+        int64_t bb = b;
+        for (int k = 0; k < 8; ++k) {
+            int64_t j = i + k;
+            int bit = j >= n || x[j] >= 0.0f;
+            byte |= (unsigned)bit << k;
+            if (j < end && j < n) {
+                while (bounds[bb + 1] <= j) ++bb;
+                residual[j] = x[j] - (bit ? scales[bb] : -scales[bb]);
+            }
+        }
+        packed[i >> 3] = (uint8_t)byte;
+        i += 8;
+    }
 }
 
 /* Decode packed signs with per-block scales over the blocks' elements within [lo, hi):
