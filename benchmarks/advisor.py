@@ -161,8 +161,10 @@ def _shapes_for(args) -> list[tuple[int, ...]]:
 
 
 def validate(paths: list[str], shapes_of) -> list[dict]:
-    """Compare predictions with emulate.py measurements: calibrate on the unshaped run of each
-    model, predict the shaped ones. Returns rows with the relative error."""
+    """Compare predictions with emulate.py measurements: calibrate each hook's overhead on the
+    unshaped run of each model, predict the shaped runs from their own compute-only time (as a
+    user predicts from a compute time measured on their machine). Returns rows with the
+    relative error."""
     runs = [json.load(open(p)) for p in paths]
     rows = []
     for base in [r for r in runs if r.get("rate") in (None, "unshaped")]:
@@ -177,7 +179,10 @@ def validate(paths: list[str], shapes_of) -> list[dict]:
                 bw = parse_rate(run.get("measured_rate") or run["rate"])
                 latency = float(run.get("delay_ms", 0.0)) / 1000
                 for r in [r for r in run["rows"] if r["model"] == model and r["hook"] in hooks()]:
-                    p = predict(shapes, run["world_size"], compute, bw, latency, overhead, [r["hook"]])[0]
+                    # compute-only time is measured in every run (no communication in it)
+                    own = r.get("compute_ms")
+                    step_compute = own / 1000 if own else compute
+                    p = predict(shapes, run["world_size"], step_compute, bw, latency, overhead, [r["hook"]])[0]
                     rows.append({"model": model, "rate": run["rate"], "hook": r["hook"],
                                  "measured_ms": r["step_ms"], "predicted_ms": 1000 * p.step_s,
                                  "error": 1000 * p.step_s / r["step_ms"] - 1})
