@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger("ddp_hooks")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_codec.c"
-FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off"]
+FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-trapping-math"]
 CHUNK = 1 << 20  # elements per thread task (a multiple of 8)
 
 _lock = threading.Lock()
@@ -46,7 +46,9 @@ _SIGNATURES = {
     "dh_init": [],
     "dh_pack_residual": [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr],
     "dh_absmax_diff": [_i64, _i64, _ptr, _ptr],
-    "dh_laq_quantize": [_i64, _i64, _ptr, _ptr, _f32, _f32, _f32, _f32, _ptr, _ptr, _ptr],
+    "dh_laq_quantize": [_i64, _i64, _ptr, _ptr, _f32, _f32, _f32, _f32, _ptr, _ptr, _ptr, _ptr],
+    "dh_pack_codes": [_i64, _i64, _i64, _ptr, _int, _ptr],
+    "dh_unpack_dequantize": [_i64, _i64, _i64, _ptr, _int, _f32, _f32, _ptr, _int],
     "dh_sqdiff_copy": [_i64, _i64, _ptr, _ptr],
 }
 _RESTYPES = {"dh_absmax_diff": ctypes.c_float, "dh_sqdiff_copy": ctypes.c_double}
@@ -245,18 +247,34 @@ def absmax_diff(g: torch.Tensor, q: torch.Tensor) -> float:
     return float("nan") if any(v != v for v in parts) else max(parts)
 
 
-def laq_quantize(g, q_ref, radius: float, step: float, unit: float, levels: int, q_new, innovation):
-    """LAQ's grid quantization in one pass (see csrc/cpu_codec.c): writes ``q_new`` and
-    ``innovation = q_new - q_ref``; returns (``||g - q_new||^2``, ``||innovation||^2``), float64
-    sums."""
+def laq_quantize(g, q_ref, radius: float, step: float, unit: float, levels: int, q_new, innovation, codes=None):
+    """LAQ's grid quantization in one pass (see csrc/cpu_codec.c): writes ``q_new``,
+    ``innovation = q_new - q_ref`` and the uint8 ``codes`` (if given); returns
+    (``||g - q_new||^2``, ``||innovation||^2``), float64 sums."""
     chunks = _chunks(g.numel())
     sums = torch.zeros(len(chunks), 2, dtype=torch.float64)
     lib = load()
     _map(lambda i, lo, hi: lib.dh_laq_quantize(lo, hi, g.data_ptr(), q_ref.data_ptr(), radius, step, unit,
                                                float(levels), q_new.data_ptr(), innovation.data_ptr(),
-                                               sums[i].data_ptr()), chunks)
+                                               _ptr_of(codes), sums[i].data_ptr()), chunks)
     total = sums.sum(0)
     return float(total[0]), float(total[1])
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of ``bits`` bits each, packed LSB first into ``ceil(n * bits / 8)`` bytes."""
+    n = codes.numel()
+    out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
+    _run(load().dh_pack_codes, n, n, codes.data_ptr(), int(bits), out.data_ptr())
+    return out
+
+
+def unpack_dequantize(packed: torch.Tensor, n: int, bits: int, radius: float, unit: float, out: torch.Tensor,
+                      accumulate: bool = False) -> torch.Tensor:
+    """``out (+)= (0 - radius) + unit * code`` for the ``n`` codes packed in ``packed``."""
+    _run(load().dh_unpack_dequantize, n, n, packed.data_ptr(), int(bits), float(radius), float(unit),
+         out.data_ptr(), int(accumulate))
+    return out
 
 
 def sqdiff_copy(src: torch.Tensor, dst: torch.Tensor) -> float:

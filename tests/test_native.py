@@ -12,7 +12,7 @@ import torch
 from ddp_hooks import native
 from ddp_hooks.algorithms.ef_signsgdm import worker_input
 from ddp_hooks.compress import sign
-from ddp_hooks.compress.laq import quantize_step
+from ddp_hooks.compress.laq import add_dequantized, codes_of, pack_codes, quantize_step, unpack_codes
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"fused CPU codec {native.status()}")
 
@@ -132,21 +132,38 @@ def test_laq_quantize_step_matches_torch_reference(n, bits, threads):
     outs = []
     for off in (False, True):
         q_new, innovation = torch.full_like(g, float("nan")), torch.full_like(g, float("nan"))
+        codes = torch.full((n,), 255, dtype=torch.uint8)
         if off:
             with native.disabled():
-                radius, eps2, inno2 = quantize_step(g, q_ref, bits, q_new, innovation)
+                radius, eps2, inno2 = quantize_step(g, q_ref, bits, q_new, innovation, codes)
         else:
-            radius, eps2, inno2 = quantize_step(g, q_ref, bits, q_new, innovation)
-        outs.append((radius, eps2, inno2, q_new, innovation))
+            radius, eps2, inno2 = quantize_step(g, q_ref, bits, q_new, innovation, codes)
+        outs.append((radius, eps2, inno2, q_new, innovation, codes))
     got, want = outs
     assert torch.equal(got[0], want[0])  # the same radius
     assert torch.equal(got[3], want[3]) and torch.equal(got[4], want[4])  # the same grid point, bit for bit
+    assert torch.equal(got[5], want[5]) and torch.equal(got[5], codes_of(got[3], q_ref, got[0], bits))
     q_new, innovation = got[3], got[4]
     truth = [(g.double() - q_new.double()).square().sum(), innovation.double().square().sum()]
     for a, b, t in zip(got[1:3], want[1:3], truth):  # float64 sums here, float32 in torch
         torch.testing.assert_close(a.double(), t, rtol=1e-6, atol=1e-30)
         # torch's float32 norm of 2M values spanning many magnitudes is off by up to ~0.2%
         torch.testing.assert_close(b.double(), t, rtol=1e-2, atol=1e-30)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1001, native.CHUNK * 2 + 13])
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_laq_code_packing_and_reconstruction_match_torch_reference(n, bits, threads):
+    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n + bits)).to(torch.uint8)
+    packed = pack_codes(codes, bits)
+    base, radius = _input(n, 17 * n), torch.tensor(0.37)
+    got = add_dequantized(base.clone(), packed, radius, bits)
+    with native.disabled():
+        want_packed = pack_codes(codes, bits)
+        want = add_dequantized(base.clone(), want_packed, radius, bits)
+    assert torch.equal(packed, want_packed)
+    assert torch.equal(unpack_codes(packed, n, bits), codes)
+    assert torch.equal(got, want)
 
 
 def test_laq_quantize_step_without_change_and_with_nan():

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.futures import Future
 
 from .. import native
-from ..compress.laq import codes_of, dequantize, pack_codes, quantize_step, unpack_codes
+from ..compress.laq import add_dequantized, pack_codes, quantize_step
 from ..core import HookState, SyncOptimizer, check_choice, check_float, check_int
 
 
@@ -141,6 +141,8 @@ class LAQ(HookState):
         ws = self._ws
         if ws is None or ws["g"].numel() != numel or ws["g"].device != device:
             ws = self._ws = {k: torch.empty(numel, device=device) for k in ("g", "q_new", "work")}
+            if self.wire == "uploads" and self.quantize:
+                ws["codes"] = torch.empty(numel, dtype=torch.uint8, device=device)
         return ws
 
     def aggregate(self, step: int) -> None:
@@ -158,7 +160,7 @@ class LAQ(HookState):
 
         with self.time(step, "compress", device):
             if self.quantize:
-                radius, eps2, innovation_sq = quantize_step(g, q_ref, self.bits, q_new, innovation)
+                radius, eps2, innovation_sq = quantize_step(g, q_ref, self.bits, q_new, innovation, ws.get("codes"))
             else:
                 radius = None
                 q_new.copy_(g)
@@ -177,11 +179,11 @@ class LAQ(HookState):
         if self.wire == "dense":
             received = self.transport.all_reduce(innovation.mul_(upload), step).wait()
         else:
-            codes = codes_of(q_new, q_ref, radius, self.bits) if self.quantize else None
-            received = self._broadcast_uploads(flags, radius, codes, innovation, g.numel(), step, device)
+            received = self._broadcast_uploads(flags, radius, ws.get("codes"), innovation, g.numel(), step, device)
 
         with self.time(step, "decompress", device):
-            aggregate.add_(received)
+            if received is not None:
+                aggregate.add_(received)
             if device.type == "cpu":  # a CPU flag: swap buffers instead of copying
                 if bool(upload):
                     ws["q_new"] = self.memory.swap_flat("q_ref", params, q_new)
@@ -199,10 +201,13 @@ class LAQ(HookState):
                     grad = piece.div(n)
                     p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
 
-    def _broadcast_uploads(self, flags, radius, codes, innovation, numel, step, device) -> torch.Tensor:
+    def _broadcast_uploads(self, flags, radius, codes, innovation, numel, step, device) -> torch.Tensor | None:
         """Only the uploaders' payloads travel: one broadcast per uploader, the same list on
-        every rank (it follows from the all-gathered flags)."""
+        every rank (it follows from the all-gathered flags). Returns their sum (None: nobody
+        uploaded)."""
         uploaders = [j for j, f in enumerate(flags.view(-1).tolist()) if f]
+        if not uploaders:
+            return None
         total = torch.zeros(numel, device=device)
         for j in uploaders:
             if self.quantize:
@@ -211,9 +216,7 @@ class LAQ(HookState):
                 if j == self.rank:
                     payload.copy_(torch.cat([radius.float().view(1).view(torch.uint8), pack_codes(codes, self.bits)]))
                 self._broadcast(payload, j, step)
-                r = payload[:4].view(torch.float32).view(())
-                c = unpack_codes(payload[4:], numel, self.bits)
-                total += dequantize(torch.zeros(numel, device=device), r, c, self.bits)
+                add_dequantized(total, payload[4:], payload[:4].view(torch.float32).view(()), self.bits)
             else:
                 payload = innovation.clone() if j == self.rank else torch.empty(numel, device=device)
                 self._broadcast(payload, j, step)

@@ -43,23 +43,38 @@ def quantize_innovation_(g: torch.Tensor, q_ref: torch.Tensor, bits: int, out: t
     return radius
 
 
-def quantize_step(g: torch.Tensor, q_ref: torch.Tensor, bits: int, q_new: torch.Tensor, innovation: torch.Tensor):
-    """One round of the quantizer with what the skip rule needs: writes ``q_new = Q(g)`` and
-    ``innovation = q_new - q_ref``; returns (radius, ``||g - q_new||^2``, ``||innovation||^2``)
-    as 0-d fp32 tensors. On CPU the fused loops of :mod:`ddp_hooks.native` do it in two passes
-    (the same ``Q(g)``; the norms are summed in float64 there)."""
-    if g.dtype == torch.float32 and native.usable(g, q_ref, q_new, innovation):
+def quantize_step(g: torch.Tensor, q_ref: torch.Tensor, bits: int, q_new: torch.Tensor, innovation: torch.Tensor,
+                  codes: torch.Tensor | None = None):
+    """One round of the quantizer with what the skip rule needs: writes ``q_new = Q(g)``,
+    ``innovation = q_new - q_ref`` and, if given, the uint8 ``codes``; returns (radius,
+    ``||g - q_new||^2``, ``||innovation||^2``) as 0-d fp32 tensors. On CPU the fused loops of
+    :mod:`ddp_hooks.native` do it in two passes (the same ``Q(g)``; norms summed in float64)."""
+    tensors = (g, q_ref, q_new, innovation) + ((codes,) if codes is not None else ())
+    if g.dtype == torch.float32 and native.usable(*tensors):
         levels = (1 << bits) - 1
         radius = torch.tensor(native.absmax_diff(g, q_ref) if g.numel() else 0.0)
         safe = torch.where(radius > 0, radius, torch.ones_like(radius))
         step, unit = 2 * safe / levels, 2 * radius / levels  # as the torch path rounds them
-        eps2, inno2 = native.laq_quantize(g, q_ref, radius.item(), step.item(), unit.item(), levels, q_new, innovation)
+        eps2, inno2 = native.laq_quantize(g, q_ref, radius.item(), step.item(), unit.item(), levels, q_new,
+                                          innovation, codes)
         return radius, torch.tensor(eps2, dtype=torch.float32), torch.tensor(inno2, dtype=torch.float32)
     radius = quantize_innovation_(g, q_ref, bits, out=q_new, work=innovation)
+    if codes is not None:
+        codes.copy_(codes_of(q_new, q_ref, radius, bits))
     torch.sub(g, q_new, out=innovation)
     eps2 = torch.linalg.vector_norm(innovation).square()
     torch.sub(q_new, q_ref, out=innovation)
     return radius, eps2, torch.linalg.vector_norm(innovation).square()
+
+
+def add_dequantized(total: torch.Tensor, packed: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:
+    """``total += dequantize(0, radius, codes)`` for the ``total.numel()`` codes packed in
+    ``packed``: a receiver's reconstruction of one upload, added to the sum of uploads."""
+    n = total.numel()
+    if total.dtype == torch.float32 and native.usable(total, packed, radius):
+        unit = 2 * radius / ((1 << bits) - 1)
+        return native.unpack_dequantize(packed, n, bits, float(radius), float(unit), total, accumulate=True)
+    return total.add_(dequantize(torch.zeros_like(total), radius, unpack_codes(packed, n, bits), bits))
 
 
 def codes_of(q: torch.Tensor, q_ref: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:
@@ -77,6 +92,8 @@ def dequantize(q_ref: torch.Tensor, radius: torch.Tensor, codes: torch.Tensor, b
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes of ``bits`` bits each into ``ceil(len * bits / 8)`` bytes."""
+    if native.usable(codes) and codes.dtype == torch.uint8:
+        return native.pack_codes(codes, bits)
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     planes = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)  # bit j of code i at i*bits + j
     return pack_signs(planes.to(torch.float32) - 0.5)

@@ -187,23 +187,78 @@ float dh_absmax_diff(int64_t lo, int64_t hi, const float *g, const float *q) {
  *   code  = clamp(floor((g - q_ref + R) / step + 0.5), 0, levels) * (R > 0)
  *   q_new = code * unit + q_ref - R                 (step = 2R/levels or 2/levels when R = 0,
  *   innovation = q_new - q_ref                        unit = 2R/levels)
- * and float64 partial sums: sums[0] += sum (g - q_new)^2, sums[1] += sum innovation^2. */
+ * and float64 partial sums: sums[0] = sum (g - q_new)^2, sums[1] = sum innovation^2; codes
+ * (may be NULL) receive the uint8 codes. Clamping before truncating gives floor-then-clamp's
+ * integer for every finite value (and vectorizes, where floorf is a call without SSE4.1);
+ * NaN stays NaN (code 0). */
 void dh_laq_quantize(int64_t lo, int64_t hi, const float *g, const float *q_ref, float radius, float step,
-                     float unit, float levels, float *q_new, float *innovation, double *sums) {
+                     float unit, float levels, float *q_new, float *innovation, uint8_t *codes, double *sums) {
     const float positive = radius > 0.0f ? 1.0f : 0.0f;
-    double eps2 = 0.0, inno2 = 0.0;
-    for (int64_t i = lo; i < hi; ++i) {
-        float c = floorf((g[i] - q_ref[i] + radius) / step + 0.5f);
-        c = c < 0.0f ? 0.0f : (c > levels ? levels : c);
-        float qn = c * positive * unit + q_ref[i] - radius;
-        float r = g[i] - qn, d = qn - q_ref[i];
-        q_new[i] = qn;
-        innovation[i] = d;
-        eps2 += (double)r * r;
-        inno2 += (double)d * d;
+    enum { TILE = 1024 };
+    float level[TILE];  /* the tile's codes as floats, NaN -> 0 */
+    double eps2[8] = {0, 0, 0, 0, 0, 0, 0, 0}, inno2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t t = lo; t < hi; t += TILE) {  /* elementwise loops, then the sums over the tile */
+        int64_t e = t + TILE < hi ? t + TILE : hi;
+        for (int64_t j = t; j < e; ++j) {
+            float v = (g[j] - q_ref[j] + radius) / step + 0.5f;
+            v = v < 0.0f ? 0.0f : (v > levels ? levels : v);
+            float whole = (float)(int32_t)(v == v ? v : 0.0f);  /* no branch: vectorizes */
+            float qn = (v == v ? whole : v) * positive * unit + q_ref[j] - radius;
+            level[j - t] = whole * positive;
+            q_new[j] = qn;
+            innovation[j] = qn - q_ref[j];
+        }
+        if (codes)
+            for (int64_t j = t; j < e; ++j) codes[j] = (uint8_t)(int32_t)level[j - t];
+        int64_t j = t;
+        for (; j + 8 <= e; j += 8)  /* 8 independent float64 accumulators, a fixed order */
+            for (int k = 0; k < 8; ++k) {
+                float r = g[j + k] - q_new[j + k], d = innovation[j + k];
+                eps2[k] += (double)r * r;
+                inno2[k] += (double)d * d;
+            }
+        for (; j < e; ++j) {
+            float r = g[j] - q_new[j], d = innovation[j];
+            eps2[j & 7] += (double)r * r;
+            inno2[j & 7] += (double)d * d;
+        }
     }
-    sums[0] = eps2;
-    sums[1] = inno2;
+    sums[0] = ((eps2[0] + eps2[1]) + (eps2[2] + eps2[3])) + ((eps2[4] + eps2[5]) + (eps2[6] + eps2[7]));
+    sums[1] = ((inno2[0] + inno2[1]) + (inno2[2] + inno2[3])) + ((inno2[4] + inno2[5]) + (inno2[6] + inno2[7]));
+}
+
+/* Codes [lo, hi) (lo a multiple of 8) of `bits` bits each into bytes, LSB first: bit j of code
+ * i is bit (i * bits + j) of the stream; n codes in all (padding bits of the last byte are 1,
+ * as in the sign packing). */
+void dh_pack_codes(int64_t lo, int64_t hi, int64_t n, const uint8_t *codes, int bits, uint8_t *out) {
+    for (int64_t i = lo; i < hi; i += 8) {
+        uint64_t word = 0;
+        int m = n - i < 8 ? (int)(n - i) : 8;
+        for (int k = 0; k < m; ++k) word |= (uint64_t)codes[i + k] << (k * bits);
+        if (m < 8) word |= ~(uint64_t)0 << (m * bits);
+        int64_t at = i / 8 * bits;
+        int nbytes = (m * bits + 7) / 8;
+        for (int q = 0; q < nbytes; ++q) out[at + q] = (uint8_t)(word >> (8 * q));
+    }
+}
+
+/* out[i] (+)= (0 - R) + unit * code_i for codes [lo, hi) (lo a multiple of 8) of a packed
+ * stream of n codes: the receiver's reconstruction of an innovation, as the reference does it. */
+void dh_unpack_dequantize(int64_t lo, int64_t hi, int64_t n, const uint8_t *packed, int bits, float radius,
+                          float unit, float *out, int accumulate) {
+    const uint64_t mask = (1u << bits) - 1;
+    const float base = 0.0f - radius;
+    for (int64_t i = lo; i < hi; i += 8) {
+        int m = n - i < 8 ? (int)(n - i) : 8;
+        int64_t at = i / 8 * bits;
+        int nbytes = (m * bits + 7) / 8;
+        uint64_t word = 0;
+        for (int q = 0; q < nbytes; ++q) word |= (uint64_t)packed[at + q] << (8 * q);
+        for (int k = 0; k < m; ++k) {
+            float v = base + unit * (float)((word >> (k * bits)) & mask);
+            out[i + k] = accumulate ? out[i + k] + v : v;
+        }
+    }
 }
 
 /* sum (dst_i - src_i)^2 in float64 over [lo, hi), then dst = src */
