@@ -1,16 +1,19 @@
 """Which hook, if any, pays off on a given network? A step-time model.
 
-    step = compute + overhead + network
+    step = compute + codec + max(network, contention)
     network = sum over collectives of  bytes_factor * S / bandwidth + steps * latency
 
 with the usual costs per worker for a payload of ``S`` bytes on ``n`` ranks: ring all-reduce
 ``2(n-1)/n S`` and ``2(n-1)`` latency steps; all-gather ``(n-1) S`` and ``n-1`` steps; all-to-all
 ``(n-1)/n S`` and ``n-1`` steps (the sharded two-way exchange is an all-to-all plus an
 all-gather). ``compute`` is the measured time of a step that communicates nothing (``no_sync``);
-``overhead`` is each hook's encode/decode and bookkeeping, calibrated from a measured step on a
-fast network (``benchmarks/step_time.py`` output): ``overhead = step - compute - network`` there.
-Communication is assumed not to overlap with backward (a conservative choice: on a CPU
-machine the ranks' gloo threads compete with backward for the same cores).
+``codec`` is each hook's measured encode/decode time (the JSON's ``codec_ms``; it runs in
+series with the messages it produces), ``contention`` the rest of what a step costs beyond
+compute on a fast network (bookkeeping, and the reduction work of the collectives competing
+with backward for the cores), calibrated from a measured step on a fast network
+(``benchmarks/step_time.py`` or ``emulate.py`` output): ``contention = step - compute - codec
+- network`` there. On a slow link that work hides behind the transfer, hence the max.
+Communication is otherwise assumed not to overlap with backward.
 
     python benchmarks/advisor.py --params 11.7e6 --compute-ms 400 --world 4 --bandwidth 1gbit
     python benchmarks/advisor.py --measured benchmarks/results/step_time_gloo.json --model resnet18 --bandwidth 100mbit
@@ -53,7 +56,7 @@ class Prediction:
     hook: str
     step_s: float
     network_s: float
-    overhead_s: float
+    overhead_s: float  # codec + the part of contention not hidden by the network
     wire_bytes: float
 
 
@@ -108,19 +111,23 @@ def hooks() -> list[str]:
 
 
 def predict(shapes, world: int, compute_s: float, bandwidth: float, latency: float = 0.0,
-            overhead_s: dict[str, float] | None = None, names=None) -> list[Prediction]:
-    """Predicted step time of each hook; ``bandwidth`` in bytes per second."""
+            overhead_s: dict[str, float | tuple[float, float]] | None = None, names=None) -> list[Prediction]:
+    """Predicted step time of each hook; ``bandwidth`` in bytes per second. ``overhead_s`` per
+    hook: seconds of codec, or (codec, contention) as :func:`calibrate` returns them."""
     out = []
     for hook in names or hooks():
         net, wire = network_time(hook, shapes, world, bandwidth, latency)
         extra = (overhead_s or {}).get(hook, 0.0)
-        out.append(Prediction(hook, compute_s + extra + net, net, extra, wire))
+        codec, contention = extra if isinstance(extra, tuple) else (extra, 0.0)
+        step = compute_s + codec + max(net, contention)
+        out.append(Prediction(hook, step, net, max(0.0, step - compute_s - net), wire))
     return sorted(out, key=lambda p: p.step_s)
 
 
-def calibrate(measured: dict, shapes, bandwidth: float, latency: float) -> tuple[float, dict[str, float]]:
-    """(compute seconds, overhead seconds per hook) from a measured step-time table at a known
-    bandwidth: overhead = step - compute - modelled network time, never below 0."""
+def calibrate(measured: dict, shapes, bandwidth: float, latency: float) -> tuple[float, dict]:
+    """(compute seconds, {hook: (codec, contention) seconds}) from a measured step-time table at
+    a known bandwidth: codec = the measured encode/decode time (0 where not reported),
+    contention = step - compute - codec - modelled network time, never below 0."""
     rows = measured["rows"]
     compute = rows[0]["compute_ms"] / 1000
     world = measured["world_size"]
@@ -128,7 +135,8 @@ def calibrate(measured: dict, shapes, bandwidth: float, latency: float) -> tuple
     for r in rows:
         if r["hook"] in hooks():
             net, _ = network_time(r["hook"], shapes, world, bandwidth, latency)
-            overhead[r["hook"]] = max(0.0, r["step_ms"] / 1000 - compute - net)
+            codec = min((r.get("codec_ms") or 0.0) / 1000, max(0.0, r["step_ms"] / 1000 - compute))
+            overhead[r["hook"]] = (codec, max(0.0, r["step_ms"] / 1000 - compute - codec - net))
     return compute, overhead
 
 

@@ -13,7 +13,7 @@ Codes are packed ``b`` bits each, least significant bit first, into bytes.
 import torch
 
 from .. import native
-from .sign import pack_signs, unpack_signs
+from .sign import pack_bits, unpack_bits
 
 
 def quantize_innovation(g: torch.Tensor, q_ref: torch.Tensor, bits: int):
@@ -96,12 +96,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return native.pack_codes(codes, bits)
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     planes = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)  # bit j of code i at i*bits + j
-    return pack_signs(planes.to(torch.float32) - 0.5)
+    return pack_bits(planes.bool())
 
 
 def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`; ``packed`` may be ``(..., nbytes)``."""
-    planes = (unpack_signs(packed, count * bits) > 0).to(torch.uint8)
+    planes = unpack_bits(packed, count * bits).view(torch.uint8)
     planes = planes.view(*packed.shape[:-1], count, bits)
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
     return (planes * weights).sum(-1, dtype=torch.uint8)

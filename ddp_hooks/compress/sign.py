@@ -36,6 +36,19 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     bits = torch.ones(-(-n // 8) * 8, dtype=torch.bool, device=x.device)
     torch.ge(x, 0, out=bits[:n])
+    return _gather_bytes(bits)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a 1-D bool tensor into ``ceil(len/8)`` bytes (LSB first, padding bits 1)."""
+    n = bits.numel()
+    padded = torch.ones(-(-n // 8) * 8, dtype=torch.bool, device=bits.device)
+    padded[:n] = bits
+    return _gather_bytes(padded)
+
+
+def _gather_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """Bools (a multiple of 8) -> bytes, bit ``i % 8`` of byte ``i // 8`` from bool ``i``."""
     return ((bits.view(torch.uint8).view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
 
