@@ -74,6 +74,9 @@ class QsparseLocalSGD(HookState):
         self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank)
         self._shared = torch.Generator().manual_seed(self.seed)
         self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
+        # period 1: fp32 workspaces of a bucket (p = g + e, the decoded mean), none allocated per step
+        self._workspaces = LayoutCache(lambda params: tuple(
+            torch.empty(sum(t.numel() for t in params), device=params[0].device) for _ in range(2)))
         self._lr_at_sync: list[float] | None = None
 
     def register(self, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
@@ -100,9 +103,10 @@ class QsparseLocalSGD(HookState):
         """``period = 1``: p = g + e; q = QComp(p); e = p - q; gradient = mean_j q_j."""
         params, grads, buf = bucket.parameters(), bucket.gradients(), bucket.buffer()
         plan = self._plans.get(params, step)
+        p, out = self._workspaces.get(params, step)
         error = self.memory.flat("error", params)
         with self.time(step, "compress", buf.device):
-            p = buf.to(torch.float32) + error
+            torch.add(buf, error, out=p)
             pieces = p.split([t.numel() for t in grads])
             payload, local = plan.encode(pieces, self._generator, self._shared)
         self.count_bits(step, plan.paper_bits)
@@ -110,7 +114,6 @@ class QsparseLocalSGD(HookState):
 
         def finish(fut: Future) -> torch.Tensor:
             with self.time(step, "decompress", buf.device):
-                out = torch.empty_like(p)
                 bad = plan.mean(fut.value(), out.split([t.numel() for t in grads]), local)
                 for piece, (idx, values) in zip(pieces, local):
                     subtract_message(piece, idx, values)  # p becomes p - q_i
