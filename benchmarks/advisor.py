@@ -185,6 +185,8 @@ def validate(paths: list[str], shapes_of) -> list[dict]:
                 if run is base or run.get("rate") in (None, "unshaped"):
                     continue
                 bw = parse_rate(run.get("measured_rate") or run["rate"])
+                if run.get("link") == "shared":  # one link for all: each worker gets 1/n when all send
+                    bw /= run["world_size"]
                 latency = float(run.get("delay_ms", 0.0)) / 1000
                 for r in [r for r in run["rows"] if r["model"] == model and r["hook"] in hooks()]:
                     # compute-only time is measured in every run (no communication in it)

@@ -3,7 +3,9 @@
 Every worker runs in its own network namespace, joined to a bridge by a veth link; with a rate
 (e.g. 100mbit, 1gbit, 10gbit) both directions of every link are shaped with tc (a token
 bucket at the rate; with --delay-ms also a netem delay), as if each worker had a NIC of that
-speed. The workers run the step-time
+speed. With ``--link shared`` the workers instead share one link of that rate (a hub, or one
+uplink for all of them): everything any worker sends is redirected through a single shaped
+ifb device. The workers run the step-time
 measurement of ``benchmarks/step_time.py`` over gloo; before that the script measures the TCP
 throughput actually achieved between two namespaces and prints it. Everything it creates
 (namespaces, links, bridge, qdiscs) is torn down when it ends, also on errors or Ctrl-C. It
@@ -30,10 +32,11 @@ sys.path.insert(0, str(ROOT))
 class Topology:
     """``n`` namespaces on one bridge, optionally shaped; a context manager that cleans up."""
 
-    def __init__(self, n: int, rate: str | None, delay_ms: float = 0.0) -> None:
+    def __init__(self, n: int, rate: str | None, delay_ms: float = 0.0, shared: bool = False) -> None:
         tag = f"dh{os.getpid() % 100000}"
-        self.n, self.rate, self.delay_ms = n, rate, delay_ms
+        self.n, self.rate, self.delay_ms, self.shared = n, rate, delay_ms, shared
         self.bridge = f"{tag}br"
+        self.ifb = f"{tag}ifb"
         self.ns = [f"{tag}n{i}" for i in range(n)]
         self.host_if = [f"{tag}h{i}" for i in range(n)]
         self.ns_if = [f"{tag}v{i}" for i in range(n)]
@@ -50,6 +53,11 @@ class Topology:
         try:
             self._ip("link", "add", self.bridge, "type", "bridge", undo=["link", "del", self.bridge])
             self._ip("link", "set", self.bridge, "up")
+            shared = self.shared and (self.rate or self.delay_ms)
+            if shared:  # one shaped device that every worker's traffic passes through
+                self._ip("link", "add", self.ifb, "type", "ifb", undo=["link", "del", self.ifb])
+                self._ip("link", "set", self.ifb, "up")
+                self._shape([], self.ifb)
             for i in range(self.n):
                 ns, host, inner = self.ns[i], self.host_if[i], self.ns_if[i]
                 self._ip("netns", "add", ns, undo=["netns", "del", ns])
@@ -60,6 +68,11 @@ class Topology:
                 self._ip("-n", ns, "addr", "add", f"{self.ips[i]}/24", "dev", inner)
                 self._ip("-n", ns, "link", "set", inner, "up")
                 self._ip("-n", ns, "link", "set", "lo", "up")
+                if shared:  # what worker i sends enters the bridge here: through the ifb first
+                    _tc("qdisc", "add", "dev", host, "clsact")
+                    _tc("filter", "add", "dev", host, "ingress", "protocol", "all", "prio", "1", "u32",
+                        "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", self.ifb)
+                    continue
                 for prefix, dev in ((["-n", ns], inner), ([], host)):  # both directions
                     self._shape(prefix, dev)
         except BaseException:
@@ -95,6 +108,8 @@ def _tc(*args: str) -> None:
     done = subprocess.run(["tc", *args], capture_output=True, text=True)
     if done.returncode != 0:
         hint = " (this kernel lacks the netem qdisc: --delay-ms needs it)" if "netem" in args else ""
+        if "mirred" in args or "clsact" in args:
+            hint = " (--link shared needs the ifb device, the clsact qdisc, u32 and mirred)"
         raise RuntimeError(f"tc {' '.join(args)} failed: {done.stderr.strip()}{hint}")
 
 
@@ -124,30 +139,39 @@ def check_privileges() -> str | None:
 
 def measure_throughput(topo: Topology, megabytes: int = 8) -> float:
     """TCP throughput (bits/s) from namespace 0 to namespace 1, measured with a plain socket."""
-    port = 29400 + os.getpid() % 1000
-    server = (
-        "import socket,sys,time\n"
-        f"s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('{topo.ips[1]}',{port}));s.listen(1)\n"
-        "c,_=s.accept();n=0;t=None\n"
-        "while True:\n"
-        " b=c.recv(1<<20)\n"
-        " if not b: break\n"
-        " t=t or time.perf_counter();n+=len(b)\n"
-        "print(n*8/(time.perf_counter()-t))\n"
-    )
-    srv = subprocess.Popen(["ip", "netns", "exec", topo.ns[1], sys.executable, "-c", server],
-                           stdout=subprocess.PIPE, text=True)
-    client = (
-        "import socket,time\n"
-        "for _ in range(50):\n"
-        " try:\n"
-        f"  c=socket.create_connection(('{topo.ips[1]}',{port}));break\n"
-        " except OSError: time.sleep(0.1)\n"
-        f"buf=b'x'*(1<<20)\nfor _ in range({megabytes}): c.sendall(buf)\nc.close()\n"
-    )
-    subprocess.run(["ip", "netns", "exec", topo.ns[0], sys.executable, "-c", client], check=True, timeout=300)
-    out, _ = srv.communicate(timeout=300)
-    return float(out.strip())
+    return measure_flows(topo, [(0, 1)], megabytes)[0]
+
+
+def measure_flows(topo: Topology, pairs: list[tuple[int, int]], megabytes: int = 8) -> list[float]:
+    """TCP throughput (bits/s) of each flow ``(src, dst)`` between namespaces, all at once."""
+    servers, clients = [], []
+    for k, (src, dst) in enumerate(pairs):
+        port = 29400 + (os.getpid() + k) % 1000
+        server = (
+            "import socket,sys,time\n"
+            f"s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('{topo.ips[dst]}',{port}));s.listen(1)\n"
+            "c,_=s.accept();n=0;t=None\n"
+            "while True:\n"
+            " b=c.recv(1<<20)\n"
+            " if not b: break\n"
+            " t=t or time.perf_counter();n+=len(b)\n"
+            "print(n*8/(time.perf_counter()-t))\n"
+        )
+        servers.append(subprocess.Popen(["ip", "netns", "exec", topo.ns[dst], sys.executable, "-c", server],
+                                        stdout=subprocess.PIPE, text=True))
+        client = (
+            "import socket,time\n"
+            "for _ in range(50):\n"
+            " try:\n"
+            f"  c=socket.create_connection(('{topo.ips[dst]}',{port}));break\n"
+            " except OSError: time.sleep(0.1)\n"
+            f"buf=b'x'*(1<<20)\nfor _ in range({megabytes}): c.sendall(buf)\nc.close()\n"
+        )
+        clients.append(subprocess.Popen(["ip", "netns", "exec", topo.ns[src], sys.executable, "-c", client]))
+    for c in clients:
+        if c.wait(timeout=300):
+            raise RuntimeError("a throughput probe failed")
+    return [float(srv.communicate(timeout=300)[0].strip()) for srv in servers]
 
 
 def _worker(args) -> None:
@@ -167,7 +191,8 @@ def _worker(args) -> None:
 
 def run_rate(rate: str, args, hooks: list[str]) -> dict:
     shaped = None if rate == "unshaped" else rate
-    with Topology(args.workers, shaped, args.delay_ms) as topo:
+    shared = args.link == "shared"
+    with Topology(args.workers, shaped, args.delay_ms, shared) as topo:
         achieved = measure_throughput(topo, megabytes=4 if shaped and "m" in shaped.lower() else 32)
         print(f"  {rate}: measured TCP throughput {achieved / 1e6:,.0f} Mb/s between two workers", flush=True)
         rows = []
@@ -195,13 +220,15 @@ def run_rate(rate: str, args, hooks: list[str]) -> dict:
                 if any(p.returncode for p in procs):
                     raise RuntimeError(f"a worker failed at {rate} (exit codes {[p.returncode for p in procs]})")
                 results = [json.loads(Path(f"{tmp}/r{i}.json").read_text()) for i in range(args.workers)]
+            # a shared link carries every worker's bytes: each gets 1/n of it when all send
+            per_worker = achieved / args.workers if shared and shaped else achieved
             for row in step_time.summarize(model, results):
-                wire_s = row["wire_mb"] * 2**20 * 8 / achieved
+                wire_s = row["wire_mb"] * 2**20 * 8 / per_worker
                 row["floor_ms"] = row["compute_ms"] + 1000 * wire_s
                 row["vs_floor"] = row["step_ms"] / row["floor_ms"]
                 rows.append(row)
-    return {"rate": rate, "delay_ms": args.delay_ms, "measured_rate": f"{achieved:.0f}", "world_size": args.workers,
-            "size": args.size, "rows": rows}
+    return {"rate": rate, "link": args.link, "delay_ms": args.delay_ms, "measured_rate": f"{achieved:.0f}",
+            "world_size": args.workers, "size": args.size, "rows": rows}
 
 
 def main(argv=None) -> list[dict]:
@@ -212,6 +239,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rates", default="100mbit,1gbit,unshaped", help="comma-separated; 'unshaped' = no tc")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added to every link")
+    parser.add_argument("--link", default="per-worker", choices=["per-worker", "shared"],
+                        help="each worker its own link of the rate, or all of them one link of the rate")
     parser.add_argument("--models", default="resnet18")
     parser.add_argument("--size", default="cifar", choices=["full", "cifar", "tiny"])
     parser.add_argument("--hooks", default=",".join(step_time.hooks()))
@@ -244,7 +273,7 @@ def main(argv=None) -> list[dict]:
         print(table(result["rows"], step_time.COLUMNS + [("floor_ms", "floor ms", ".1f"), ("vs_floor", "step/floor", ".2f")]))
         if "torch-bf16" not in hooks:
             print("(torch's bf16_compress_hook needs CUDA and NCCL: torch-bf16/hook compares with ddp_hooks' bf16)")
-        path = write_json(f"emulate_{rate}", result, args.out)
+        path = write_json(f"emulate_{rate}" + ("_shared" if args.link == "shared" else ""), result, args.out)
         print(f"wrote {path}\n")
         out.append(result)
     return out

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -119,6 +120,23 @@ def test_emulate_tiny(tmp_path):
     assert {r["hook"] for r in result["rows"]} == {"fp32", "qsparse"}
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "dh" not in leftovers  # everything it created is gone
+
+
+def test_emulate_links_are_per_worker_or_shared():
+    """Two 16 MB flows at once in opposite directions at 100 Mb/s: on per-worker links each has
+    its own 100 Mb/s, on one shared link they split it, so they take about twice as long."""
+    why = emulate.check_privileges()
+    if why:
+        pytest.skip(why)
+    walls = {}
+    for link in ("per-worker", "shared"):
+        with emulate.Topology(2, "100mbit", shared=link == "shared") as topo:
+            assert 60e6 < emulate.measure_throughput(topo, megabytes=2) < 140e6
+            start = time.perf_counter()
+            emulate.measure_flows(topo, [(0, 1), (1, 0)], megabytes=16)
+            walls[link] = time.perf_counter() - start
+    assert walls["shared"] > 1.5 * walls["per-worker"], walls
+    assert "dh" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
 def test_emulate_refuses_clearly_without_root():
