@@ -193,7 +193,8 @@ def validate(paths: list[str], shapes_of) -> list[dict]:
                     own = r.get("compute_ms")
                     step_compute = own / 1000 if own else compute
                     p = predict(shapes, run["world_size"], step_compute, bw, latency, overhead, [r["hook"]])[0]
-                    rows.append({"model": model, "rate": run["rate"], "hook": r["hook"],
+                    rate = run["rate"] + (" shared" if run.get("link") == "shared" else "")
+                    rows.append({"model": model, "rate": rate, "hook": r["hook"],
                                  "measured_ms": r["step_ms"], "predicted_ms": 1000 * p.step_s,
                                  "error": 1000 * p.step_s / r["step_ms"] - 1})
     return rows
@@ -214,9 +215,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.validate:
         rows = validate(args.validate, shapes_of)
-        print(f"{'model':>9} {'rate':>9} {'hook':>15} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
+        print(f"{'model':>9} {'rate':>14} {'hook':>15} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
         for r in rows:
-            print(f"{r['model']:>9} {r['rate']:>9} {r['hook']:>15} {r['measured_ms']:12.1f} "
+            print(f"{r['model']:>9} {r['rate']:>14} {r['hook']:>15} {r['measured_ms']:12.1f} "
                   f"{r['predicted_ms']:13.1f} {r['error']:+7.1%}")
         if rows:
             print(f"\nmean |error| {sum(abs(r['error']) for r in rows) / len(rows):.1%} over {len(rows)} predictions")
