@@ -5,7 +5,8 @@ effective bandwidth = ideal bytes / time, its fraction of the measured device-to
 bandwidth, and the speedup over the same math written with torch ops. Ideal bytes per fp32
 element: fused sign + EF 20.1 (two passes: the per-block scale must be known before the
 signs) and 12.1 for one pass; unpack-average of n messages 4 + n/8; top-k + EF one-pass
-floor 12 (read p and e, write e).
+floor 12 (read p and e, write e). The one-pass sign kernel (blocks of at most 4096 elements,
+one per CTA) moves 12.25 (12.1 plus zeroing the packed words).
 
     python benchmarks/kernels.py
 """
@@ -49,6 +50,7 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
         blocks = list(zip(bounds, bounds[1:]))
         offsets = torch.tensor(bounds, device="cuda")
         fused = _time(lambda: kernels.sign_compress_ef(p, e, 1.0, offsets, e_out), repeats)
+        one_pass = _time(lambda: kernels.sign_compress_ef(p, e, 1.0, offsets, e_out, max_block=block), repeats)
 
         def reference():
             v = p + e
@@ -58,6 +60,7 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
 
         ref = _time(reference, max(3, repeats // 10))
         rows.append(_row("sign+EF (fused, 2 passes)", n, fused, ref, 20.1, copy_bw, floor_bytes=12.1))
+        rows.append(_row("sign+EF (fused, 1 pass, 4096-blocks)", n, one_pass, ref, 12.25, copy_bw, floor_bytes=12.1))
         for m in (8, 64):
             packed_rows = torch.randint(0, 256, (m, (n + 7) // 8), dtype=torch.uint8, device="cuda")
             scales = torch.rand(m, len(blocks), device="cuda")

@@ -18,8 +18,9 @@ void check_fp32(const torch::Tensor& t, const char* name) {
 }  // namespace
 
 // (packed uint8 of ceil(n/8) bytes, fp32 scales per block); e_out = v - C(v), v = p + rho * e.
+// one_pass: every block has at most kOnePassMaxBlock elements (the caller knows its blocks).
 std::vector<torch::Tensor> sign_compress_ef(torch::Tensor p, torch::Tensor e, double rho, torch::Tensor offsets,
-                                            torch::Tensor e_out, int64_t stream) {
+                                            torch::Tensor e_out, int64_t stream, bool one_pass) {
   check_fp32(p, "p");
   check_fp32(e, "e");
   check_fp32(e_out, "e_out");
@@ -27,14 +28,22 @@ std::vector<torch::Tensor> sign_compress_ef(torch::Tensor p, torch::Tensor e, do
   TORCH_CHECK(offsets.is_cuda() && offsets.scalar_type() == torch::kLong && offsets.numel() >= 2,
               "offsets must be CUDA int64 block boundaries [0, ..., n]");
   const int64_t n = p.numel(), nblocks = offsets.numel() - 1;
-  auto sums = torch::empty({nblocks}, p.options().dtype(torch::kDouble));
   auto scales = torch::empty({nblocks}, p.options());
   auto words = torch::empty({(n + 31) / 32}, p.options().dtype(torch::kInt));
-  check(ddp_hooks::launch_sign_compress_ef(p.data_ptr<float>(), e.data_ptr<float>(), static_cast<float>(rho),
-                                           offsets.data_ptr<int64_t>(), nblocks, n, sums.data_ptr<double>(),
-                                           scales.data_ptr<float>(), reinterpret_cast<uint32_t*>(words.data_ptr<int>()),
-                                           e_out.data_ptr<float>(), as_stream(stream)),
-        "sign_compress_ef");
+  auto* word_ptr = reinterpret_cast<uint32_t*>(words.data_ptr<int>());
+  if (one_pass) {
+    check(ddp_hooks::launch_sign_ef_one_pass(p.data_ptr<float>(), e.data_ptr<float>(), static_cast<float>(rho),
+                                             offsets.data_ptr<int64_t>(), nblocks, n, scales.data_ptr<float>(),
+                                             word_ptr, e_out.data_ptr<float>(), as_stream(stream)),
+          "sign_ef_one_pass");
+  } else {
+    auto sums = torch::empty({nblocks}, p.options().dtype(torch::kDouble));
+    check(ddp_hooks::launch_sign_compress_ef(p.data_ptr<float>(), e.data_ptr<float>(), static_cast<float>(rho),
+                                             offsets.data_ptr<int64_t>(), nblocks, n, sums.data_ptr<double>(),
+                                             scales.data_ptr<float>(), word_ptr, e_out.data_ptr<float>(),
+                                             as_stream(stream)),
+          "sign_compress_ef");
+  }
   return {words.view(torch::kByte).narrow(0, 0, (n + 7) / 8), scales};
 }
 
@@ -95,6 +104,7 @@ std::vector<torch::Tensor> threshold_ef(torch::Tensor p, torch::Tensor e, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_compress_ef", &sign_compress_ef, "blockwise scaled sign + error feedback + bit packing");
+  m.attr("ONE_PASS_MAX_BLOCK") = ddp_hooks::kOnePassMaxBlock;
   m.def("unpack_average_out", &unpack_average_out, "unpack, scale and average packed sign messages");
   m.def("topk_ef", &topk_ef, "exact top-k by magnitude with error feedback (radix select)");
   m.def("threshold_ef", &threshold_ef, "one-pass threshold selection with error feedback");

@@ -4,7 +4,9 @@
 //   scale_b = float(sum_fp64(|v_b|) / d_b); bit i = (v_i >= 0), packed LSB first, padding bits 1;
 //   e_out_i = v_i - (bit ? scale : -scale).
 // Two passes over p and e (the block sums must be known before the signs are scaled):
-// 20.1 bytes per fp32 element.
+// 20.1 bytes per fp32 element. For blocks of at most kOnePassMax elements (EFSignSGDM's
+// block_size), sign_ef_one_pass keeps a block in registers: one CTA reads p and e once and
+// writes e_out and the packed signs once, 12.25 bytes per element (with the zeroing of words).
 #include <cuda_runtime.h>
 
 #include "common.cuh"
@@ -64,6 +66,73 @@ __global__ void sign_pack_ef(const float* __restrict__ p, const float* __restric
   }
 }
 
+// One CTA per block b, up to kOnePassMax elements held kPerThread per thread (element
+// lo + t + k * kThreads, coalesced). The fp64 sum is reduced in a fixed tree order. Packed
+// bits go to 32-bit words aligned to the whole stream: each warp's ballot is shifted into
+// the two words it touches in shared memory; words wholly inside the block are stored,
+// the first and last (shared with neighbouring blocks) are OR-ed atomically into words,
+// which the launcher zeroes first; bits past n are set to 1 by the last block.
+constexpr int kPerThread = 16;
+constexpr int64_t kOnePassMax = static_cast<int64_t>(kThreads) * kPerThread;
+static_assert(kOnePassMax == kOnePassMaxBlock, "launchers.h announces the one-pass block limit");
+
+__global__ void sign_ef_one_pass(const float* __restrict__ p, const float* __restrict__ e, float rho,
+                                 const int64_t* __restrict__ offsets, int64_t n, float* __restrict__ scales,
+                                 uint32_t* __restrict__ words, float* __restrict__ e_out) {
+  __shared__ double partial[kThreads / 32];
+  __shared__ uint32_t bits[kOnePassMax / 32 + 2];
+  __shared__ float scale_shared;
+  const int64_t b = blockIdx.x;
+  const int64_t lo = offsets[b], hi = offsets[b + 1];
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int64_t w0 = lo >> 5;                       // first stream word this block touches
+  const int nwords = static_cast<int>(((hi - 1) >> 5) - w0 + 1);
+  for (int k = t; k < nwords; k += kThreads) bits[k] = 0u;
+  float v[kPerThread];
+  double a = 0.0;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int64_t i = lo + t + static_cast<int64_t>(k) * kThreads;
+    v[k] = i < hi ? fmaf(rho, e[i], p[i]) : 0.f;
+    if (i < hi) a += fabs(static_cast<double>(v[k]));
+  }
+  for (int s = 16; s > 0; s >>= 1) a += __shfl_down_sync(0xffffffffu, a, s);
+  if (lane == 0) partial[warp] = a;
+  __syncthreads();
+  if (t == 0) {
+    double sum = 0.0;
+    for (int k = 0; k < kThreads / 32; ++k) sum += partial[k];
+    scale_shared = static_cast<float>(sum / static_cast<double>(hi - lo));
+    scales[b] = scale_shared;
+  }
+  __syncthreads();
+  const float sc = scale_shared;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int64_t base = lo + static_cast<int64_t>(k) * kThreads + warp * 32;  // this warp's 32 elements
+    const int64_t i = base + lane;
+    const bool bit = i < hi && v[k] >= 0.f;
+    const uint32_t ballot = __ballot_sync(0xffffffffu, bit);
+    if (i < hi) e_out[i] = v[k] - (bit ? sc : -sc);
+    if (lane == 0 && base < hi && ballot) {  // elements base.. land at stream bit base
+      const int64_t word = (base >> 5) - w0;
+      const int shift = static_cast<int>(base & 31);
+      atomicOr(&bits[word], ballot << shift);
+      if (shift) atomicOr(&bits[word + 1], ballot >> (32 - shift));
+    }
+  }
+  __syncthreads();
+  for (int k = t; k < nwords; k += kThreads) {
+    const int64_t word = w0 + k;
+    uint32_t value = bits[k];
+    if (hi == n && word == ((n - 1) >> 5) && (n & 31)) value |= ~0u << (n & 31);  // padding bits 1
+    const bool shared_first = k == 0 && (lo & 31);
+    const bool shared_last = k == nwords - 1 && (hi & 31) && hi != n;
+    if (shared_first || shared_last) atomicOr(&words[word], value);
+    else words[word] = value;
+  }
+}
+
 // out[i] = (sum over rows r, in order, of (bit_r(i) ? scale_r(block(i)) : -scale_r(block(i)))) / n
 // for i < offsets[nblocks]; 0 beyond (padding). One thread per byte of the packed rows.
 __global__ void unpack_average(const uint8_t* __restrict__ rows, int64_t row_bytes, int64_t nrows,
@@ -111,6 +180,13 @@ int launch_sign_compress_ef(const float* p, const float* e, float rho, const int
   block_abs_sums<<<grid, kThreads, 0, stream>>>(p, e, rho, offsets, nblocks, n, sums);
   finish_scales<<<blocks_for(nblocks), kThreads, 0, stream>>>(sums, offsets, nblocks, scales);
   sign_pack_ef<<<grid, kThreads, 0, stream>>>(p, e, rho, offsets, nblocks, n, scales, words, e_out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_sign_ef_one_pass(const float* p, const float* e, float rho, const int64_t* offsets, int64_t nblocks,
+                            int64_t n, float* scales, uint32_t* words, float* e_out, cudaStream_t stream) {
+  cudaMemsetAsync(words, 0, sizeof(uint32_t) * ((n + 31) / 32), stream);
+  sign_ef_one_pass<<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(p, e, rho, offsets, n, scales, words, e_out);
   return static_cast<int>(cudaGetLastError());
 }
 

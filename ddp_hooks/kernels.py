@@ -1,7 +1,8 @@
 """Fused CUDA kernels, built on first use with torch.utils.cpp_extension (JIT, cached in the
 torch extensions directory).
 
-* :func:`sign_compress_ef`: blockwise scaled sign + error feedback + bit packing.
+* :func:`sign_compress_ef`: blockwise scaled sign + error feedback + bit packing (one pass
+  for blocks of up to 4096 elements, two passes otherwise).
 * :func:`unpack_average`: unpack, scale and average n packed sign messages into one buffer.
 * :func:`topk_ef`: exact top-k by magnitude (radix select, no host synchronization) with
   error feedback, plain or SignTopK values.
@@ -98,10 +99,18 @@ def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def sign_compress_ef(p: torch.Tensor, e: torch.Tensor, rho: float, offsets: torch.Tensor, e_out: torch.Tensor):
+ONE_PASS_MAX_BLOCK = 4096  # cuda_kernels/launchers.h: kOnePassMaxBlock
+
+
+def sign_compress_ef(p: torch.Tensor, e: torch.Tensor, rho: float, offsets: torch.Tensor, e_out: torch.Tensor,
+                     max_block: int | None = None):
     """``v = p + rho * e`` per block ``[offsets[b], offsets[b+1])``: returns (packed signs
-    ``ceil(n/8)`` uint8, fp32 scales ``||v_b||_1 / d_b``) and writes ``e_out = v - C(v)``."""
-    return tuple(_module_for(p).sign_compress_ef(p, e, float(rho), offsets, e_out, _stream(p)))
+    ``ceil(n/8)`` uint8, fp32 scales ``||v_b||_1 / d_b``) and writes ``e_out = v - C(v)``.
+    ``max_block``: the longest block's length, when the caller knows it; blocks of at most
+    :data:`ONE_PASS_MAX_BLOCK` elements take the one-pass kernel (one CTA per block), others
+    the two-pass one."""
+    one_pass = max_block is not None and 0 < max_block <= ONE_PASS_MAX_BLOCK
+    return tuple(_module_for(p).sign_compress_ef(p, e, float(rho), offsets, e_out, _stream(p), one_pass))
 
 
 def unpack_average(rows: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

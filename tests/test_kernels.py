@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddp_hooks import kernels
-from ddp_hooks.compress.sign import block_scales, pack_signs, scaled_sign_decompress
+from ddp_hooks.compress.sign import block_scales, block_sizes, pack_signs, scaled_sign_decompress
 
 
 # ---------------------------------------------------------------- build checks (no GPU needed)
@@ -90,6 +90,36 @@ def test_sign_compress_ef_is_bit_exact(n):
     assert torch.equal(packed, pack_signs(v))
     assert torch.equal(scales, block_scales(v, blocks))
     assert torch.equal(e_out, v - scaled_sign_decompress(pack_signs(v), scales, blocks))
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 31, 33, 1000, 100_003, 1 << 20])
+@pytest.mark.parametrize("block_size", [1, 5, 32, 33, 1000, 4096])
+def test_one_pass_sign_compress_ef_is_bit_exact(n, block_size):
+    """CTA-sized blocks (unaligned to words, several per word, one per CTA): the one-pass kernel
+    gives the reference's signs, padding bits, scales and error, and the two-pass kernel's."""
+    g = torch.Generator().manual_seed(n + block_size)
+    p, e = torch.randn(n, generator=g).cuda(), torch.randn(n, generator=g).cuda()
+    sizes = block_sizes(_sizes(n, g), block_size)
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    blocks = list(zip(bounds, bounds[1:]))
+    offsets = torch.tensor(bounds, device="cuda")
+    e_out = torch.full_like(p, float("nan"))  # poisoned
+    packed, scales = kernels.sign_compress_ef(p, e, 0.5, offsets, e_out, max_block=max(sizes))
+    v = p + 0.5 * e
+    assert torch.equal(packed, pack_signs(v))
+    assert torch.equal(scales, block_scales(v, blocks))
+    assert torch.equal(e_out, v - scaled_sign_decompress(pack_signs(v), scales, blocks))
+    two_pass_e = torch.full_like(p, float("nan"))
+    two_packed, two_scales = kernels.sign_compress_ef(p, e, 0.5, offsets, two_pass_e)
+    assert torch.equal(packed, two_packed) and torch.equal(scales, two_scales) and torch.equal(e_out, two_pass_e)
+
+
+def _sizes(n, g):
+    """Random tensor sizes summing to n (the per-tensor split before block_size cuts)."""
+    cuts = sorted(set(torch.randint(1, max(2, n), (7,), generator=g).tolist()) - {0, n}) if n > 2 else []
+    bounds = [0, *cuts, n]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
 @gpu
