@@ -41,7 +41,6 @@ _SIGNATURES = {
     "dh_ef_input": [_i64, _i64, _ptr, _ptr, _ptr, _f32, _int, _ptr, _f32, _ptr],
     "dh_block_abs_sums": [_i64, _i64, _ptr, _i64, _ptr, _ptr],
     "dh_pack_signs": [_i64, _i64, _i64, _ptr, _ptr],
-    "dh_sign_residual": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr],
     "dh_sign_decode": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
     "dh_init": [],
     "dh_pack_residual": [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr],
@@ -197,23 +196,17 @@ def block_scales(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return (partial.sum(0) / sizes).to(torch.float32)
 
 
-def pack_signs(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """``x >= 0`` packed 8 per byte, LSB first, padding bits 1 (``ceil(n/8)`` uint8)."""
     n = x.numel()
-    out = torch.empty(-(-n // 8), dtype=torch.uint8) if out is None else out
+    out = torch.empty(-(-n // 8), dtype=torch.uint8)
     _run(load().dh_pack_signs, -(-n // 8) * 8, n, x.data_ptr(), out.data_ptr())
     return out
 
 
-def sign_residual(x: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor,
-                  decoded: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> None:
-    """Within the blocks: ``decoded = +-scale`` by the sign of ``x``, ``residual = x - decoded``."""
-    _run(load().dh_sign_residual, int(bounds[-1]), x.data_ptr(), bounds.numel() - 1, bounds.data_ptr(),
-         scales.data_ptr(), _ptr_of(decoded), _ptr_of(residual))
-
-
 def pack_residual(x: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """:func:`pack_signs` of all of ``x`` and :func:`sign_residual` in one pass; returns the packed signs."""
+    """:func:`pack_signs` of all of ``x``, and within the blocks ``residual = x - (+-scale)`` by
+    the sign of ``x``, in one pass; returns the packed signs."""
     n = x.numel()
     out = torch.empty(-(-n // 8), dtype=torch.uint8)
     _run(load().dh_pack_residual, -(-n // 8) * 8, n, x.data_ptr(), bounds.numel() - 1, bounds.data_ptr(),

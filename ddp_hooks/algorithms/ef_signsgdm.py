@@ -46,11 +46,11 @@ class _Layout:
         self.numel = sum(sizes)
         self.blocks = ranges(sizes)
         self.plan = ShardPlan.build(sizes, n, device)
-        padded = self.plan.n * self.plan.shard
         self.p = torch.empty(self.numel, device=device)  # worker message before compression
         self.momentum = torch.empty(self.numel, device=device)  # candidate momentum
         self.local = torch.empty(self.numel, device=device)  # candidate error p - C(p)
-        self.out = torch.zeros(padded, device=device)  # decoded server message (16-bit buckets)
+        # decoded server message, for 16-bit buckets only (fp32 buckets take it directly)
+        self.out = None if params[0].dtype == torch.float32 else torch.empty(self.numel, device=device)
         self.mean = torch.empty(self.plan.shard, device=device)  # mean of the workers' shards
         self.shard = torch.empty(self.plan.shard, device=device)  # scratch of one shard
 
@@ -156,7 +156,7 @@ class EFSignSGDM(HookState):
             bad = ~torch.isfinite(scales).all()
         self.count_bits(step, layout.numel + 32 * len(layout.blocks))
         # fp32 buckets take the server's message directly (the gradient is consumed by then)
-        out = buf if buf.dtype == torch.float32 else layout.out[: layout.numel]
+        out = buf if buf.dtype == torch.float32 else layout.out
 
         def commit(delta: torch.Tensor, step_bad: torch.Tensor) -> torch.Tensor:
             """Worker memories take this step only if every worker's bucket was finite."""

@@ -78,23 +78,8 @@ void dh_pack_signs(int64_t lo, int64_t hi, int64_t n, const float *x, uint8_t *p
     }
 }
 
-/* For every block b and element i of it within [lo, hi): with v = +s_b if x_i >= 0 else -s_b,
- * decoded[i] = v and residual[i] = x_i - v (either may be NULL). */
-void dh_sign_residual(int64_t lo, int64_t hi, const float *x, int64_t nblocks, const int64_t *bounds,
-                      const float *scales, float *decoded, float *residual) {
-    for (int64_t b = 0; b < nblocks; ++b) {
-        int64_t a = bounds[b] > lo ? bounds[b] : lo;
-        int64_t z = bounds[b + 1] < hi ? bounds[b + 1] : hi;
-        const float s = scales[b];
-        for (int64_t i = a; i < z; ++i) {
-            float v = x[i] >= 0.0f ? s : -s;
-            if (decoded) decoded[i] = v;
-            if (residual) residual[i] = x[i] - v;
-        }
-    }
-}
-
-/* dh_pack_signs and dh_sign_residual in one pass over [lo, hi) (lo a multiple of 8; blocks
+/* dh_pack_signs and, for every block b and element i of it, residual[i] = x_i - (+-s_b) by the
+ * sign of x_i, in one pass over [lo, hi) (lo a multiple of 8; blocks
  * contiguous from 0, elements past the last block, up to n, are packed only). Runs of whole
  * bytes inside one block go tile by tile: the residual loop, then the packing loop over the
  * same tile while it is in L1 (both vectorize; one loop doing both does not). */
