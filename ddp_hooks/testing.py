@@ -106,43 +106,47 @@ def run_world(
         out: list[Any] = [None] * world_size
         done: set[int] = set()
         deadline = time.monotonic() + timeout
+
+        def failure(rank: int, payload: str) -> WorldError:
+            # a rank that died usually makes its peers fail: name the dead ones first
+            time.sleep(0.5)
+            dead = "".join(
+                f"rank {r} died (exit code {p.exitcode}); "
+                for r, p in enumerate(procs)
+                if r != rank and p.exitcode not in (None, 0)
+            )
+            return WorldError(f"{dead}rank {rank} of {world_size} failed:\n{payload}")
+
+        def receive(rank: int, ok: bool, payload: Any) -> None:
+            if not ok:
+                raise failure(rank, payload)
+            out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+            done.add(rank)
+
         try:
             while len(done) < world_size:
                 try:
-                    rank, ok, payload = results.get(timeout=0.2)
-                except queue.Empty:
-                    for rank, p in enumerate(procs):
-                        if rank not in done and p.exitcode is not None:
-                            # give a message that may still be in the pipe a moment to arrive
-                            try:
-                                rank2, ok2, payload2 = results.get(timeout=2.0)
-                            except queue.Empty:
-                                raise WorldError(
-                                    f"rank {rank} of {world_size} died (exit code {p.exitcode})"
-                                ) from None
-                            if not ok2:
-                                raise WorldError(f"rank {rank2} of {world_size} failed:\n{payload2}") from None
-                            out[rank2] = torch.load(io.BytesIO(payload2), weights_only=False)
-                            done.add(rank2)
-                            break
-                    if time.monotonic() > deadline:
-                        missing = sorted(set(range(world_size)) - done)
-                        raise WorldError(
-                            f"world of {world_size} timed out after {timeout:.0f}s; "
-                            f"ranks {missing} did not finish"
-                        ) from None
+                    receive(*results.get(timeout=0.2))
                     continue
-                if not ok:
-                    # a rank that died usually makes its peers fail: name it first
-                    time.sleep(0.5)
-                    dead = [
-                        f"rank {r} died (exit code {p.exitcode}); "
-                        for r, p in enumerate(procs)
-                        if r != rank and p.exitcode not in (None, 0)
-                    ]
-                    raise WorldError(f"{''.join(dead)}rank {rank} of {world_size} failed:\n{payload}")
-                out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-                done.add(rank)
+                except queue.Empty:
+                    pass
+                for rank, p in enumerate(procs):
+                    if rank not in done and p.exitcode is not None:
+                        # give a message that may still be in the pipe a moment to arrive
+                        try:
+                            message = results.get(timeout=2.0)
+                        except queue.Empty:
+                            raise WorldError(
+                                f"rank {rank} of {world_size} died (exit code {p.exitcode})"
+                            ) from None
+                        receive(*message)
+                        break
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(world_size)) - done)
+                    raise WorldError(
+                        f"world of {world_size} timed out after {timeout:.0f}s; "
+                        f"ranks {missing} did not finish"
+                    ) from None
         finally:
             for p in procs:
                 if p.is_alive():

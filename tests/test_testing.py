@@ -26,6 +26,14 @@ def _dies(rank, world):
     dist.barrier()
 
 
+def _dies_then_peer_fails(rank, world):
+    # the peer's failure reaches the harness while it waits on the dead rank's message
+    if rank == 0:
+        os._exit(3)
+    time.sleep(1.0)
+    raise ConnectionError("peer went away")
+
+
 def _hangs(rank, world):
     if rank == 1:
         time.sleep(60)
@@ -46,6 +54,11 @@ def test_dead_rank_fails_fast():
     with pytest.raises(WorldError, match="died"):
         run_world(_dies, 2, timeout=60)
     assert time.monotonic() - t0 < 50
+
+
+def test_dead_rank_is_named_when_a_peer_fails_after_it():
+    with pytest.raises(WorldError, match=r"(?s)rank 0 died \(exit code 3\).*rank 1 of 2 failed.*peer went away"):
+        run_world(_dies_then_peer_fails, 2, timeout=60)
 
 
 def test_hanging_world_times_out():
