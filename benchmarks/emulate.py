@@ -17,6 +17,7 @@ needs root (network namespaces and tc) and says so otherwise.
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -99,6 +100,24 @@ class Topology:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def shaped_bytes(self) -> dict[str, int]:
+        """Bytes each shaping device has sent so far (from ``tc -s``): the ifb of a shared link,
+        or both ends of every worker's veth (``"v<i>"`` inside namespace i, ``"h<i>"`` outside)."""
+        if self.shared and (self.rate or self.delay_ms):
+            devices = {"ifb": ([], self.ifb)}
+        else:
+            devices = {}
+            for i in range(self.n):
+                devices[f"v{i}"] = (["-n", self.ns[i]], self.ns_if[i])
+                devices[f"h{i}"] = ([], self.host_if[i])
+        out = {}
+        for name, (prefix, dev) in devices.items():
+            text = subprocess.run(["tc", *prefix, "-s", "qdisc", "show", "dev", dev, "root"],
+                                  capture_output=True, text=True, check=True).stdout
+            sent = re.search(r"Sent (\d+) bytes", text)
+            out[name] = int(sent.group(1)) if sent else 0
+        return out
 
     def run(self, i: int, argv: list[str], env: dict) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.ns[i], *argv], env=env)
