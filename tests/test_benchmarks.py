@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import advisor, convergence, cpu_codec, emulate, kernels, laq, powersgd, step_time
+from benchmarks import (
+    advisor,
+    convergence,
+    cpu_codec,
+    emulate,
+    kernels,
+    laq,
+    powersgd,
+    step_time,
+)
 from ddp_hooks import native
 
 ROOT = Path(__file__).resolve().parent.parent
