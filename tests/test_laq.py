@@ -91,7 +91,7 @@ def laq_reference(world, iterations, bits=4, depth=10, xi=None, t_bar=100, lr=0.
     shapes = [p.shape for p in model.parameters()]
     q_ref = [torch.zeros_like(theta) for _ in range(world)]
     eps2_last = [0.0] * world
-    clock = [0] * world
+    clock = [t_bar] * world  # never uploaded: as stale as allowed, so round 0 uploads
     uploads = [0] * world
     aggregate = torch.zeros_like(theta)
     changes = []  # most recent first
@@ -170,7 +170,7 @@ def test_skipping_workers_stale_gradient_is_used():
     # stale aggregate: the model changes every round
     results = run_world(_world, 2, 8, {"bits": 4, "threshold_offset": 1e9, "max_staleness": 3})
     theta, uploads = laq_reference(2, 8, t_bar=3, offset=1e9)
-    assert uploads == [2, 2]  # rounds 3 and 7
+    assert uploads == [2, 2]  # rounds 0 and 4
     assert results[0][1] == 2
     got = torch.cat([p.reshape(-1) for p in results[0][0]])
     torch.testing.assert_close(got, theta, rtol=1e-4, atol=1e-5)
@@ -179,9 +179,9 @@ def test_skipping_workers_stale_gradient_is_used():
 
 def test_t_bar_forces_an_upload():
     results = run_world(_world, 2, 12, {"bits": 4, "threshold_offset": 1e9, "max_staleness": 3})
-    assert [r[1] for r in results] == [3, 3]  # rounds 3, 7 and 11, never otherwise
+    assert [r[1] for r in results] == [3, 3]  # rounds 0, 4 and 8, never otherwise
     results = run_world(_world, 2, 12, {"bits": 4, "threshold_offset": 1e9, "max_staleness": 100})
-    assert [r[1] for r in results] == [0, 0]
+    assert [r[1] for r in results] == [1, 1]  # only the first round, which always uploads
 
 
 def test_lag_and_qgd_settings():

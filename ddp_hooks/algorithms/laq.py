@@ -44,6 +44,10 @@ class LAQ(HookState):
         xi: weight ``xi_d`` of each of them (default ``0.8 / D``); while fewer than ``D``
             changes exist, their mean is weighted by ``xi * D`` (as the authors' code does).
         max_staleness: ``t_bar``, an upload is forced after this many silent rounds (>= 1).
+            A worker's first round always uploads: the paper relies on its history term
+            being 0 there, but on deep networks the 2^b-point grid (which has no point at 0)
+            can leave a quantization error larger than the innovation, and a worker that
+            never uploads would contribute nothing for t_bar rounds.
         quantize: quantize the innovation (False: LAG, full precision).
         skip: apply the skip rule (False: QGD, upload every round).
         error_weight: factor on ``eps2 + eps2_last`` (3 for LAQ, 1.5 for SLAQ).
@@ -125,7 +129,9 @@ class LAQ(HookState):
             zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
             self._scalars = {
                 "eps2_last": zeros(()),
-                "clock": zeros(()),
+                # rounds since the last upload; a worker that never uploaded counts as t_bar
+                # stale, so round 0 uploads everywhere (see the class docstring)
+                "clock": torch.full((), float(self.max_staleness), device=device),
                 "changes": zeros(self.memory_depth),  # ring buffer of ||theta^{k+1} - theta^k||^2
                 "uploads": zeros(()),  # this rank's uploads
                 "uploads_all": zeros(()),  # every rank's uploads
