@@ -31,8 +31,9 @@ from ..core.layouts import LayoutCache
 
 
 class _Bucket:
-    """Per-layout data: the plan, the parameters in plan order, and two fp32 workspaces
-    (``M = g + e`` and ``M^``) so that no large tensor is allocated per step."""
+    """Per-layout data: the plan, the parameters in plan order, and fp32 workspaces (``M = g + e``,
+    and ``M^`` for 16-bit buckets; fp32 buckets take ``M^`` directly) so that no large tensor is
+    allocated per step."""
 
     def __init__(self, params, rank, rate):
         self.plan = LowRankPlan.build([p.shape for p in params], rank, rate)
@@ -43,7 +44,7 @@ class _Bucket:
         numel = sum(p.numel() for p in self.compressed)
         device = params[0].device
         self.matrices = torch.empty(numel, dtype=torch.float32, device=device)
-        self.approx = torch.empty(numel, dtype=torch.float32, device=device)
+        self.approx: torch.Tensor | None = None  # fp32 M^, only for 16-bit buckets
         self.queries = torch.empty(self.plan.q_numel, dtype=torch.float32, device=device)  # new Q
         self.numels = [p.numel() for p in self.compressed]
 
@@ -134,13 +135,15 @@ class PowerSGD(HookState):
         with self.time(step, "compress", device):
             local = [grads[i].reshape(-1) for i in plan.order]
             matrices = b.matrices
-            if buf.dtype == torch.float32:
+            m_pieces = matrices.split(b.numels)
+            if self.error_feedback:
+                error = self.memory.flat("error", b.compressed)
+                for g, e, m in zip(local, error.split(b.numels), m_pieces):
+                    torch.add(g, e, out=m)  # M = g + e, one pass per tensor
+            elif buf.dtype == torch.float32:
                 torch.cat(local, out=matrices)
             else:
                 matrices.copy_(torch.cat(local))
-            if self.error_feedback:
-                error = self.memory.flat("error", b.compressed)
-                matrices.add_(error)  # M = g + e
             ms = plan.m_views(matrices)
             q_flat = self._queries(b, device)
             qts = plan.q_views(q_flat)
@@ -169,15 +172,25 @@ class PowerSGD(HookState):
                 # a non-finite gradient on any rank shows in the reduced P: keep the old Q and error
                 bad = ~torch.isfinite(p_flat).all()
                 torch.where(bad, q_flat, q_new, out=q_flat)
-                approx = b.approx
-                for m_hat, p, qt in zip(plan.m_views(approx), ps, new_qts):
-                    torch.bmm(p, qt, out=m_hat)  # M^ = P Q^T
-                for i, piece in zip(plan.order, approx.split(b.numels)):
-                    grads[i].copy_(piece.view_as(grads[i]))
+                if buf.dtype == torch.float32:
+                    # M^ = P Q^T straight into each gradient, then e = M - M^ from it
+                    for g, p, qt in zip(plan.groups, ps, new_qts):
+                        for k, i in enumerate(g.members):
+                            torch.mm(p[k], qt[k], out=grads[i].view(g.n, g.m))
+                    approx = [grads[i].reshape(-1) for i in plan.order]
+                else:
+                    if b.approx is None:
+                        b.approx = torch.empty_like(matrices)
+                    for m_hat, p, qt in zip(plan.m_views(b.approx), ps, new_qts):
+                        torch.bmm(p, qt, out=m_hat)  # M^ = P Q^T, fp32
+                    approx = b.approx.split(b.numels)
+                    for i, piece in zip(plan.order, approx):
+                        grads[i].copy_(piece.view_as(grads[i]))
                 if exact_buf is not None:
                     write_exact()
                 if self.error_feedback:
-                    torch.sub(matrices, approx, out=matrices)  # e = M - M^
+                    for m, m_hat in zip(m_pieces, approx):
+                        torch.sub(m, m_hat, out=m)  # e = M - M^
                     if device.type == "cpu" and not bool(bad):
                         # reading a CPU flag costs nothing: swap buffers instead of copying
                         b.matrices = self.memory.swap_flat("error", b.compressed, matrices)
