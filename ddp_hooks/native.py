@@ -49,6 +49,7 @@ _SIGNATURES = {
     "dh_pack_codes": [_i64, _i64, _i64, _ptr, _int, _ptr],
     "dh_unpack_dequantize": [_i64, _i64, _i64, _ptr, _int, _f32, _f32, _ptr, _int],
     "dh_sqdiff_copy": [_i64, _i64, _ptr, _ptr],
+    "dh_laq_apply_codes": [_i64, _i64, _ptr, _f32, _f32, _ptr],
 }
 _RESTYPES = {"dh_absmax_diff": ctypes.c_float, "dh_sqdiff_copy": ctypes.c_double}
 
@@ -242,16 +243,23 @@ def absmax_diff(g: torch.Tensor, q: torch.Tensor) -> float:
 
 def laq_quantize(g, q_ref, radius: float, step: float, unit: float, levels: int, q_new, innovation, codes=None):
     """LAQ's grid quantization in one pass (see csrc/cpu_codec.c): writes ``q_new``,
-    ``innovation = q_new - q_ref`` and the uint8 ``codes`` (if given); returns
-    (``||g - q_new||^2``, ``||innovation||^2``), float64 sums."""
+    ``innovation = q_new - q_ref`` and the uint8 ``codes``, each only if given (not None);
+    returns (``||g - q_new||^2``, ``||innovation||^2``), float64 sums."""
     chunks = _chunks(g.numel())
     sums = torch.zeros(len(chunks), 2, dtype=torch.float64)
     lib = load()
     _map(lambda i, lo, hi: lib.dh_laq_quantize(lo, hi, g.data_ptr(), q_ref.data_ptr(), radius, step, unit,
-                                               float(levels), q_new.data_ptr(), innovation.data_ptr(),
+                                               float(levels), _ptr_of(q_new), _ptr_of(innovation),
                                                _ptr_of(codes), sums[i].data_ptr()), chunks)
     total = sums.sum(0)
     return float(total[0]), float(total[1])
+
+
+def laq_apply_codes(codes: torch.Tensor, radius: float, unit: float, q_ref: torch.Tensor) -> torch.Tensor:
+    """``q_ref = codes * unit + q_ref - radius`` in place: the ``q_new`` that :func:`laq_quantize`
+    computed with these codes, radius and unit, float for float."""
+    _run(load().dh_laq_apply_codes, codes.numel(), codes.data_ptr(), radius, unit, q_ref.data_ptr())
+    return q_ref
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

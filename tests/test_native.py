@@ -2,6 +2,7 @@
 fresh random inputs, odd sizes and tails, outputs poisoned before each call, one and two
 threads (a bucket split over threads)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +13,14 @@ import torch
 from ddp_hooks import native
 from ddp_hooks.algorithms.ef_signsgdm import worker_input
 from ddp_hooks.compress import sign
-from ddp_hooks.compress.laq import add_dequantized, codes_of, pack_codes, quantize_step, unpack_codes
+from ddp_hooks.compress.laq import (
+    add_dequantized,
+    apply_codes,
+    codes_of,
+    pack_codes,
+    quantize_step,
+    unpack_codes,
+)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"fused CPU codec {native.status()}")
 
@@ -149,6 +157,26 @@ def test_laq_quantize_step_matches_torch_reference(n, bits, threads):
         torch.testing.assert_close(a.double(), t, rtol=1e-6, atol=1e-30)
         # torch's float32 norm of 2M values spanning many magnitudes is off by up to ~0.2%
         torch.testing.assert_close(b.double(), t, rtol=1e-2, atol=1e-30)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("bits", [1, 4, 8])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch"])
+def test_laq_codes_only_round_then_apply_gives_the_same_grid_point(n, bits, fused, threads):
+    """Asking only for the codes gives the same codes and norms, and apply_codes rebuilds the
+    quantizer's q_new from them bit for bit (also when nothing changed, radius 0)."""
+    for g, q_ref in ((_input(n, 11 * n), _input(n, 13 * n)), (_input(n, 3), _input(n, 3))):
+        q_new, innovation = torch.full_like(g, float("nan")), torch.full_like(g, float("nan"))
+        codes_full = torch.full((n,), 255, dtype=torch.uint8)
+        codes = torch.full((n,), 255, dtype=torch.uint8)
+        ctx = native.disabled() if not fused else contextlib.nullcontext()
+        with ctx:
+            full = quantize_step(g, q_ref, bits, q_new, innovation, codes_full)
+            lean = quantize_step(g, q_ref, bits, None, None, codes)
+            rebuilt = apply_codes(q_ref.clone(), codes, lean[0], bits)
+        assert all(torch.equal(a, b) for a, b in zip(full, lean))
+        assert torch.equal(codes, codes_full)
+        assert torch.equal(rebuilt, q_new)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1001, native.CHUNK * 2 + 13])

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.futures import Future
 
 from .. import native
-from ..compress.laq import add_dequantized, pack_codes, quantize_step
+from ..compress.laq import add_dequantized, apply_codes, pack_codes, quantize_step
 from ..core import HookState, SyncOptimizer, check_choice, check_float, check_int
 
 
@@ -143,11 +143,18 @@ class LAQ(HookState):
         return 32 + self.bits * numel if self.quantize else 32 * numel
 
     # ---- the rule and the aggregation (before the local step) ----------------------------------
+    @property
+    def _codes_only(self) -> bool:
+        """Uploads mode with quantization: the round needs only the codes (what travels); the
+        uploader's new reference is rebuilt from them, and nothing else is written."""
+        return self.wire == "uploads" and self.quantize
+
     def _workspace(self, numel: int, device) -> dict[str, torch.Tensor]:
         ws = self._ws
         if ws is None or ws["g"].numel() != numel or ws["g"].device != device:
-            ws = self._ws = {k: torch.empty(numel, device=device) for k in ("g", "q_new", "work")}
-            if self.wire == "uploads" and self.quantize:
+            names = ("g", "work") if self._codes_only else ("g", "q_new", "work")
+            ws = self._ws = {k: torch.empty(numel, device=device) for k in names}
+            if self._codes_only:
                 ws["codes"] = torch.empty(numel, dtype=torch.uint8, device=device)
         return ws
 
@@ -160,13 +167,15 @@ class LAQ(HookState):
         q_ref = self.memory.flat("q_ref", params)
         aggregate = self.memory.flat("aggregate", params)
         ws = self._workspace(q_ref.numel(), device)
-        g, q_new, innovation = ws["g"], ws["q_new"], ws["work"]
+        g, q_new, innovation = ws["g"], ws.get("q_new"), ws["work"]
         torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params], out=g)
         lr = self.learning_rates(params)[0]
 
         with self.time(step, "compress", device):
-            if self.quantize:
-                radius, eps2, innovation_sq = quantize_step(g, q_ref, self.bits, q_new, innovation, ws.get("codes"))
+            if self._codes_only:
+                radius, eps2, innovation_sq = quantize_step(g, q_ref, self.bits, None, None, ws["codes"])
+            elif self.quantize:
+                radius, eps2, innovation_sq = quantize_step(g, q_ref, self.bits, q_new, innovation)
             else:
                 radius = None
                 q_new.copy_(g)
@@ -190,7 +199,10 @@ class LAQ(HookState):
         with self.time(step, "decompress", device):
             if received is not None:
                 aggregate.add_(received)
-            if device.type == "cpu":  # a CPU flag: swap buffers instead of copying
+            if self._codes_only:  # the flags were read on the host already
+                if bool(upload):
+                    apply_codes(q_ref, ws["codes"], radius, self.bits)
+            elif device.type == "cpu":  # a CPU flag: swap buffers instead of copying
                 if bool(upload):
                     ws["q_new"] = self.memory.swap_flat("q_ref", params, q_new)
             else:

@@ -43,14 +43,16 @@ def quantize_innovation_(g: torch.Tensor, q_ref: torch.Tensor, bits: int, out: t
     return radius
 
 
-def quantize_step(g: torch.Tensor, q_ref: torch.Tensor, bits: int, q_new: torch.Tensor, innovation: torch.Tensor,
-                  codes: torch.Tensor | None = None):
+def quantize_step(g: torch.Tensor, q_ref: torch.Tensor, bits: int, q_new: torch.Tensor | None,
+                  innovation: torch.Tensor | None, codes: torch.Tensor | None = None):
     """One round of the quantizer with what the skip rule needs: writes ``q_new = Q(g)``,
-    ``innovation = q_new - q_ref`` and, if given, the uint8 ``codes``; returns (radius,
-    ``||g - q_new||^2``, ``||innovation||^2``) as 0-d fp32 tensors. On CPU the fused loops of
-    :mod:`ddp_hooks.native` do it in two passes (the same ``Q(g)``; norms summed in float64)."""
-    tensors = (g, q_ref, q_new, innovation) + ((codes,) if codes is not None else ())
-    if g.dtype == torch.float32 and native.usable(*tensors):
+    ``innovation = q_new - q_ref`` and the uint8 ``codes``, each only if given (not None);
+    returns (radius, ``||g - q_new||^2``, ``||innovation||^2``) as 0-d fp32 tensors. On CPU the
+    fused loops of :mod:`ddp_hooks.native` do it in two passes (the same ``Q(g)``; norms summed
+    in float64) and skip what is not asked for: with only the codes, :func:`apply_codes` gives
+    ``Q(g)`` later, for the rounds that need it."""
+    given = tuple(t for t in (q_new, innovation, codes) if t is not None)
+    if g.dtype == torch.float32 and native.usable(g, q_ref, *given):
         levels = (1 << bits) - 1
         radius = torch.tensor(native.absmax_diff(g, q_ref) if g.numel() else 0.0)
         safe = torch.where(radius > 0, radius, torch.ones_like(radius))
@@ -58,6 +60,8 @@ def quantize_step(g: torch.Tensor, q_ref: torch.Tensor, bits: int, q_new: torch.
         eps2, inno2 = native.laq_quantize(g, q_ref, radius.item(), step.item(), unit.item(), levels, q_new,
                                           innovation, codes)
         return radius, torch.tensor(eps2, dtype=torch.float32), torch.tensor(inno2, dtype=torch.float32)
+    q_new = torch.empty_like(g) if q_new is None else q_new
+    innovation = torch.empty_like(g) if innovation is None else innovation
     radius = quantize_innovation_(g, q_ref, bits, out=q_new, work=innovation)
     if codes is not None:
         codes.copy_(codes_of(q_new, q_ref, radius, bits))
@@ -65,6 +69,17 @@ def quantize_step(g: torch.Tensor, q_ref: torch.Tensor, bits: int, q_new: torch.
     eps2 = torch.linalg.vector_norm(innovation).square()
     torch.sub(q_new, q_ref, out=innovation)
     return radius, eps2, torch.linalg.vector_norm(innovation).square()
+
+
+def apply_codes(q_ref: torch.Tensor, codes: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:
+    """``q_ref <- Q(g)`` in place from the codes and radius :func:`quantize_step` returned for
+    this ``q_ref``: the same floats as its ``q_new``, as long as the radius is finite."""
+    levels = (1 << bits) - 1
+    unit = 2 * radius / levels
+    if q_ref.dtype == torch.float32 and native.usable(q_ref, codes):
+        return native.laq_apply_codes(codes, float(radius), float(unit), q_ref)
+    q_new = codes.to(q_ref.dtype).mul_(unit).add_(q_ref).sub_(radius)  # the quantizer's order
+    return q_ref.copy_(q_new)
 
 
 def add_dequantized(total: torch.Tensor, packed: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* The input of the compressor, one pass:
  *   mode 0: p = g + rho * e
@@ -181,35 +182,45 @@ void dh_laq_quantize(int64_t lo, int64_t hi, const float *g, const float *q_ref,
     const float positive = radius > 0.0f ? 1.0f : 0.0f;
     enum { TILE = 1024 };
     float level[TILE];  /* the tile's codes as floats, NaN -> 0 */
+    float qt[TILE], dt[TILE];  /* the tile's q_new and innovation (copied out when wanted) */
     double eps2[8] = {0, 0, 0, 0, 0, 0, 0, 0}, inno2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t t = lo; t < hi; t += TILE) {  /* elementwise loops, then the sums over the tile */
-        int64_t e = t + TILE < hi ? t + TILE : hi;
-        for (int64_t j = t; j < e; ++j) {
-            float v = (g[j] - q_ref[j] + radius) / step + 0.5f;
+        int64_t e = t + TILE < hi ? t + TILE : hi, len = e - t;
+        const float *gt = g + t, *rt = q_ref + t;
+        for (int64_t j = 0; j < len; ++j) {
+            float v = (gt[j] - rt[j] + radius) / step + 0.5f;
             v = v < 0.0f ? 0.0f : (v > levels ? levels : v);
             float whole = (float)(int32_t)(v == v ? v : 0.0f);  /* no branch: vectorizes */
-            float qn = (v == v ? whole : v) * positive * unit + q_ref[j] - radius;
-            level[j - t] = whole * positive;
-            q_new[j] = qn;
-            innovation[j] = qn - q_ref[j];
+            float qn = (v == v ? whole : v) * positive * unit + rt[j] - radius;
+            level[j] = whole * positive;
+            qt[j] = qn;
+            dt[j] = qn - rt[j];
         }
         if (codes)
-            for (int64_t j = t; j < e; ++j) codes[j] = (uint8_t)(int32_t)level[j - t];
-        int64_t j = t;
-        for (; j + 8 <= e; j += 8)  /* 8 independent float64 accumulators, a fixed order */
+            for (int64_t j = 0; j < len; ++j) codes[t + j] = (uint8_t)(int32_t)level[j];
+        if (q_new) memcpy(q_new + t, qt, (size_t)len * sizeof(float));
+        if (innovation) memcpy(innovation + t, dt, (size_t)len * sizeof(float));
+        int64_t j = 0;
+        for (; j + 8 <= len; j += 8)  /* 8 independent float64 accumulators, a fixed order */
             for (int k = 0; k < 8; ++k) {
-                float r = g[j + k] - q_new[j + k], d = innovation[j + k];
+                float r = gt[j + k] - qt[j + k], d = dt[j + k];
                 eps2[k] += (double)r * r;
                 inno2[k] += (double)d * d;
             }
-        for (; j < e; ++j) {
-            float r = g[j] - q_new[j], d = innovation[j];
-            eps2[j & 7] += (double)r * r;
-            inno2[j & 7] += (double)d * d;
+        for (; j < len; ++j) {
+            float r = gt[j] - qt[j], d = dt[j];
+            eps2[(t + j) & 7] += (double)r * r;
+            inno2[(t + j) & 7] += (double)d * d;
         }
     }
     sums[0] = ((eps2[0] + eps2[1]) + (eps2[2] + eps2[3])) + ((eps2[4] + eps2[5]) + (eps2[6] + eps2[7]));
     sums[1] = ((inno2[0] + inno2[1]) + (inno2[2] + inno2[3])) + ((inno2[4] + inno2[5]) + (inno2[6] + inno2[7]));
+}
+
+/* q_ref[i] = Q(g)_i from the codes the quantizer above wrote, in place over [lo, hi): the same
+ * expression as its q_new (codes hold whole * positive), so the same floats. */
+void dh_laq_apply_codes(int64_t lo, int64_t hi, const uint8_t *codes, float radius, float unit, float *q_ref) {
+    for (int64_t i = lo; i < hi; ++i) q_ref[i] = (float)codes[i] * unit + q_ref[i] - radius;
 }
 
 /* Codes [lo, hi) (lo a multiple of 8) of `bits` bits each into bytes, LSB first: bit j of code
