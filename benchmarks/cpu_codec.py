@@ -8,9 +8,9 @@ bandwidth at the same thread count. Ideal bytes per fp32 element: worker input 2
 e; write m, p), compress 8.125 (read p; write the residual and the packed signs), decode
 4.125, decode-and-add 8.125. "round" is everything one worker of an n-worker sharded exchange
 computes per step (input, compress, n shard decodes, the server step on its shard, decoding
-the n replies), without communication. LAQ (4 bits): "laq-quantize" is a worker's quantizer
-(radius, grid point, innovation, codes, both norms: read g and q_ref twice, write q_new, the
-innovation and the codes, 25 B), "laq-receive" adds one received upload to the sum (8.5 B).
+the n replies), without communication. LAQ (4 bits): "laq-quantize" is a worker's quantizer as
+the uploads mode runs it (radius, codes and both norms: read g and q_ref twice, write the
+codes, 17 B), "laq-receive" adds one received upload to the sum (8.5 B).
 
     python benchmarks/cpu_codec.py                       # resnet50, gpt; 1 thread and all cores
     python benchmarks/cpu_codec.py --models resnet18 --threads 1
@@ -36,7 +36,7 @@ from ddp_hooks.compress import sign  # noqa: E402
 from ddp_hooks.compress.laq import add_dequantized, pack_codes, quantize_step  # noqa: E402
 
 IDEAL_BYTES = {"input": 20.0, "compress": 8.125, "decode": 4.125, "decode+add": 8.125,
-               "laq-quantize": 25.0, "laq-receive": 8.5}
+               "laq-quantize": 17.0, "laq-receive": 8.5}
 STEPS = ["input", "compress", "decode", "decode+add", "round", "laq-quantize", "laq-receive"]
 
 
@@ -90,11 +90,11 @@ def _steps(numels: list[int], workers: int) -> dict:
             plan.decode(j, *shard_msgs[j], out[j * plan.shard: (j + 1) * plan.shard])
 
     codes = torch.empty(n, dtype=torch.uint8)
-    quantize_step(g, m, 4, p, residual, codes)
+    quantize_step(g, m, 4, None, None, codes)
     packed_codes, radius = pack_codes(codes, 4), torch.tensor(0.5)
 
     return {
-        "laq-quantize": lambda: quantize_step(g, m, 4, p, residual, codes),
+        "laq-quantize": lambda: quantize_step(g, m, 4, None, None, codes),
         "laq-receive": lambda: add_dequantized(out, packed_codes, radius, 4),
         "input": lambda: worker_input(g, m, m_out, 0.9, True, e, 1.0, p),
         "compress": lambda: sign.compress(g, blocks, residual),
