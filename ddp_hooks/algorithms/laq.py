@@ -8,6 +8,7 @@ and uploads it only when the innovation is large compared with the recent model 
     dQ     = Q_new - Q_ref ;  eps2 = ||g_m - Q_new||^2
     upload if ||dQ||^2 >= (1 / lr^2) sum_d xi_d ||theta^{k+1-d} - theta^{k-d}||^2
                           + 3 (eps2 + eps2_at_last_upload)        or after t_bar silent rounds
+                                                          or in the worker's first round
     every rank: aggregate += sum of the uploaded dQ ;  gradient = aggregate / M
 
 so a skipping worker's last upload keeps counting (stale). ``1 / lr^2`` is the paper's
