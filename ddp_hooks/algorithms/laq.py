@@ -153,7 +153,7 @@ class LAQ(HookState):
     def _workspace(self, numel: int, device) -> dict[str, torch.Tensor]:
         ws = self._ws
         if ws is None or ws["g"].numel() != numel or ws["g"].device != device:
-            names = ("g", "work") if self._codes_only else ("g", "q_new", "work")
+            names = ("g",) if self._codes_only else ("g", "q_new", "work")
             ws = self._ws = {k: torch.empty(numel, device=device) for k in names}
             if self._codes_only:
                 ws["codes"] = torch.empty(numel, dtype=torch.uint8, device=device)
@@ -168,7 +168,7 @@ class LAQ(HookState):
         q_ref = self.memory.flat("q_ref", params)
         aggregate = self.memory.flat("aggregate", params)
         ws = self._workspace(q_ref.numel(), device)
-        g, q_new, innovation = ws["g"], ws.get("q_new"), ws["work"]
+        g, q_new, innovation = ws["g"], ws.get("q_new"), ws.get("work")
         torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params], out=g)
         lr = self.learning_rates(params)[0]
 
@@ -258,7 +258,10 @@ class LAQ(HookState):
             change = sum(native.sqdiff_copy(p.detach().reshape(-1), piece) for p, piece in zip(params, pieces))
             s["changes"][0] = change  # ||theta_new - theta||^2, theta_prev = theta_new
         else:
-            work = self._workspace(prev.numel(), prev.device)["work"]
+            ws = self._workspace(prev.numel(), prev.device)
+            if "work" not in ws:  # the codes-only mode keeps no fp32 scratch otherwise
+                ws["work"] = torch.empty_like(prev)
+            work = ws["work"]
             torch.cat([p.detach().reshape(-1).float() for p in params], out=work)
             s["changes"][0] = torch.linalg.vector_norm(prev.sub_(work)).square()  # ||theta_new - theta||
             prev.copy_(work)

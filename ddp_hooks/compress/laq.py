@@ -78,8 +78,8 @@ def apply_codes(q_ref: torch.Tensor, codes: torch.Tensor, radius: torch.Tensor, 
     unit = 2 * radius / levels
     if q_ref.dtype == torch.float32 and native.usable(q_ref, codes):
         return native.laq_apply_codes(codes, float(radius), float(unit), q_ref)
-    q_new = codes.to(q_ref.dtype).mul_(unit).add_(q_ref).sub_(radius)  # the quantizer's order
-    return q_ref.copy_(q_new)
+    # code * unit + q_ref - R as the quantizer rounds it (the sum's operands commute exactly)
+    return q_ref.add_(codes.to(q_ref.dtype).mul_(unit)).sub_(radius)
 
 
 def add_dequantized(total: torch.Tensor, packed: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:

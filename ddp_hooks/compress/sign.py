@@ -108,6 +108,7 @@ def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: list[tuple[int, int
     torch.where(bits[:n], per, -per, out=out[:n])
     return out
 
+
 def decode(
     packed: torch.Tensor, scales: torch.Tensor, blocks: list[tuple[int, int]], out: torch.Tensor,
     accumulate: bool = False, work: torch.Tensor | None = None,
