@@ -75,11 +75,11 @@ def build(ddp, lr, spec: dict) -> Setup:
     if kind == "catalog":
         return catalog.build(spec["name"], ddp, lr)
     if kind == "cser":
-        opt = dh.CSER(**spec["args"]).register(ddp, _sgdm(ddp, lr * spec.get("lr_scale", 1.0)))
-        return Setup(opt, opt.hook_state)
+        opt = _sgdm(ddp, lr * spec.get("lr_scale", 1.0))
+        return Setup(opt, dh.CSER(**spec["args"]).register(ddp, opt))
     if kind == "qsparse":
-        opt = dh.QsparseLocalSGD(**spec["args"]).register(ddp, _sgdm(ddp, lr * spec.get("lr_scale", 1.0)))
-        return Setup(opt, opt.hook_state)
+        opt = _sgdm(ddp, lr * spec.get("lr_scale", 1.0))
+        return Setup(opt, dh.QsparseLocalSGD(**spec["args"]).register(ddp, opt))
     if kind == "ef-sgd":
         opt = torch.optim.SGD(ddp.parameters(), lr=lr)
         return Setup(opt, dh.EFSignSGDM(momentum=0.0, **spec.get("args", {})).register(ddp, opt))

@@ -1,4 +1,4 @@
-"""dist-EF-SGDM's scaled-sign codec on CPU: the fused C loops (ddp_hooks.native) against the
+"""dist-EF-SGDM's scaled-sign codec on CPU: the fused C loops (ddp_hooks._ext.cpu) against the
 torch operations, side by side, per step of the codec and for a whole worker + server round.
 
 For each model's gradient (one bucket holding every tensor, one block per tensor) and thread
@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import table, write_json  # noqa: E402
 from benchmarks.shapes import MODELS  # noqa: E402
-from ddp_hooks import native  # noqa: E402
-from ddp_hooks.algorithms.ef_signsgdm import worker_input  # noqa: E402
-from ddp_hooks.compress import sign  # noqa: E402
+from ddp_hooks._ext import cpu as native  # noqa: E402
+from ddp_hooks.algorithms.ef_shards import ShardPlan  # noqa: E402
+from ddp_hooks.compress import scaled_sign as sign  # noqa: E402
+from ddp_hooks.compress.error_feedback import ef_input  # noqa: E402
 from ddp_hooks.compress.laq import add_dequantized, pack_codes, quantize_step  # noqa: E402
 
 IDEAL_BYTES = {"input": 20.0, "compress": 8.125, "decode": 4.125, "decode+add": 8.125,
@@ -70,36 +71,44 @@ def _steps(numels: list[int], workers: int) -> dict:
     """The codec's steps as closures over fresh buffers of one bucket."""
     n = sum(numels)
     blocks = sign.ranges(numels)
-    plan = sign.ShardPlan.build(numels, workers, torch.device("cpu"))
+    plan = ShardPlan.build(numels, None, workers, torch.device("cpu"))
     g, m, e = torch.randn(n), torch.randn(n), torch.randn(n)
     m_out, p, residual, out = torch.empty(n), torch.empty(n), torch.empty(n), torch.empty(n)
     packed, scales = sign.compress(g, blocks, residual)
-    acc, scratch = torch.empty(plan.shard), torch.empty(plan.shard)
-    rows = plan.pad(g)
-    shard_msgs = [plan.compress(j, rows[j], scratch) for j in range(plan.n)]
+    acc, scratch = torch.empty(plan.width), torch.empty(plan.width)
+    shards = [plan.shard(j) for j in range(plan.n)]
+
+    def worker(x):
+        piece_scales = plan.piece_scales(sign.block_scales(x, blocks))
+        return [(sign.sign_residual(x[s], plan.pieces[j], piece_scales[j], residual[s]), piece_scales[j])
+                for j, s in enumerate(shards)]
+
+    shard_msgs = worker(g)
+    mine = plan.pieces[0]
+    width0 = shards[0].stop - shards[0].start
 
     def one_round():
-        worker_input(g, m, m_out, 0.9, True, e, 1.0, p)
-        sign.compress(p, blocks, residual)
-        plan.decode(0, *shard_msgs[0], acc)
-        for j in range(1, plan.n):  # the n workers' messages for this rank's shard
-            plan.decode(0, *shard_msgs[0], acc, accumulate=True, work=scratch)
+        ef_input(g, m, mu=0.9, nesterov=True, error=e, rho=1.0, momentum_out=m_out, out=p)
+        worker(p)
+        sign.decode(*shard_msgs[0], mine, acc[:width0])
+        for _ in range(1, plan.n):  # the n workers' messages for this rank's shard
+            sign.decode(*shard_msgs[0], mine, acc[:width0], accumulate=True)
         acc.div_(plan.n)
-        plan.compress(0, acc, scratch)
-        for j in range(plan.n):  # the n servers' replies
-            plan.decode(j, *shard_msgs[j], out[j * plan.shard: (j + 1) * plan.shard])
+        sign.compress(acc[:width0], mine, scratch)
+        for j, s in enumerate(shards):  # the n servers' replies
+            sign.decode(*shard_msgs[j], plan.pieces[j], out[s])
 
     codes = torch.empty(n, dtype=torch.uint8)
-    quantize_step(g, m, 4, None, None, codes)
+    quantize_step(g, m, 4, codes=codes)
     packed_codes, radius = pack_codes(codes, 4), torch.tensor(0.5)
 
     return {
-        "laq-quantize": lambda: quantize_step(g, m, 4, None, None, codes),
+        "laq-quantize": lambda: quantize_step(g, m, 4, codes=codes),
         "laq-receive": lambda: add_dequantized(out, packed_codes, radius, 4),
-        "input": lambda: worker_input(g, m, m_out, 0.9, True, e, 1.0, p),
+        "input": lambda: ef_input(g, m, mu=0.9, nesterov=True, error=e, rho=1.0, momentum_out=m_out, out=p),
         "compress": lambda: sign.compress(g, blocks, residual),
         "decode": lambda: sign.decode(packed, scales, blocks, out),
-        "decode+add": lambda: sign.decode(packed, scales, blocks, out, accumulate=True, work=residual),
+        "decode+add": lambda: sign.decode(packed, scales, blocks, out, accumulate=True),
         "round": one_round,
         "_numel": n,
     }

@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import table, write_json  # noqa: E402
-from ddp_hooks import kernels  # noqa: E402
-from ddp_hooks.compress.sign import block_scales, pack_signs, scaled_sign_decompress  # noqa: E402
+from ddp_hooks._ext import cuda as kernels  # noqa: E402
+from ddp_hooks.compress.bits import pack_signs  # noqa: E402
+from ddp_hooks.compress.scaled_sign import block_scales, decode  # noqa: E402
 
 
 def _time(fn, repeats: int, warmup: int = 10) -> float:
@@ -56,7 +57,7 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
             v = p + e
             scales = block_scales(v, blocks)
             packed = pack_signs(v)
-            return v - scaled_sign_decompress(packed, scales, blocks)
+            return v - decode(packed, scales, blocks, torch.empty_like(v))
 
         ref = _time(reference, max(3, repeats // 10))
         rows.append(_row("sign+EF (fused, 2 passes)", n, fused, ref, 20.1, copy_bw, floor_bytes=12.1))

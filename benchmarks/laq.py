@@ -57,7 +57,8 @@ def _run(rank, world, settings, iterations, alpha, bits, eval_every):
     model = nn.Linear(64, 10)
     ddp = DDP(model)
     state = dh.LAQ(bits=bits, memory_depth=10, max_staleness=100, wire="uploads", **settings)
-    opt = state.register(ddp, torch.optim.SGD(ddp.parameters(), lr=alpha * world))
+    opt = torch.optim.SGD(ddp.parameters(), lr=alpha * world)
+    state.register(ddp, opt)
     numel = sum(p.numel() for p in model.parameters())
     points = []
     for k in range(1, iterations + 1):
@@ -65,7 +66,7 @@ def _run(rank, world, settings, iterations, alpha, bits, eval_every):
         _loss(ddp, x, y).backward()
         opt.step()
         if k % eval_every == 0 or k == iterations:
-            stats = opt.stats()
+            stats = state.stats()
             with torch.no_grad():
                 acc = (model(x_test).argmax(1) == y_test).float().mean().item()
                 train_loss = _loss(model, x_train, y_train).item()

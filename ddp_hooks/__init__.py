@@ -3,11 +3,12 @@
 Register a hook on an existing DDP model in one line::
 
     import ddp_hooks as dh
-    state = dh.AllReduce().register(ddp)
+    state = dh.EFSignSGDM(momentum=0.9).register(ddp, optimizer)
     ...
     print(state.stats())
 """
 
+from ._version import __version__
 from .algorithms import (
     CSER,
     LAQ,
@@ -18,23 +19,24 @@ from .algorithms import (
     PowerSGD,
     QsparseLocalSGD,
 )
-from .algorithms.cser import overall_ratio as cser_ratio
-from .algorithms.cser import propose as cser_configs
-from .core import HookState, SyncOptimizer, comm_hook
-
-__version__ = "0.1.0"
+from .algorithms.cser_ratio import overall_ratio as cser_ratio
+from .algorithms.cser_ratio import propose as cser_configs
+from .comm import CollectiveError
+from .core import ConfigMismatch, HookState, comm_hook
 
 __all__ = [
+    "CSER",
+    "LAQ",
     "AllReduce",
     "BF16Compress",
-    "CSER",
+    "CollectiveError",
+    "ConfigMismatch",
     "EFSignSGDM",
     "FP16Compress",
     "HookState",
-    "LAQ",
     "PowerSGD",
     "QsparseLocalSGD",
-    "SyncOptimizer",
+    "__version__",
     "comm_hook",
     "cser_configs",
     "cser_ratio",

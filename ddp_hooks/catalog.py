@@ -2,7 +2,8 @@
 
 Each entry builds, for a DDP model and a learning rate, the optimizer to step and the state
 whose ``stats()`` to read. Algorithms that apply momentum inside the hook get a plain SGD
-optimizer; the others get SGD with momentum 0.9.
+optimizer, LAQ too (its rule assumes plain gradient steps); the others get SGD with momentum
+0.9.
 """
 
 from collections.abc import Callable
@@ -45,20 +46,21 @@ def _ef_sgdm(ddp, lr):
 
 
 def _cser(ddp, lr):
-    opt = alg.CSER(grad_ratio=64, model_ratio=4, period=16).register(ddp, _sgdm(ddp, lr))
-    return Setup(opt, opt.hook_state, opt.averaged)
+    opt = _sgdm(ddp, lr)
+    state = alg.CSER(grad_ratio=64, model_ratio=4, period=16).register(ddp, opt)
+    return Setup(opt, state, state.averaged)
 
 
 def _qsparse(ddp, lr):
-    opt = alg.QsparseLocalSGD("signtopk", k=0.01, period=4).register(ddp, _sgdm(ddp, lr))
-    return Setup(opt, opt.hook_state)
+    opt = _sgdm(ddp, lr)
+    return Setup(opt, alg.QsparseLocalSGD("signtopk", k=0.01, period=4).register(ddp, opt))
 
 
 def _laq(ddp, lr):
     # minibatch gradients: SLAQ's threshold; plain SGD as in the paper (stale gradients and
     # momentum do not mix well)
-    opt = alg.LAQ.slaq(bits=4, wire="uploads").register(ddp, _sgd(ddp, 2 * lr))
-    return Setup(opt, opt.hook_state)
+    opt = _sgd(ddp, 2 * lr)
+    return Setup(opt, alg.LAQ.slaq(bits=4).register(ddp, opt))
 
 
 def _simple(state_cls, **kwargs):

@@ -17,7 +17,7 @@ from benchmarks import (
     powersgd,
     step_time,
 )
-from ddp_hooks import native
+from ddp_hooks._ext import cpu as native
 
 ROOT = Path(__file__).resolve().parent.parent
 

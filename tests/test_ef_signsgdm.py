@@ -7,16 +7,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
-from ddp_hooks import native
-from ddp_hooks.compress.sign import (
-    ShardPlan,
-    block_scales,
-    block_sizes,
-    pack_signs,
-    ranges,
-    scaled_sign_decompress,
-    unpack_signs,
-)
+from ddp_hooks._ext import cpu
+from ddp_hooks.algorithms.ef_shards import ShardPlan, server_pieces
+from ddp_hooks.compress.bits import pack_signs, unpack_signs
+from ddp_hooks.compress.scaled_sign import block_scales, block_sizes, decode, ranges, sign_residual
 from ddp_hooks.testing import run_world
 
 from models import value_errors
@@ -58,47 +52,52 @@ def test_blockwise_scaled_sign_matches_plain_math():
     assert sizes == [6, 6, 1, 1, 6, 6, 6, 6, 6, 6, 4, 6, 1]
     x = torch.randn(sum(numels))
     scales = block_scales(x, ranges(sizes))
-    decoded = scaled_sign_decompress(pack_signs(x), scales, ranges(sizes))
+    decoded = decode(pack_signs(x), scales, ranges(sizes), torch.empty(x.numel()))
     assert torch.equal(decoded, _plain_scaled_sign(x, _ranges(sizes)))
     assert block_sizes(numels) == numels
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_shard_plan_pieces_cover_the_bucket(n):
-    sizes = [5, 30, 1, 17, 9]
-    plan = ShardPlan.build(sizes, n, torch.device("cpu"))
-    assert plan.shard % 8 == 0 and plan.n * plan.shard >= sum(sizes)
-    x = torch.randn(sum(sizes))
-    values, residuals = [], []
-    for j, row in enumerate(plan.pad(x)):
-        residual = torch.full((plan.shard,), float("nan"))
-        packed, scales = plan.compress(j, row, residual)
-        assert packed.numel() == plan.shard // 8 and scales.numel() == plan.k
-        values.append(plan.decode(j, packed, scales, torch.full((plan.shard,), float("nan"))))
-        residuals.append(residual)
-    values, residuals = torch.cat(values), torch.cat(residuals)
-    cuts = sorted({b for r in _ranges(sizes) for b in r} | set(range(0, sum(sizes), plan.shard)))
-    pieces = [(a, b) for a, b in zip(cuts, cuts[1:])]
+    numels, piece = [5, 30, 1, 17, 9], 8
+    plan = ShardPlan.build(numels, None, n, torch.device("cpu"), piece=piece)
+    assert plan.width % 8 == 0 and plan.bounds[0] == 0 and plan.bounds[-1] == sum(numels)
+    assert all(b - a <= plan.width for a, b in zip(plan.bounds, plan.bounds[1:]))
+    # pieces: each tensor (one worker block) cut every 8 elements from its start, whatever the shards
+    pieces = server_pieces(_ranges(numels), piece)
+    assert pieces == [(0, 5), (5, 13), (13, 21), (21, 29), (29, 35), (35, 36), (36, 44), (44, 52), (52, 53),
+                      (53, 61), (61, 62)]
+    got = [(a + plan.bounds[j], b + plan.bounds[j]) for j in range(n) for a, b in plan.pieces[j]]
+    assert got == pieces
+    x = torch.randn(sum(numels))
+    values, residuals = torch.empty_like(x), torch.empty_like(x)
+    for j in range(n):
+        s = plan.shard(j)
+        if plan.pieces[j]:
+            scales = block_scales(x[s], plan.pieces[j])
+            packed = sign_residual(x[s], plan.pieces[j], scales, residuals[s])
+            decode(packed, scales, plan.pieces[j], values[s])
     expected = _plain_scaled_sign(x, pieces)
-    padded = plan.pad(x).flatten()
-    assert torch.equal(values[: sum(sizes)], expected)
-    assert not values[sum(sizes) :].any()  # padding decodes to zero
-    valid = padded.new_zeros(padded.numel(), dtype=torch.bool)
-    for j in range(plan.n):
-        valid[j * plan.shard : min((j + 1) * plan.shard, sum(sizes))] = True
-    assert torch.equal(residuals[valid], x - expected)
+    assert torch.equal(values, expected)
+    assert torch.equal(residuals, x - expected)
+    # each piece's worker block: every piece lies inside one tensor here
+    starts = [a for a, _ in _ranges(numels)]
+    for j in range(n):
+        for q, (a, _) in enumerate(plan.pieces[j]):
+            block = int(plan.piece_block[j, q])
+            assert starts[block] <= a + plan.bounds[j] < starts[block] + numels[block]
 
 
 # ---------------------------------------------------------------- the plain reference (1b)
 def _compress_params(tensors, layouts, block_size, n, server):
     """Blockwise scaled sign of per-parameter tensors. Worker blocks: each tensor (cut into
-    ``block_size``). Server blocks: the same, further cut at the shard boundaries of each bucket
-    (``layouts``: lists of parameter indices in bucket order)."""
+    ``block_size``). Server blocks: the same, further cut every SERVER_PIECE elements from each
+    block's start (``layouts``: lists of parameter indices in bucket order)."""
     out = [None] * len(tensors)
     for bucket in layouts:
         flat = torch.cat([tensors[i] for i in bucket])
         sizes = block_sizes([tensors[i].numel() for i in bucket], block_size)
-        blocks = _server_blocks(sizes, n) if server else _ranges(sizes)
+        blocks = server_pieces(_ranges(sizes)) if server else _ranges(sizes)
         done = _plain_scaled_sign(flat, blocks).split([tensors[i].numel() for i in bucket])
         for i, piece in zip(bucket, done):
             out[i] = piece
@@ -137,20 +136,12 @@ def ef_sgdm_reference(local_grads, lrs, layouts, mu, nesterov, block_size):
     return outputs
 
 
-def _server_blocks(sizes, n):
-    numel = sum(sizes)
-    shard = (numel + n - 1) // n
-    shard = (shard + 7) // 8 * 8
-    cuts = sorted({b for r in _ranges(sizes) for b in r} | set(range(0, numel, shard)))
-    return list(zip(cuts, cuts[1:]))
-
-
 class _Recording(dh.EFSignSGDM):
     """Records the bucket layouts the hook saw (they change after DDP's rebuild)."""
 
     def reduce(self, bucket, step):
-        index = {id(p): k for k, p in enumerate(self._named.values())}
-        self.layouts.setdefault(step, []).append([index[id(p)] for p in bucket.parameters()])
+        index = {id(p): k for k, p in enumerate(self.model_view().params)}
+        self.layouts.setdefault(step, []).append([index[id(p)] for p in bucket.params])
         return super().reduce(bucket, step)
 
 
@@ -209,8 +200,8 @@ def test_hook_agrees_with_single_process_reference(world, topology):
 
 
 def _torch_codec_world(rank, world, *args):
-    with native.disabled():
-        assert not native.available()
+    with cpu.disabled():
+        assert not cpu.available()
         return _reference_world(rank, world, *args)
 
 
@@ -317,7 +308,7 @@ def test_refuses_double_momentum_and_bad_arguments():
     assert "momentum=0" in msgs[0] and "twice" in msgs[0]
     assert "momentum" in msgs[1] and "[0.0, 1.0)" in msgs[1]
     assert "momentum" in msgs[2]
-    assert "block_size" in msgs[3] and "[1, inf)" in msgs[3]
+    assert "block_size" in msgs[3] and "[1, 2147483647]" in msgs[3]
     assert "topology" in msgs[4] and "allgather" in msgs[4]
 
 

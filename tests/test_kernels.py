@@ -1,26 +1,56 @@
-"""Fused CUDA kernels: they compile (nvcc, and the bindings against torch's headers), the
-torch path is taken where they cannot run, and on a GPU each equals its torch reference."""
+"""Fused CUDA kernels: they compile (nvcc, and the bindings against torch's headers, with the
+flags torch.utils.cpp_extension uses), the torch path is taken where they cannot run, and on a
+GPU each equals its torch reference."""
 
+import inspect
 import os
+import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 import torch
 
-from ddp_hooks import kernels
-from ddp_hooks.compress.sign import block_scales, block_sizes, pack_signs, scaled_sign_decompress
+from ddp_hooks._ext import cuda as kernels
+from ddp_hooks.compress.bits import pack_signs
+from ddp_hooks.compress.scaled_sign import block_scales, block_sizes, decode
+
+
+def scaled_sign_decompress(packed, scales, blocks):
+    return decode(packed, scales, blocks, torch.empty(blocks[-1][1], device=packed.device))
+
+
+def _torch_build_flags(tmp_path, sources, with_cuda):
+    """The (cflags, cuda_cflags) torch.utils.cpp_extension writes for building ``sources``:
+    its own ninja file, generated here without building anything."""
+    from torch.utils import cpp_extension
+
+    write = cpp_extension._write_ninja_file_to_build_library
+    src = kernels.source_dir()
+    kwargs = {"path": str(tmp_path / "build.ninja"), "name": "ddp_hooks_kernels", "sources": sources,
+              "extra_cflags": ["-O0"], "extra_cuda_cflags": ["-O3"], "extra_sycl_cflags": [], "extra_ldflags": [],
+              "extra_include_paths": [str(src)], "with_cuda": with_cuda, "with_sycl": False, "is_standalone": False}
+    write(**{k: v for k, v in kwargs.items() if k in inspect.signature(write).parameters})
+    lines = (tmp_path / "build.ninja").read_text().splitlines()
+
+    def value(key):
+        found = [line.split("=", 1)[1] for line in lines if line.startswith(f"{key} =")]
+        return shlex.split(found[0]) if found else []
+
+    return value("cflags") + value("post_cflags"), value("cuda_cflags") + value("cuda_post_cflags")
 
 
 # ---------------------------------------------------------------- build checks (no GPU needed)
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", ["sign.cu", "topk.cu"])
-def test_kernels_compile_with_nvcc_for_sm90_and_ptx(source, tmp_path):
+def test_kernels_compile_with_nvcc_for_sm90_and_ptx(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
     src = kernels.source_dir()
+    _, cuda_flags = _torch_build_flags(tmp_path, [str(src / source)], with_cuda=True)
+    std = [f for f in cuda_flags if f.startswith("-std=")]
     done = subprocess.run(
-        ["nvcc", "-c", str(src / source), "-o", str(tmp_path / "k.o"), "-O3", "-std=c++17", f"-I{src}",
+        ["nvcc", "-c", str(src / source), "-o", str(tmp_path / "k.o"), "-O3", *std, f"-I{src}",
          "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"],
         capture_output=True, text=True,
     )
@@ -29,16 +59,12 @@ def test_kernels_compile_with_nvcc_for_sm90_and_ptx(source, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
-def test_bindings_compile_against_torch_headers(tmp_path):
-    from torch.utils.cpp_extension import include_paths
-
+def test_bindings_compile_against_torch_headers_with_torch_flags(tmp_path):
     src = kernels.source_dir()
-    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{src}"]
-    done = subprocess.run(
-        ["g++", "-c", "-std=c++17", "-fPIC", "-O0", str(src / "bindings.cpp"), "-o", str(tmp_path / "b.o"),
-         "-DTORCH_EXTENSION_NAME=ddp_hooks_kernels", *includes],
-        capture_output=True, text=True,
-    )
+    cflags, _ = _torch_build_flags(tmp_path, [str(src / "bindings.cpp")], with_cuda=False)
+    assert any(f.startswith("-std=") for f in cflags), cflags
+    done = subprocess.run(["g++", "-c", str(src / "bindings.cpp"), "-o", str(tmp_path / "b.o"), *cflags],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -50,7 +76,7 @@ def test_sources_are_found():
 def test_env_switch_forces_the_torch_path():
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-        "from ddp_hooks import kernels\n"
+        "from ddp_hooks._ext import cuda as kernels\n"
         "assert kernels.load() is None and kernels.load() is None\n"
         "print(kernels.status())\n"
     )

@@ -7,47 +7,57 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
-from ddp_hooks.compress.laq import codes_of, pack_codes, quantize_innovation, quantize_innovation_, unpack_codes
-from ddp_hooks import native
+from ddp_hooks._ext import cpu
+from ddp_hooks.compress.laq import pack_codes, quantize_step, unpack_codes
 from ddp_hooks.testing import run_world
 
 from models import value_errors
 
 
 # ---------------------------------------------------------------- quantizer
+def _quantize(grad, ref, bits):
+    q, codes = torch.empty_like(grad), torch.empty(grad.numel(), dtype=torch.uint8)
+    round_ = quantize_step(grad, ref, bits, q_new=q, codes=codes)
+    return round_.radius, codes, q
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_quantization_error_within_tau_r_and_codes_fit_in_b_bits(bits):
     g = torch.Generator().manual_seed(bits)
     grad, ref = torch.randn(257, generator=g), torch.randn(257, generator=g)
-    radius, codes, q = quantize_innovation(grad, ref, bits)
+    radius, codes, q = _quantize(grad, ref, bits)
     tau = 1 / (2**bits - 1)
     assert float(radius) == pytest.approx(float((grad - ref).abs().max()))
     assert ((grad - q).abs() <= tau * radius * (1 + 1e-5) + 1e-7).all()
     assert int(codes.max()) <= 2**bits - 1
+    # the grid point is q_ref - R + 2 tau R code, exactly as a receiver rebuilds it
+    torch.testing.assert_close(q, ref - radius + (2 * radius / (2**bits - 1)) * codes.float(), rtol=0, atol=1e-6)
     packed = pack_codes(codes, bits)
     assert packed.numel() == -(-257 * bits // 8)
     assert torch.equal(unpack_codes(packed, 257, bits), codes)
 
 
 @pytest.mark.parametrize("bits", [1, 4, 8])
-def test_in_place_quantizer_matches_and_codes_are_recovered(bits):
+def test_norms_of_the_round_match_plain_math(bits):
     g = torch.Generator().manual_seed(10 + bits)
     grad, ref = torch.randn(300, generator=g), torch.randn(300, generator=g)
-    radius, codes, q = quantize_innovation(grad, ref, bits)
-    out, work = torch.empty(300), torch.empty(300)
-    radius2 = quantize_innovation_(grad, ref, bits, out=out, work=work)
-    assert float(radius2) == float(radius)
-    torch.testing.assert_close(out, q, rtol=0, atol=1e-6)
-    assert torch.equal(codes_of(out, ref, radius2, bits), codes)
-    out_zero = torch.empty(300)
-    assert float(quantize_innovation_(ref, ref, bits, out=out_zero, work=work)) == 0
-    assert torch.equal(out_zero, ref)
+    q, innovation = torch.empty(300), torch.empty(300)
+    round_ = quantize_step(grad, ref, bits, q_new=q, innovation=innovation)
+    torch.testing.assert_close(innovation, q - ref)
+    assert float(round_.error2) == pytest.approx(float((grad - q).double().square().sum()), rel=1e-6)
+    assert float(round_.innovation2) == pytest.approx(float((q - ref).double().square().sum()), rel=1e-6)
 
 
 def test_zero_radius_gives_the_reference_back():
     ref = torch.randn(10)
-    radius, codes, q = quantize_innovation(ref.clone(), ref, 4)
+    radius, codes, q = _quantize(ref.clone(), ref, 4)
     assert float(radius) == 0 and torch.equal(q, ref) and int(codes.sum()) == 0
+
+
+def test_huge_gradient_keeps_the_norms_finite():
+    # squares of 1e20 overflow float32: the rule's norms are float64
+    round_ = quantize_step(torch.full((64,), 1e20), torch.zeros(64), 4, q_new=torch.empty(64), innovation=torch.empty(64))
+    assert torch.isfinite(round_.error2) and torch.isfinite(round_.innovation2)
 
 
 # ---------------------------------------------------------------- n-worker reference
@@ -73,13 +83,14 @@ def _model():
 def _world(rank, world, iterations, settings, lr=0.5):
     model = _model()
     ddp = DDP(model)
-    opt = dh.LAQ(**settings).register(ddp, torch.optim.SGD(ddp.parameters(), lr=lr))
+    opt = torch.optim.SGD(ddp.parameters(), lr=lr)
+    state = dh.LAQ(**settings).register(ddp, opt)
     x, y = _data(rank)
     for _ in range(iterations):
         opt.zero_grad()
         _loss(ddp, x, y).backward()  # full local gradient (LAQ is a GD method)
         opt.step()
-    stats = opt.stats()
+    stats = state.stats()
     return [p.detach().clone() for p in model.parameters()], stats["uploads"], stats["uploads_all_ranks"]
 
 
@@ -151,7 +162,7 @@ def test_agrees_with_single_process_reference_over_50_iterations(world, wire):
 
 
 def _torch_codec_world(rank, world, *args):
-    with native.disabled():
+    with cpu.disabled():
         return _world(rank, world, *args)
 
 
@@ -194,16 +205,22 @@ def test_lag_and_qgd_settings():
     torch.testing.assert_close(torch.cat([p.reshape(-1) for p in qgd[0][0]]), theta, rtol=1e-4, atol=1e-5)
 
 
-def _bad_args(rank, world):
-    cases = ({"bits": 0}, {"bits": 9}, {"memory_depth": 0}, {"max_staleness": 0}, {"wire": "ring"})
+def _bad_optimizers(rank, world):
     model = nn.Linear(3, 3)
     ddp = DDP(model)
     groups = [{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.2}]
-    return value_errors(dh.LAQ, cases) + value_errors(lambda: dh.LAQ().register(ddp, torch.optim.SGD(groups)), [{}])
+    return value_errors(lambda: dh.LAQ().register(ddp, torch.optim.SGD(groups)), [{}]) + value_errors(
+        lambda: dh.LAQ().register(ddp, torch.optim.AdamW(ddp.parameters())), [{}]
+    )
 
 
-def test_bad_arguments_raise_value_error_naming_them():
-    msgs = run_world(_bad_args, 1)[0]
-    assert len(msgs) == 6
-    for msg, name in zip(msgs, ["bits", "bits", "memory_depth", "max_staleness", "wire", "lr"]):
+def test_bad_arguments_and_optimizers_raise_value_error_naming_them():
+    cases = ({"bits": 0}, {"bits": 9}, {"memory_depth": 0}, {"max_staleness": 0}, {"wire": "ring"})
+    msgs = value_errors(dh.LAQ, cases) + run_world(_bad_optimizers, 1)[0]
+    assert len(msgs) == 7
+    for msg, name in zip(msgs, ["bits", "bits", "memory_depth", "max_staleness", "wire", "lr", "AdamW"]):
         assert name in msg, msg
+
+
+def test_default_wire_sends_only_uploads():
+    assert dh.LAQ().wire == "uploads"

@@ -15,8 +15,8 @@ HOOKS = {
     "fp32": lambda ddp, opt: dh.AllReduce().register(ddp, opt),
     "fp16": lambda ddp, opt: dh.FP16Compress().register(ddp, opt),
     "powersgd": lambda ddp, opt: dh.PowerSGD(rank=2).register(ddp, opt),
-    "cser": lambda ddp, opt: dh.CSER(grad_ratio=4, model_ratio=2, period=100).register(ddp, opt).hook_state,
-    "qsparse-h1": lambda ddp, opt: dh.QsparseLocalSGD("signtopk", k=0.2, period=1).register(ddp, opt).hook_state,
+    "cser": lambda ddp, opt: dh.CSER(grad_ratio=4, model_ratio=2, period=100).register(ddp, opt),
+    "qsparse-h1": lambda ddp, opt: dh.QsparseLocalSGD("signtopk", k=0.2, period=1).register(ddp, opt),
 }
 
 

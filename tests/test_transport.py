@@ -23,10 +23,10 @@ def _collectives_world(rank, world):
     chunks = torch.stack([torch.full((3,), 10 * rank + j, dtype=torch.int32) for j in range(world)])
     received = tr.all_to_all(chunks, step=1).wait()
 
-    def server(rows):  # the owner of shard `rank` sums what it received
-        return rows.sum(0).to(torch.int32)
+    def server(rows):  # the owner of shard `rank` sums what it received, then all shards are gathered
+        return tr.all_gather(rows.sum(0).to(torch.int32), step=1, stage=1)
 
-    replies = tr.sharded_exchange(chunks, server, step=1).wait()
+    replies = tr.then(tr.all_to_all(chunks, step=1), 1, server).wait()
     return summed, gathered, received, replies, stats.summary(2)
 
 
@@ -59,13 +59,14 @@ class _ShardedMean(HookState):
         self.numels = []
 
     def reduce(self, bucket, step):
-        buf = bucket.buffer()
+        buf = bucket.buffer
         n = self.world_size
         shard = -(-buf.numel() // n)
         self.numels.append((step, buf.numel()))
         chunks = torch.zeros(n * shard)
         chunks[: buf.numel()] = buf
-        fut = self.transport.sharded_exchange(chunks.view(n, shard), lambda rows: rows.sum(0) / n, step)
+        received = self.transport.all_to_all(chunks.view(n, shard), step)
+        fut = self.transport.then(received, 1, lambda rows: self.transport.all_gather(rows.sum(0) / n, step, stage=1))
 
         def unpack(f):
             buf.copy_(f.value().reshape(-1)[: buf.numel()])

@@ -1,10 +1,10 @@
-"""One module per paper: a state class and its hook (and an optimizer wrapper where needed)."""
+"""One module per paper: a state class and its hook."""
 
 from .baselines import AllReduce, BF16Compress, FP16Compress
-from .cser import CSER, CSEROptimizer
+from .cser import CSER
 from .ef_signsgdm import EFSignSGDM
-from .laq import LAQ, LAQOptimizer
+from .laq import LAQ
 from .powersgd import PowerSGD
-from .qsparse import QsparseLocalSGD, QsparseOptimizer
+from .qsparse import QsparseLocalSGD
 
-__all__ = ["AllReduce", "BF16Compress", "CSER", "CSEROptimizer", "EFSignSGDM", "FP16Compress", "LAQ", "LAQOptimizer", "PowerSGD", "QsparseLocalSGD", "QsparseOptimizer"]
+__all__ = ["CSER", "LAQ", "AllReduce", "BF16Compress", "EFSignSGDM", "FP16Compress", "PowerSGD", "QsparseLocalSGD"]

@@ -1,78 +1,53 @@
 """dist-EF-SGDM: blockwise scaled sign with worker and server error feedback, Nesterov momentum,
-two-way compression (Zheng, Huang, Kwok, NeurIPS 2019; ALGORITHMS.md section 1).
+two-way compression (Zheng, Huang, Kwok, NeurIPS 2019; docs/algorithms.md, "dist-EF-SGDM").
 
-Per step, in gradient units (section 1b), with ``rho = lr_{t-1} / lr_t``::
+Per step, in gradient units, with ``rho = lr_{t-1} / lr_t``::
 
     worker i:  m_i = mu * m_i + g_i
                p_i = g_i + mu * m_i + rho * e_i        (Nesterov; p_i = m_i + rho * e_i without)
                Delta_i = C(p_i) ;  e_i = p_i - Delta_i  C = blockwise scaled sign
     server:    p = mean_i Delta_i + rho * e_srv
-               Delta = C(p) ;  e_srv = p - Delta
+               Delta = C(p) ;  e_srv = p - Delta       (C over the server pieces, .ef_shards)
     returned:  Delta (the optimizer steps x -= lr * (Delta + weight_decay * x))
 
 Weight decay stays out of the compressed path: the optimizer applies it after the hook (plain
 ``torch.optim.SGD(params, lr, weight_decay=...)`` with ``momentum=0``; the hook already applies
 momentum). ``momentum=0`` gives dist-EF-SGD.
 
-Topologies (identical results):
-
-* ``"sharded"`` (default): shard ``j`` of every bucket is owned by rank ``j``; each worker sends
-  its compressed shard ``j`` to rank ``j`` (all-to-all), the owner runs the server step with its
-  own shard of the server error and the re-compressed shards are all-gathered. Bytes per worker
-  do not grow with the world size.
-* ``"allgather"``: every worker's message is all-gathered and every rank runs the server step.
+Topologies (identical results): ``"sharded"`` (default) makes rank ``j`` the server of shard
+``j`` of every bucket (all-to-all to the owners, then all-gather of their replies: bytes per
+worker do not grow with the world size); ``"allgather"`` gathers every worker's message and
+runs every shard's server step on every rank.
 
 Non-finite gradients: a worker whose bucket holds inf/NaN flags it in its message; every rank
-then returns NaN for that bucket (so ``GradScaler`` skips the step) and neither error memory nor
-the momentum takes the bucket's values in.
+then returns NaN for the bucket (``GradScaler`` skips the step) and no memory takes it in.
 """
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.futures import Future
 
-from .. import native
-from ..compress.sign import ShardPlan, block_sizes, compress, ranges
-from ..core import HookState, check_choice, check_float, check_int
+from ..comm import chain
+from ..compress import scaled_sign as sign
+from ..compress.error_feedback import ef_input
+from ..core import Bucket, HookState, check_bool, check_choice, check_float, check_int, keep_unless, nonfinite, poison
 from ..core.layouts import LayoutCache
+from .ef_shards import ShardPlan, Workspace
 
 
-class _Layout:
-    """Everything about one bucket layout that follows from its shapes, and fp32 workspaces
-    (so that no bucket-sized tensor is allocated per step)."""
+@dataclass
+class _Round:
+    """One bucket's step: what the worker computed, and where the result goes."""
 
-    def __init__(self, params, block_size, n):
-        sizes = block_sizes([p.numel() for p in params], block_size)
-        device = params[0].device
-        self.numel = sum(sizes)
-        self.blocks = ranges(sizes)
-        self.plan = ShardPlan.build(sizes, n, device)
-        self.p = torch.empty(self.numel, device=device)  # worker message before compression
-        self.momentum = torch.empty(self.numel, device=device)  # candidate momentum
-        self.local = torch.empty(self.numel, device=device)  # candidate error p - C(p)
-        # decoded server message, for 16-bit buckets only (fp32 buckets take it directly)
-        self.out = None if params[0].dtype == torch.float32 else torch.empty(self.numel, device=device)
-        self.mean = torch.empty(self.plan.shard, device=device)  # mean of the workers' shards
-        self.shard = torch.empty(self.plan.shard, device=device)  # scratch of one shard
-
-
-def worker_input(g, momentum, momentum_out, mu: float, nesterov: bool, error, rho, p) -> torch.Tensor:
-    """The compressor's input ``p`` (module docstring): ``m' = g + mu m`` into ``momentum_out``
-    (when ``momentum`` is not None), ``p = (g + mu m' or m' or g) + rho e``."""
-    if not torch.is_tensor(rho) and native.usable(g, p):
-        return native.ef_input(g, momentum, momentum_out, mu, nesterov, error, rho, p)
-    if momentum is not None:
-        torch.add(g, momentum, alpha=mu, out=momentum_out)  # m' = mu m + g
-        if nesterov:
-            torch.add(g, momentum_out, alpha=mu, out=p)  # g + mu m'
-        else:
-            p.copy_(momentum_out)
-    else:
-        p.copy_(g)
-    if torch.is_tensor(rho):
-        p.addcmul_(error, rho)
-    else:
-        p.add_(error, alpha=rho)
-    return p
+    step: int
+    bucket: Bucket
+    plan: ShardPlan
+    ws: Workspace
+    rho: float | torch.Tensor
+    rows: torch.Tensor  # (n, message bytes): this worker's message for each shard
+    out: torch.Tensor  # fp32 destination of Delta (the bucket itself when it is fp32)
 
 
 class EFSignSGDM(HookState):
@@ -83,15 +58,17 @@ class EFSignSGDM(HookState):
     Args:
         momentum: worker momentum ``mu`` in [0, 1); 0 gives dist-EF-SGD.
         nesterov: use the Nesterov look-ahead ``g + mu * m`` (the paper's choice).
-        block_size: blocks of this many elements within each parameter tensor; ``None`` (the
-            default) gives one block per parameter tensor.
+        block_size: worker blocks of this many elements within each parameter tensor; ``None``
+            (the default) gives one block per parameter tensor.
         topology: ``"sharded"`` or ``"allgather"`` (see the module docstring).
         warmup_steps: first steps reduced by an exact fp32 all-reduce.
-        process_group: the group to reduce over (default WORLD).
+        process_group: the group to reduce over (default: the default group).
 
-    The learning rate is read from the optimizer given to :meth:`register` (warm-up schedules
-    included); that optimizer must not apply momentum itself.
+    The learning rate is read from the optimizer it follows (warm-up schedules included); that
+    optimizer must not apply momentum itself.
     """
+
+    memory_slots = ("error", "server_error", "momentum")
 
     def __init__(
         self,
@@ -101,18 +78,26 @@ class EFSignSGDM(HookState):
         block_size: int | None = None,
         topology: str = "sharded",
         warmup_steps: int = 0,
-        process_group=None,
+        process_group: Any = None,
     ) -> None:
         self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
-        self.nesterov = bool(nesterov)
+        self.nesterov = check_bool("nesterov", nesterov)
         self.block_size = None if block_size is None else check_int("block_size", block_size, 1)
         self.topology = check_choice("topology", topology, {"sharded", "allgather"})
         self.stages = 2 if topology == "sharded" else 1
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
-        self._layouts = LayoutCache(lambda params: _Layout(params, self.block_size, self.world_size))
+        self._plans = LayoutCache(self._build_plan)
         self._lr_prev: dict[int, float] = {}
 
-    # ---- wiring -----------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "momentum": self.momentum, "nesterov": self.nesterov,
+                "block_size": self.block_size, "topology": self.topology}
+
+    def _build_plan(self, params: list[torch.Tensor]) -> tuple[ShardPlan, Workspace]:
+        plan = ShardPlan.build([p.numel() for p in params], self.block_size, self.world_size, params[0].device)
+        return plan, Workspace(plan, params[0].dtype)
+
+    # ---- the optimizer ----------------------------------------------------------------------
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
             if group.get("momentum", 0) or "betas" in group:
@@ -123,174 +108,142 @@ class EFSignSGDM(HookState):
                     "the momentum on EFSignSGDM(momentum=...)"
                 )
 
-    def _rho(self, params):
+    def after_step(self) -> None:
+        """Remember the learning rate each parameter was just stepped with."""
+        params = self.model_view().params if self._model is not None else []
+        for p, lr in zip(params, self.learning_rates(params)):
+            self._lr_prev[id(p)] = lr
+
+    def _rho(self, params: list[torch.Tensor]) -> float | torch.Tensor:
         """``lr_{t-1} / lr_t`` per parameter: a float, or a per-element tensor when they differ."""
-        lrs = self.learning_rates(params)
+        if not self._lr_prev:
+            return 1.0  # nothing stepped yet: the error memories are zero
         rhos = []
-        for p, lr in zip(params, lrs):
+        for p, lr in zip(params, self.learning_rates(params)):
             prev = self._lr_prev.get(id(p))
             rhos.append(prev / lr if prev is not None and prev > 0 and lr > 0 else 1.0)
-            self._lr_prev[id(p)] = lr
         if all(r == rhos[0] for r in rhos):
             return rhos[0]
         counts = torch.tensor([p.numel() for p in params], device=params[0].device)
         return torch.repeat_interleave(torch.tensor(rhos, device=params[0].device), counts)
 
-    # ---- the algorithm ----------------------------------------------------------------------
-    def reduce(self, bucket, step: int) -> Future:
-        params, buf = bucket.parameters(), bucket.buffer()
-        device = buf.device
-        layout = self._layouts.get(params, step)
-        rho = self._rho(params)
-        mem = self.memory
-        repair = self.topology == "sharded" and mem.needs_assembly("server_error", params)
-        error = mem.flat("error", params)
-        server_error = mem.flat("server_error", params)
-        momentum = mem.flat("momentum", params) if self.momentum > 0 else None
-
-        with self.time(step, "compress", device):
-            g = buf if buf.dtype == torch.float32 else buf.to(torch.float32)
-            p = worker_input(g, momentum, layout.momentum, self.momentum, self.nesterov, error, rho, layout.p)
-            packed, scales = compress(p, layout.blocks, layout.local)  # local = p - C(p)
-            # the memories are finite, so the fp64 block sums are finite iff the gradient is
-            bad = ~torch.isfinite(scales).all()
-        self.count_bits(step, layout.numel + 32 * len(layout.blocks))
-        # fp32 buckets take the server's message directly (the gradient is consumed by then)
-        out = buf if buf.dtype == torch.float32 else layout.out
-
-        def commit(delta: torch.Tensor, step_bad: torch.Tensor) -> torch.Tensor:
-            """Worker memories take this step only if every worker's bucket was finite."""
-            with self.time(step, "decompress", device):
-                if device.type == "cpu" and not bool(step_bad):
-                    # reading a CPU flag costs nothing: swap buffers instead of copying
-                    layout.local = mem.swap_flat("error", params, layout.local)
-                    if momentum is not None:
-                        layout.momentum = mem.swap_flat("momentum", params, layout.momentum)
-                else:
-                    torch.where(step_bad, error, layout.local, out=error)
-                    if momentum is not None:
-                        torch.where(step_bad, momentum, layout.momentum, out=momentum)
-                if delta.data_ptr() != buf.data_ptr():
-                    buf.copy_(delta)
-                if device.type != "cpu" or bool(step_bad):
-                    buf.masked_fill_(step_bad, float("nan"))
-            return buf
-
+    # ---- the algorithm ------------------------------------------------------------------------
+    def reduce(self, bucket: Bucket, step: int) -> Future:
+        params, buf = bucket.params, bucket.buffer
+        plan, ws = self._plans.get(params, step)
+        # the same decision on every rank: every rank keeps server error for the whole bucket
+        repair = self.topology == "sharded" and self.memory.needs_assembly("server_error", params)
+        self.memory.flat("server_error", params)
+        r = _Round(step, bucket, plan, ws, self._rho(params), rows=buf, out=buf if buf.dtype == torch.float32 else ws.out)
+        with self.time(step, "compress", buf.device):
+            r.rows = self._worker(r)
+        self.count_bits(step, plan.numel + 32 * len(plan.blocks))
         if self.topology == "allgather":
-            return self._allgather(layout, packed, scales, bad, server_error, rho, out, commit, step)
-        return self._sharded(layout, packed, scales, bad, server_error, rho, repair, out, commit, step)
-
-    def _server(self, layout, j, mean, server_error, rho, any_bad):
-        """Server step on shard ``j``: p = mean + rho * e_srv; Delta = C(p); e_srv = p - Delta.
-        ``mean`` is the shard's ``(shard,)`` mean of the workers' messages (overwritten).
-        Returns (packed, scales) of Delta, scales NaN if any worker's bucket was not finite."""
-        plan = layout.plan
-        lo = j * plan.shard
-        hi = min(lo + plan.shard, plan.numel)
-        valid = max(0, hi - lo)
-        e = server_error[lo:hi]
-        p = mean
-        if valid:
-            if torch.is_tensor(rho):
-                p[:valid].addcmul_(e, rho[lo:hi])
-            else:
-                p[:valid].add_(e, alpha=rho)
-        packed, scales = plan.compress(j, p, layout.shard)  # shard[:valid] = p - C(p)
-        bad = any_bad | ~torch.isfinite(scales).all()
-        if valid:
-            if e.device.type == "cpu" and not bool(bad):
-                e.copy_(layout.shard[:valid])
-            else:
-                torch.where(bad, e, layout.shard[:valid], out=e)
-        return packed, scales.masked_fill(bad, float("nan"))
-
-    def _worker_mean(self, layout, j, packed_rows, scale_rows) -> torch.Tensor:
-        """Mean over workers of their decoded messages for shard ``j``, added in rank order."""
-        plan, acc = layout.plan, layout.mean
-        plan.decode(j, packed_rows[0], scale_rows[0], acc)
-        for i in range(1, packed_rows.shape[0]):
-            plan.decode(j, packed_rows[i], scale_rows[i], acc, accumulate=True, work=layout.shard)
-        return acc.div_(packed_rows.shape[0])
-
-    def _decode_replies(self, layout, replies: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All shards' server messages ``(n, shard/8 + 4k)`` -> (Delta in ``out``, non-finite flag)."""
-        plan = layout.plan
-        nbytes = plan.shard // 8
-        out_scales = replies[:, nbytes:].contiguous().view(torch.float32)
-        for j in range(plan.n):
-            plan.decode(j, replies[j, :nbytes], out_scales[j], out[j * plan.shard : (j + 1) * plan.shard])
-        return out, ~torch.isfinite(out_scales).all()
-
-    def _allgather(self, layout, packed, scales, bad, server_error, rho, out, commit, step) -> Future:
-        plan = layout.plan
-        nbytes = packed.numel()
-        payload = torch.cat([packed, scales.view(torch.uint8), bad.float().view(1).view(torch.uint8)])
-        gathered = self.transport.all_gather(payload, step)
-
-        def finish(fut: Future) -> torch.Tensor:
-            rows = fut.value()
-            with self.time(step, "decompress", rows.device):
-                all_scales = rows[:, nbytes : nbytes + 4 * len(layout.blocks)].contiguous().view(torch.float32)
-                any_bad = rows[:, -4:].contiguous().view(torch.float32).sum() > 0
-                # every rank decodes every worker's message and runs every shard's server step
-                signs = [torch.cat([rows[i, :nbytes], rows.new_full((plan.n * plan.shard // 8 - nbytes,), 255)])
-                         for i in range(rows.shape[0])]
-                piece_scales = [plan.piece_scales(all_scales[i]) for i in range(rows.shape[0])]
-                replies = []
-                for j in range(plan.n):
-                    sb = slice(j * plan.shard // 8, (j + 1) * plan.shard // 8)
-                    mean = self._worker_mean(
-                        layout, j, torch.stack([sg[sb] for sg in signs]), torch.stack([ps[j] for ps in piece_scales])
-                    )
-                    out_packed, out_scales = self._server(layout, j, mean, server_error, rho, any_bad)
-                    replies.append(torch.cat([out_packed, out_scales.view(torch.uint8)]))
-                delta, step_bad = self._decode_replies(layout, torch.stack(replies), out)
-            return commit(delta, step_bad)
-
-        return gathered.then(finish)
-
-    def _sharded(self, layout, packed, scales, bad, server_error, rho, repair, out, commit, step) -> Future:
-        plan = layout.plan
-        n, j = plan.n, self.rank
-        shard_bytes = plan.shard // 8
-        signs = torch.full((n * shard_bytes,), 255, dtype=torch.uint8, device=packed.device)
-        signs[: packed.numel()] = packed  # padding elements are zeros: sign bit 1
-        flag = bad.float().expand(n, 1)
-        rows = torch.cat(
-            [signs.view(n, shard_bytes), plan.piece_scales(scales).view(torch.uint8), flag.contiguous().view(torch.uint8)],
-            dim=1,
-        )
-        after = None
+            gathered = self.transport.all_gather(r.rows.view(-1), step)
+            return chain(gathered, lambda g: self._finish(r, self._serve_all(r, g.view(plan.n, plan.n, -1))))
+        received = self.transport.all_to_all(r.rows, step)
         if repair:
-            # a new bucket layout: the server error of this rank's new shard may have been owned
-            # by another rank; every rank holds zeros outside its old shard, so a sum restores it
-            after = self.transport.all_reduce(server_error, step)
+            received = self._repair(r, received)
+        replies = self.transport.then(received, 1, lambda rows: self.transport.all_gather(
+            self._serve(r, self.rank, rows), step, stage=1))
+        return chain(replies, lambda replies: self._finish(r, replies))
 
-        def server(received: torch.Tensor) -> torch.Tensor:
-            if repair:
-                lo, hi = j * plan.shard, min((j + 1) * plan.shard, plan.numel)
-                server_error[:lo].zero_()
-                server_error[hi:].zero_()
-            scale_rows = received[:, shard_bytes : shard_bytes + 4 * plan.k].contiguous().view(torch.float32)
-            any_bad = received[:, -4:].contiguous().view(torch.float32).sum() > 0
-            mean = self._worker_mean(layout, j, received[:, :shard_bytes], scale_rows)
-            out_packed, out_scales = self._server(layout, j, mean, server_error, rho, any_bad)
-            return torch.cat([out_packed, out_scales.view(torch.uint8)])
+    def _worker(self, r: _Round) -> torch.Tensor:
+        """m' = mu m + g; p = g + mu m' (or m') + rho e; this worker's message for every shard
+        (worker block scales, per-shard signs) and its candidate error ``p - C(p)``."""
+        params, ws, plan = r.bucket.params, r.ws, r.plan
+        g = r.bucket.buffer if r.bucket.buffer.dtype == torch.float32 else r.bucket.buffer.float()
+        momentum = self.memory.flat("momentum", params) if self.momentum > 0 else None
+        error = self.memory.flat("error", params)
+        p = ef_input(g, momentum, mu=self.momentum, nesterov=self.nesterov, error=error, rho=r.rho,
+                     momentum_out=ws.momentum, out=ws.p)
+        bad = nonfinite(g)
+        scales = sign.block_scales(p, plan.blocks) if plan.blocks else p.new_zeros(0)
+        piece_scales = plan.piece_scales(scales)
+        rows = []
+        for j in range(plan.n):
+            s = plan.shard(j)
+            pieces = plan.pieces[j]
+            packed = sign.sign_residual(p[s], pieces, piece_scales[j], ws.local[s]) if pieces else p.new_zeros(0, dtype=torch.uint8)
+            rows.append(plan.message.pack(packed, piece_scales[j], bad))
+        return torch.stack(rows)
 
-        replies = self.transport.sharded_exchange(rows, server, step, after=after)
+    def _repair(self, r: _Round, received: Future) -> Future:
+        """A new bucket layout: this rank's new shard's server error may have been owned by
+        another rank; every rank holds zeros outside its old shard, so one sum restores it."""
+        server_error = self.memory.flat("server_error", r.bucket.params)
+        summed = self.transport.all_reduce(server_error, r.step)
 
-        def finish(fut: Future) -> torch.Tensor:
-            with self.time(step, "decompress", packed.device):
-                delta, step_bad = self._decode_replies(layout, fut.value(), out)
-            return commit(delta, step_bad)
+        def keep_own(_: Any) -> None:
+            s = r.plan.shard(self.rank)
+            server_error[: s.start].zero_()
+            server_error[s.stop :].zero_()
 
-        return replies.then(finish)
+        both = torch.futures.collect_all([chain(summed, keep_own), received])
+        return chain(both, lambda f: (f[0].value(), f[1].value())[1])
+
+    def _serve(self, r: _Round, j: int, rows: torch.Tensor) -> torch.Tensor:
+        """Server step on shard ``j`` from the workers' ``(n, bytes)`` messages:
+        p = mean_i Delta_i + rho e_srv; Delta = C(p); e_srv = p - Delta. Returns the reply."""
+        plan, ws, msg = r.plan, r.ws, r.plan.message
+        s, pieces = plan.shard(j), plan.pieces[j]
+        bad = msg.any_bad(rows)
+        if not pieces:
+            return msg.pack(rows.new_zeros(0), ws.mean.new_zeros(0), bad)
+        mean = ws.mean[: s.stop - s.start]
+        signs, scales = msg.signs(rows), msg.scales(rows)
+        sign.decode(signs[0], scales[0], pieces, mean)
+        for i in range(1, rows.shape[0]):  # rank order: every rank adds the same floats
+            sign.decode(signs[i], scales[i], pieces, mean, accumulate=True)
+        mean.div_(rows.shape[0])
+        error = self.memory.flat("server_error", r.bucket.params)[s]
+        if torch.is_tensor(r.rho):
+            mean.addcmul_(error, r.rho[s])
+        else:
+            mean.add_(error, alpha=r.rho)
+        packed, out_scales = sign.compress(mean, pieces, ws.server)
+        bad = bad | ~torch.isfinite(out_scales).all()
+        keep_unless(bad, error, ws.server[: s.stop - s.start])
+        return msg.pack(packed, out_scales.masked_fill(bad, float("nan")), bad)
+
+    def _serve_all(self, r: _Round, gathered: torch.Tensor) -> torch.Tensor:
+        """Every shard's server step on this rank (``gathered``: ``(workers, shards, bytes)``)."""
+        return torch.stack([self._serve(r, j, gathered[:, j]) for j in range(r.plan.n)])
+
+    def _finish(self, r: _Round, replies: torch.Tensor) -> torch.Tensor:
+        """Decode every shard's reply into the bucket; the worker memories take the step only
+        if every worker's bucket was finite."""
+        plan, msg, params, buf = r.plan, r.plan.message, r.bucket.params, r.bucket.buffer
+        with self.time(r.step, "decompress", buf.device):
+            signs, scales = msg.signs(replies), msg.scales(replies)
+            for j in range(plan.n):
+                if plan.pieces[j]:
+                    sign.decode(signs[j], scales[j], plan.pieces[j], r.out[plan.shard(j)])
+            bad = msg.any_bad(replies)
+            ok = ~bad
+            r.ws.local = self.memory.commit("error", params, r.ws.local, ok)
+            if self.momentum > 0:
+                r.ws.momentum = self.memory.commit("momentum", params, r.ws.momentum, ok)
+            if r.out is not buf:
+                buf.copy_(r.out)
+            return poison(buf, bad)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        names = self._require_names()
+    def extra_state(self) -> dict[str, Any]:
+        names = self.model_view().names
         return {"lr_prev": {names[i]: lr for i, lr in self._lr_prev.items()}}
 
-    def load_extra_state(self, state: dict) -> None:
-        self._lr_prev = {id(self._named[n]): lr for n, lr in state["lr_prev"].items()}
-        self._layouts.clear()
+    def check_extra(self, extra: Any) -> list[str]:
+        lr_prev = extra.get("lr_prev")
+        named = self.model_view().named
+        if not isinstance(lr_prev, dict) or any(
+            n not in named or isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+            for n, v in lr_prev.items()
+        ):
+            return ["extra['lr_prev'] must map parameter names to learning rates >= 0"]
+        return []
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        named = self.model_view().named
+        self._lr_prev = {id(named[n]): float(lr) for n, lr in state["lr_prev"].items()}
+        self._plans.clear()

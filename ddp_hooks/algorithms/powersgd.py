@@ -1,5 +1,5 @@
 """PowerSGD: rank-r compression by one warm-started power-iteration step, with error feedback
-(Vogels, Karimireddy, Jaggi, NeurIPS 2019; ALGORITHMS.md section 4).
+(Vogels, Karimireddy, Jaggi, NeurIPS 2019; docs/algorithms.md, "PowerSGD").
 
 Per bucket, for every gradient matrix ``M_w = g_w + e_w`` chosen for compression (Algorithm 1)::
 
@@ -12,7 +12,9 @@ Per bucket, for every gradient matrix ``M_w = g_w + e_w`` chosen for compression
 Because ``P`` and ``Q`` are linear in ``M_w``, the result is exactly one power-iteration step on
 the mean matrix. Vectors and matrices that would not shrink are all-reduced exactly; that
 all-reduce is launched first so it overlaps the matmuls. Momentum and weight decay stay in the
-optimizer, after aggregation (torch SGD after the hook).
+optimizer, after aggregation (torch SGD after the hook). The kept ``Q`` is normalized column by
+column before each use: ``P^`` does not depend on the scale of ``Q``'s columns, and a large
+gradient can then never make the next ``P`` overflow.
 
 Differences from torch's ``powerSGD_hook``: no forced warm-up (memory is per parameter, so
 DDP's bucket rebuild is harmless), one batched matmul per shape group instead of per-tensor
@@ -21,32 +23,56 @@ matrices, and the Q all-reduce goes out in bucket order on its own process group
 buckets in flight are safe under gloo too.
 """
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch.futures import Future, collect_all
 
+from ..comm import chain
 from ..compress.lowrank import LowRankPlan
 from ..compress.orthogonalize import METHODS, orthogonalize
-from ..core import HookState, check_choice, check_float, check_int
+from ..core import (
+    Bucket,
+    HookState,
+    as_flag,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+    nonfinite,
+    poison,
+)
 from ..core.layouts import LayoutCache
 
 
-class _Bucket:
-    """Per-layout data: the plan, the parameters in plan order, and fp32 workspaces (``M = g + e``,
-    and ``M^`` for 16-bit buckets; fp32 buckets take ``M^`` directly) so that no large tensor is
-    allocated per step."""
+class _Layout:
+    """Per-layout data: the plan, the compressed parameters in plan order, and fp32
+    workspaces (``M = g + e``, the new ``Q``, and ``M^`` for 16-bit buckets) so that no large
+    tensor is allocated per step."""
 
-    def __init__(self, params, rank, rate):
+    def __init__(self, params: list[torch.Tensor], rank: int, rate: float) -> None:
         self.plan = LowRankPlan.build([p.shape for p in params], rank, rate)
         self.compressed = [params[i] for i in self.plan.order]
-        self.q_sizes = []
-        for g in self.plan.groups:
-            self.q_sizes += [g.m * g.rank] * g.size
-        numel = sum(p.numel() for p in self.compressed)
-        device = params[0].device
-        self.matrices = torch.empty(numel, dtype=torch.float32, device=device)
-        self.approx: torch.Tensor | None = None  # fp32 M^, only for 16-bit buckets
-        self.queries = torch.empty(self.plan.q_numel, dtype=torch.float32, device=device)  # new Q
+        self.q_sizes = [g.m * g.rank for g in self.plan.groups for _ in range(g.size)]
         self.numels = [p.numel() for p in self.compressed]
+        device = params[0].device
+        self.matrices = torch.empty(sum(self.numels), device=device)
+        self.queries = torch.empty(self.plan.q_numel, device=device)
+        self.approx: torch.Tensor | None = None
+
+
+@dataclass
+class _Round:
+    """One bucket's step."""
+
+    step: int
+    bucket: Bucket
+    layout: _Layout
+    exact: torch.Tensor | None = None  # exact tensors' mean (+ the flag when nothing is compressed)
+    p_flat: torch.Tensor | None = None  # P of every matrix, then the flag
+    q_flat: torch.Tensor | None = None  # the kept Q (memory)
 
 
 class PowerSGD(HookState):
@@ -55,7 +81,7 @@ class PowerSGD(HookState):
     ``state = ddp_hooks.PowerSGD(rank=4).register(ddp)``
 
     Args:
-        rank: target rank ``r`` (each matrix uses ``min(n, m, r)``), at least 1.
+        rank: target rank ``r`` (each matrix uses ``min(n, m, r)``), in [1, 1024].
         warm_start: reuse last step's ``Q`` (the paper's choice) instead of a fresh random one.
         error_feedback: keep ``M_w - M^`` and add it to the next gradient.
         min_compression_rate: compress a matrix only if it shrinks by more than this factor.
@@ -65,10 +91,11 @@ class PowerSGD(HookState):
             ``"qr"`` on the CPU (fastest there in ``benchmarks/powersgd.py``) and
             ``"gram_schmidt"`` on GPUs.
         epsilon: added to column norms so that all-zero matrices give zeros, not NaN.
-        process_group: the group to reduce over (default WORLD).
+        process_group: the group to reduce over (default: the default group).
     """
 
     stages = 2
+    memory_slots = ("error",)
 
     def __init__(
         self,
@@ -81,130 +108,152 @@ class PowerSGD(HookState):
         seed: int = 0,
         orthogonalization: str = "auto",
         epsilon: float = 1e-8,
-        process_group=None,
+        process_group: Any = None,
     ) -> None:
-        self.matrix_rank = check_int("rank", rank, 1)
-        self.warm_start = bool(warm_start)
-        self.error_feedback = bool(error_feedback)
+        self.matrix_rank = check_int("rank", rank, 1, 1024)
+        self.warm_start = check_bool("warm_start", warm_start)
+        self.error_feedback = check_bool("error_feedback", error_feedback)
         self.min_compression_rate = check_float("min_compression_rate", min_compression_rate, 1.0)
-        self.seed = check_int("seed", seed, 0)
+        self.seed = check_seed("seed", seed)
         self.orthogonalization = check_choice("orthogonalization", orthogonalization, {"auto", *METHODS})
         self.epsilon = check_float("epsilon", epsilon, 0.0)
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
         self._generator = torch.Generator().manual_seed(self.seed)
-        self._buckets = LayoutCache(lambda params: _Bucket(params, self.matrix_rank, self.min_compression_rate))
+        self._layouts = LayoutCache(lambda params: _Layout(params, self.matrix_rank, self.min_compression_rate))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "rank": self.matrix_rank, "warm_start": self.warm_start,
+                "error_feedback": self.error_feedback, "min_compression_rate": self.min_compression_rate,
+                "seed": self.seed, "orthogonalization": self.orthogonalization, "epsilon": self.epsilon}
+
+    def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
+        if slot == "q":
+            n = param.shape[0] if param.dim() else 1
+            return (param.numel() // max(n, 1)) * min(n, param.numel() // max(n, 1), self.matrix_rank)
+        return super().memory_numel(slot, param)
 
     def _method(self, device: torch.device) -> str:
         if self.orthogonalization != "auto":
             return self.orthogonalization
         return "qr" if device.type == "cpu" else "gram_schmidt"
 
-    def _queries(self, b: _Bucket, device) -> torch.Tensor:
-        """The flat Q buffer of a bucket; new (or, without warm start, all) pieces drawn from
-        the shared generator in bucket order, identically on every rank."""
-        fresh = self.memory.missing("q", b.compressed) if self.warm_start else range(len(b.compressed))
-        flat = self.memory.flat("q", b.compressed, sizes=b.q_sizes)
+    def _queries(self, layout: _Layout) -> torch.Tensor:
+        """The kept Q of a layout, each column normalized; new (or, without warm start, all)
+        pieces drawn from the shared generator in bucket order, identically on every rank."""
+        fresh = self.memory.missing("q", layout.compressed) if self.warm_start else range(len(layout.compressed))
+        flat = self.memory.flat("q", layout.compressed, sizes=layout.q_sizes)
         if fresh:
-            pieces = flat.split(b.q_sizes)
+            pieces = flat.split(layout.q_sizes)
             for i in fresh:
-                pieces[i].copy_(torch.randn(b.q_sizes[i], generator=self._generator))
+                pieces[i].copy_(torch.randn(layout.q_sizes[i], generator=self._generator))
+        for qt in layout.plan.q_views(flat):  # (size, rank, m): unit columns of Q
+            qt.div_(torch.linalg.vector_norm(qt, dim=-1, keepdim=True).clamp_min_(1e-30))
         return flat
 
-    def reduce(self, bucket, step: int) -> Future:
-        params, grads, buf = bucket.parameters(), bucket.gradients(), bucket.buffer()
-        device, n = buf.device, self.world_size
-        b = self._buckets.get(params, step)
-        plan = b.plan
-
-        exact_fut, exact_buf = None, None
-        if plan.exact:
-            # launched first, so that it overlaps the matmuls below
-            exact_buf = torch.cat([grads[i].reshape(-1) for i in plan.exact]).mul_(1.0 / n)
-            exact_fut = self.transport.all_reduce(exact_buf, step)
-        bits = 32 * sum(grads[i].numel() for i in plan.exact)
-        bits += 32 * sum(g.size * (g.n + g.m) * g.rank for g in plan.groups)
-        self.count_bits(step, bits)
-
-        def write_exact() -> None:
-            for i, piece in zip(plan.exact, exact_buf.split([grads[i].numel() for i in plan.exact])):
-                grads[i].copy_(piece.view_as(grads[i]))
-
-        if not plan.groups:
-            return exact_fut.then(lambda f: (write_exact(), buf)[1])
-
-        with self.time(step, "compress", device):
-            local = [grads[i].reshape(-1) for i in plan.order]
-            matrices = b.matrices
-            m_pieces = matrices.split(b.numels)
-            if self.error_feedback:
-                error = self.memory.flat("error", b.compressed)
-                for g, e, m in zip(local, error.split(b.numels), m_pieces):
-                    torch.add(g, e, out=m)  # M = g + e, one pass per tensor
-            elif buf.dtype == torch.float32:
-                torch.cat(local, out=matrices)
-            else:
-                matrices.copy_(torch.cat(local))
-            ms = plan.m_views(matrices)
-            q_flat = self._queries(b, device)
-            qts = plan.q_views(q_flat)
-            q_new = b.queries  # the new Q goes here; it replaces q_flat only if the step is finite
-            new_qts = plan.q_views(q_new)
-            p_flat = torch.empty(plan.p_numel, dtype=torch.float32, device=device)
-            ps = plan.p_views(p_flat)
-            for m, qt, p in zip(ms, qts, ps):
-                torch.bmm(m, qt.transpose(1, 2), out=p)  # P = M Q
-        p_fut = self.transport.all_reduce(p_flat, step)
-        method = self._method(device)
-
-        def project(_) -> Future:
-            with self.time(step, "compress", device):
-                for p in ps:
-                    orthogonalize(p, method, self.epsilon)
-                for m, p, qt in zip(ms, ps, new_qts):
-                    torch.bmm(p.transpose(1, 2), m, out=qt)  # Q^T = P^T M
-            return self.transport.all_reduce(q_new, step, stage=1)
-
-        q_fut = self.transport.then(p_fut, 1, project)
-
-        def finish(_) -> torch.Tensor:
-            with self.time(step, "decompress", device):
-                q_new.div_(n)
-                # a non-finite gradient on any rank shows in the reduced P: keep the old Q and error
-                bad = ~torch.isfinite(p_flat).all()
-                torch.where(bad, q_flat, q_new, out=q_flat)
-                if buf.dtype == torch.float32:
-                    # M^ = P Q^T straight into each gradient, then e = M - M^ from it
-                    for g, p, qt in zip(plan.groups, ps, new_qts):
-                        for k, i in enumerate(g.members):
-                            torch.mm(p[k], qt[k], out=grads[i].view(g.n, g.m))
-                    approx = [grads[i].reshape(-1) for i in plan.order]
-                else:
-                    if b.approx is None:
-                        b.approx = torch.empty_like(matrices)
-                    for m_hat, p, qt in zip(plan.m_views(b.approx), ps, new_qts):
-                        torch.bmm(p, qt, out=m_hat)  # M^ = P Q^T, fp32
-                    approx = b.approx.split(b.numels)
-                    for i, piece in zip(plan.order, approx):
-                        grads[i].copy_(piece.view_as(grads[i]))
-                if exact_buf is not None:
-                    write_exact()
-                if self.error_feedback:
-                    for m, m_hat in zip(m_pieces, approx):
-                        torch.sub(m, m_hat, out=m)  # e = M - M^
-                    if device.type == "cpu" and not bool(bad):
-                        # reading a CPU flag costs nothing: swap buffers instead of copying
-                        b.matrices = self.memory.swap_flat("error", b.compressed, matrices)
-                    else:
-                        torch.where(bad, error, matrices, out=error)
-            return buf
-
+    # ---- the algorithm ------------------------------------------------------------------------
+    def reduce(self, bucket: Bucket, step: int) -> Future:
+        layout = self._layouts.get(bucket.params, step)
+        r = _Round(step, bucket, layout)
+        flag = as_flag(nonfinite(bucket.buffer))
+        exact_fut = self._send_exact(r, flag if not layout.plan.groups else None)
+        if not layout.plan.groups:
+            return chain(exact_fut, lambda _: self._finish(r))
+        with self.time(step, "compress", bucket.buffer.device):
+            self._project_p(r, flag)
+        p_fut = self.transport.all_reduce(r.p_flat, step)
+        q_fut = self.transport.then(p_fut, 1, lambda _: self._project_q(r))
         waits = [q_fut] if exact_fut is None else [exact_fut, q_fut]
-        return collect_all(waits).then(finish)
+        return chain(collect_all(waits), lambda done: ([f.value() for f in done], self._finish(r))[1])
+
+    def _send_exact(self, r: _Round, flag: torch.Tensor | None) -> Future | None:
+        """All-reduce the mean of the tensors sent exactly (launched first, to overlap)."""
+        plan, grads = r.layout.plan, r.bucket.grads()
+        if not plan.exact and flag is None:
+            return None
+        pieces = [grads[i].reshape(-1).float() for i in plan.exact] + ([flag] if flag is not None else [])
+        r.exact = torch.cat(pieces).mul_(1.0 / self.world_size)
+        bits = 32 * sum(grads[i].numel() for i in plan.exact)
+        self.count_bits(r.step, bits + 32 * sum(g.size * (g.n + g.m) * g.rank for g in plan.groups))
+        return self.transport.all_reduce(r.exact, r.step)
+
+    def _project_p(self, r: _Round, flag: torch.Tensor) -> None:
+        """M = g + e (one pass per tensor); P = M Q; the flag rides at the end of P."""
+        layout, grads = r.layout, r.bucket.grads()
+        local = [grads[i].reshape(-1) for i in layout.plan.order]
+        pieces = layout.matrices.split(layout.numels)
+        if self.error_feedback:
+            error = self.memory.flat("error", layout.compressed)
+            for g, e, m in zip(local, error.split(layout.numels), pieces):
+                torch.add(g, e, out=m)
+        else:
+            for g, m in zip(local, pieces):
+                m.copy_(g)
+        r.q_flat = self._queries(layout)
+        plan = layout.plan
+        r.p_flat = torch.empty(plan.p_numel + 1, device=layout.matrices.device)
+        for m, qt, p in zip(plan.m_views(layout.matrices), plan.q_views(r.q_flat), plan.p_views(r.p_flat)):
+            torch.bmm(m, qt.transpose(1, 2), out=p)
+        r.p_flat[-1:].copy_(flag)
+
+    def _project_q(self, r: _Round) -> Future:
+        """P^ = orthogonalize(P); Q^T = P^T M; all-reduce the new Q (stage 1)."""
+        plan, device = r.layout.plan, r.layout.matrices.device
+        with self.time(r.step, "compress", device):
+            method = self._method(device)
+            for p in plan.p_views(r.p_flat):
+                orthogonalize(p, method, self.epsilon)
+            for m, p, qt in zip(plan.m_views(r.layout.matrices), plan.p_views(r.p_flat), plan.q_views(r.layout.queries)):
+                torch.bmm(p.transpose(1, 2), m, out=qt)
+        return self.transport.all_reduce(r.layout.queries, r.step, stage=1)
+
+    def _finish(self, r: _Round) -> torch.Tensor:
+        """Write every gradient; keep Q and the error only if every rank's bucket was finite."""
+        layout, buf, grads = r.layout, r.bucket.buffer, r.bucket.grads()
+        with self.time(r.step, "decompress", buf.device):
+            flag = r.p_flat[-1] if r.p_flat is not None else r.exact[-1]
+            bad = ~torch.isfinite(flag) | (flag != 0)
+            if r.exact is not None:
+                sizes = [grads[i].numel() for i in layout.plan.exact]
+                for i, piece in zip(layout.plan.exact, r.exact[: sum(sizes)].split(sizes)):
+                    grads[i].copy_(piece.view_as(grads[i]))
+            if layout.plan.groups:
+                self._decompress(r, bad)
+            return poison(buf, bad)
+
+    def _decompress(self, r: _Round, bad: torch.Tensor) -> None:
+        """M^ = P^ Q^T into each gradient; e = M - M^; commit Q and e unless ``bad``."""
+        layout, grads = r.layout, r.bucket.grads()
+        plan, queries = layout.plan, layout.queries.div_(self.world_size)
+        ok = ~bad
+        layout.queries = self.memory.commit("q", layout.compressed, queries, ok)
+        if r.bucket.buffer.dtype == torch.float32:
+            for g, p, qt in zip(plan.groups, plan.p_views(r.p_flat), plan.q_views(queries)):
+                for k, i in enumerate(g.members):
+                    torch.mm(p[k], qt[k], out=grads[i].view(g.n, g.m))
+            approx = [grads[i].reshape(-1) for i in plan.order]
+        else:
+            if layout.approx is None:
+                layout.approx = torch.empty_like(layout.matrices)
+            for m_hat, p, qt in zip(plan.m_views(layout.approx), plan.p_views(r.p_flat), plan.q_views(queries)):
+                torch.bmm(p, qt, out=m_hat)
+            approx = list(layout.approx.split(layout.numels))
+            for i, piece in zip(plan.order, approx):
+                grads[i].copy_(piece.view_as(grads[i]))
+        if self.error_feedback:
+            for m, m_hat in zip(layout.matrices.split(layout.numels), approx):
+                torch.sub(m, m_hat, out=m)
+            layout.matrices = self.memory.commit("error", layout.compressed, layout.matrices, ok)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def extra_state(self) -> dict:
+    def extra_state(self) -> dict[str, Any]:
         return {"generator": self._generator.get_state()}
 
-    def load_extra_state(self, state: dict) -> None:
+    def check_extra(self, extra: Any) -> list[str]:
+        state = extra.get("generator")
+        if not torch.is_tensor(state) or state.dtype != torch.uint8 or state.shape != self._generator.get_state().shape:
+            return ["extra['generator'] must be a torch.Generator state (uint8 tensor)"]
+        return []
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self._generator.set_state(state["generator"])
-        self._buckets.clear()
+        self._layouts.clear()

@@ -1,8 +1,9 @@
 """Qsparse-local-SGD: composed quantize-and-sparsify operators with local steps and error
-compensation (Basu, Data, Karakus, Diggavi, NeurIPS 2019; ALGORITHMS.md section 3).
+compensation (Basu, Data, Karakus, Diggavi, NeurIPS 2019; docs/algorithms.md, "Qsparse").
 
-With ``period = H > 1`` the hook is a no-op between synchronizations (local SGD, local momentum)
-and every ``H`` local steps the optimizer wrapper synchronizes (synchronous Qsparse-local-SGD)::
+With ``period = H > 1`` the hook keeps gradients local between synchronizations (local SGD,
+local momentum in the user's optimizer), and after every ``H`` optimizer steps the state
+synchronizes (synchronous Qsparse-local-SGD)::
 
     Delta_i = mem_i + (x_last - x_i)     net local progress plus the error memory
     q_i     = QComp(Delta_i)             per tensor: SignTopK, QTopK, TopK, RandK, sign, QSGD
@@ -10,8 +11,10 @@ and every ``H`` local steps the optimizer wrapper synchronizes (synchronous Qspa
     x       = x_last - mean_j q_j        every rank; then x_i = x_last = x
 
 realized with one all-gather of the fixed-size sparse payloads and a scatter-add on every rank.
-The memory is wiped when the learning rate changed since the last synchronization (the
-authors' code wipes it at lr decays; ``wipe_memory_on_lr_change=False`` keeps it).
+If any rank's progress is not finite, nothing moves: every rank returns to ``x_last`` and the
+memory keeps its value. The memory is wiped when the learning rate changed since the last
+synchronization (the authors' code wipes it at lr decays; ``wipe_memory_on_lr_change=False``
+keeps it).
 
 With ``period = 1`` it is error-compensated compressed SGD as a plain gradient hook
 (gradient units, momentum in the optimizer after aggregation): ``p_i = g_i + e_i``,
@@ -21,19 +24,22 @@ The asynchronous variant (each worker on its own schedule) needs a parameter ser
 offered: DDP's collectives need every rank at every synchronization.
 """
 
+from typing import Any
+
 import torch
 from torch.futures import Future
 
+from ..comm import chain
 from ..compress.sparse import KINDS, MessagePlan, subtract_message
-from ..core import HookState, PeriodicSyncOptimizer, check_choice, check_float, check_int
+from ..core import Bucket, HookState, check_bool, check_choice, check_float, check_int, check_seed, poison
 from ..core.layouts import LayoutCache
+from .local import LocalSteps, check_generators, rank_seed
 
 
-class QsparseLocalSGD(HookState):
+class QsparseLocalSGD(LocalSteps, HookState):
     """Qsparse-local-SGD state.
 
-    ``opt = ddp_hooks.QsparseLocalSGD("signtopk", k=1000, period=8).register(ddp, torch.optim.SGD(...))``
-    returns the optimizer wrapper to step.
+    ``state = ddp_hooks.QsparseLocalSGD("signtopk", k=1000, period=8).register(ddp, optimizer)``
 
     Args:
         compressor: ``"signtopk"`` (the paper's choice), ``"qtopk"``, ``"topk"``, ``"randk"``,
@@ -46,7 +52,7 @@ class QsparseLocalSGD(HookState):
         seed: seeds the per-worker generator (offset by rank) for randk and stochastic rounding,
             and the generator all ranks share for grbs.
         warmup_steps: first steps reduced by an exact fp32 all-reduce.
-        process_group: the group to reduce over (default WORLD).
+        process_group: the group to reduce over (default: the default group).
     """
 
     def __init__(
@@ -59,119 +65,119 @@ class QsparseLocalSGD(HookState):
         wipe_memory_on_lr_change: bool = True,
         seed: int = 0,
         warmup_steps: int = 0,
-        process_group=None,
+        process_group: Any = None,
     ) -> None:
         self.compressor = check_choice("compressor", compressor, set(KINDS))
         if isinstance(k, float) and k < 1:
-            self.k = check_float("k", k, 0.0, 1.0, low_open=True, high_open=True)
+            self.k: int | float = check_float("k", k, 0.0, 1.0, low_open=True, high_open=True)
         else:
             self.k = check_int("k", k, 1)
         self.period = check_int("period", period, 1)
         self.levels = check_int("levels", levels, 1, 255)
-        self.wipe_memory_on_lr_change = bool(wipe_memory_on_lr_change)
-        self.seed = check_int("seed", seed, 0)
+        self.wipe_memory_on_lr_change = check_bool("wipe_memory_on_lr_change", wipe_memory_on_lr_change)
+        self.seed = check_seed("seed", seed)
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
-        self._generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.rank)
+        self._generator = torch.Generator()  # this rank's, seeded at bind
         self._shared = torch.Generator().manual_seed(self.seed)
         self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
-        # period 1: fp32 workspaces of a bucket (p = g + e, the decoded mean), none allocated per step
-        self._workspaces = LayoutCache(lambda params: tuple(
-            torch.empty(sum(t.numel() for t in params), device=params[0].device) for _ in range(2)))
+        # fp32 workspaces of a layout (p = g + e or the progress, the decoded mean): none per step
+        self._workspaces = LayoutCache(lambda params: [
+            torch.empty(sum(t.numel() for t in params), device=params[0].device) for _ in range(2)])
         self._lr_at_sync: list[float] | None = None
+        self.memory_slots = ("error",) if self.period == 1 else ("memory", "x_last")
 
-    def register(self, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
-        """Register the hook; returns the optimizer wrapper (``optimizer`` is required)."""
-        if optimizer is None:
-            raise ValueError("QsparseLocalSGD steps through an optimizer wrapper: pass register(ddp, optimizer)")
-        super().register(ddp, optimizer)
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "compressor": self.compressor, "k": self.k, "period": self.period,
+                "levels": self.levels, "wipe_memory_on_lr_change": self.wipe_memory_on_lr_change, "seed": self.seed}
+
+    @property
+    def sync_every(self) -> int:
+        return self.period if self.period > 1 else 0
+
+    def on_bind(self) -> None:
+        self._generator.manual_seed(rank_seed(self.seed, self.rank))
+
+    def on_attach(self) -> None:
         if self.period > 1:
-            for p in self._named.values():
+            for p in self.model_view().params:
                 if self.memory.get("x_last", p) is None:
-                    self.memory.set("x_last", p, p.detach().clone())
-        return QsparseOptimizer(optimizer, self)
+                    self.memory.set("x_last", p, p)
 
     # ---- the hook ---------------------------------------------------------------------------
-    def reduce(self, bucket, step: int) -> Future:
-        buf = bucket.buffer()
-        if self.period > 1:  # local steps: nothing leaves this rank
-            fut: Future = Future()
-            fut.set_result(buf)
-            return fut
+    def reduce(self, bucket: Bucket, step: int) -> Future:
+        if self.period > 1:  # local steps: nothing leaves this rank but one finiteness flag
+            return self.keep_local(bucket, step)
         return self._error_compensated(bucket, step)
 
-    def _error_compensated(self, bucket, step: int) -> Future:
+    def _error_compensated(self, bucket: Bucket, step: int) -> Future:
         """``period = 1``: p = g + e; q = QComp(p); e = p - q; gradient = mean_j q_j."""
-        params, grads, buf = bucket.parameters(), bucket.gradients(), bucket.buffer()
+        params, buf = bucket.params, bucket.buffer
         plan = self._plans.get(params, step)
-        p, out = self._workspaces.get(params, step)
+        ws = self._workspaces.get(params, step)
+        p, out = ws
         error = self.memory.flat("error", params)
         with self.time(step, "compress", buf.device):
             torch.add(buf, error, out=p)
-            pieces = p.split([t.numel() for t in grads])
+            pieces = p.split(bucket.numels)
             payload, local = plan.encode(pieces, self._generator, self._shared)
         self.count_bits(step, plan.paper_bits)
-        gathered = self.transport.all_gather(payload, step)
 
-        def finish(fut: Future) -> torch.Tensor:
+        def finish(gathered: torch.Tensor) -> torch.Tensor:
             with self.time(step, "decompress", buf.device):
-                bad = plan.mean(fut.value(), out.split([t.numel() for t in grads]), local)
+                bad = plan.mean(gathered, out.split(bucket.numels), local)
                 for piece, (idx, values) in zip(pieces, local):
                     subtract_message(piece, idx, values)  # p becomes p - q_i
-                torch.where(bad, error, p, out=error)
-                buf.copy_(out.masked_fill_(bad, float("nan")))
-            return buf
+                ws[0] = self.memory.commit("error", params, p, ~bad)
+                buf.copy_(out)
+                return poison(buf, bad)
 
-        return gathered.then(finish)
+        return chain(self.transport.all_gather(payload, step), finish)
 
-    # ---- synchronization (period > 1) -------------------------------------------------------
+    # ---- synchronization (period > 1, after every `period` optimizer steps) -----------------
     def synchronize(self, step: int) -> None:
         """Delta_i = mem_i + (x_last - x_i); q_i = QComp(Delta_i); mem_i = Delta_i - q_i;
-        x_i = x_last = x_last - mean_j q_j."""
-        params = list(self._named.values())
+        x_i = x_last = x_last - mean_j q_j. Nothing moves if any rank's Delta is not finite."""
+        params = self.model_view().params
         plan = self._plans.get(params, step)
+        delta, mean = self._workspaces.get(params, step)
         lrs = self.learning_rates(params)
         if self.wipe_memory_on_lr_change and self._lr_at_sync is not None and lrs != self._lr_at_sync:
             self.memory.clear("memory")
         self._lr_at_sync = lrs
         memory = self.memory.flat("memory", params)
-        device = params[0].device
+        last = self.memory.flat("x_last", params)
         with torch.no_grad():
-            with self.time(step, "compress", device):
-                last = [self.memory.get("x_last", p) for p in params]
-                deltas = memory.split([p.numel() for p in params])
-                for delta, x_last, p in zip(deltas, last, params):
-                    delta.add_(x_last.view(-1)).sub_(p.detach().view(-1))  # mem + (x_last - x)
+            with self.time(step, "compress", last.device):
+                torch.add(memory, last, out=delta)
+                deltas = delta.split([p.numel() for p in params])
+                for piece, p in zip(deltas, params):
+                    piece.sub_(p.detach().reshape(-1))  # mem + (x_last - x)
                 payload, local = plan.encode(deltas, self._generator, self._shared)
-                for delta, (idx, values) in zip(deltas, local):
-                    subtract_message(delta, idx, values)  # mem = Delta - q_i
             self.count_bits(step, plan.paper_bits)
             gathered = self.transport.all_gather(payload, step).wait()
-            with self.time(step, "decompress", device):
-                means = [torch.empty(p.numel(), dtype=torch.float32, device=device) for p in params]
-                plan.mean(gathered, means, local)
-                for p, x_last, mean in zip(params, last, means):
-                    x_last.view(-1).sub_(mean.to(x_last.dtype))
-                    p.copy_(x_last)
+            with self.time(step, "decompress", last.device):
+                bad = bool(plan.mean(gathered, mean.split([p.numel() for p in params]), local))
+                if not bad:
+                    for piece, (idx, values) in zip(deltas, local):
+                        subtract_message(piece, idx, values)  # mem = Delta - q_i
+                    memory.copy_(delta)
+                    last.sub_(mean)
+                for p, piece in zip(params, last.split([p.numel() for p in params])):
+                    p.copy_(piece.view_as(p))
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        return {
-            "generator": self._generator.get_state(),
-            "shared": self._shared.get_state(),
-            "lr_at_sync": self._lr_at_sync,
-        }
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state(), "shared": self._shared.get_state(),
+                "lr_at_sync": self._lr_at_sync, **self.local_state()}
 
-    def load_extra_state(self, state: dict) -> None:
+    def check_extra(self, extra: Any) -> list[str]:
+        lrs = extra.get("lr_at_sync")
+        ok_lrs = lrs is None or (isinstance(lrs, list) and all(isinstance(v, (int, float)) for v in lrs))
+        return (check_generators(extra, ("generator", "shared")) + self.check_local_state(extra)
+                + ([] if ok_lrs else ["extra['lr_at_sync'] must be None or a list of floats"]))
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self._generator.set_state(state["generator"])
         self._shared.set_state(state["shared"])
         self._lr_at_sync = state["lr_at_sync"]
-
-
-class QsparseOptimizer(PeriodicSyncOptimizer):
-    """Steps the local optimizer; with ``period > 1`` synchronizes after every ``period`` steps."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, hook_state: QsparseLocalSGD) -> None:
-        super().__init__(optimizer, hook_state, hook_state.period if hook_state.period > 1 else 0)
-
-    def synchronize(self, step: int) -> None:
-        self.hook_state.synchronize(step)
+        self.load_local_state(state)

@@ -1,5 +1,8 @@
-"""Transports: how payloads cross ranks. They return Futures and count exact bytes."""
+"""Transports: how payloads cross ranks. They return Futures, count exact bytes and surface
+every failure."""
 
+from .futures import CollectiveError, chain, done, value_of
+from .groups import is_alive, new_group_like, timeout_of
 from .transport import Transport
 
-__all__ = ["Transport"]
+__all__ = ["CollectiveError", "Transport", "chain", "done", "is_alive", "new_group_like", "timeout_of", "value_of"]

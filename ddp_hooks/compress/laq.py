@@ -1,4 +1,4 @@
-"""LAQ's innovation quantizer and b-bit code packing (ALGORITHMS.md section 5b).
+"""LAQ's innovation quantizer, b-bit code packing, and the upload message.
 
 With reference ``q_ref`` (the last uploaded quantized gradient) and ``tau = 1 / (2^b - 1)``::
 
@@ -7,108 +7,95 @@ With reference ``q_ref`` (the last uploaded quantized gradient) and ``tau = 1 / 
     Q(g) = q_ref - R + 2 tau R code                      so |g_i - Q(g)_i| <= tau R
 
 ``R = 0`` (nothing changed) gives ``Q(g) = q_ref`` and codes of 0, with no division by zero.
-Codes are packed ``b`` bits each, least significant bit first, into bytes.
+Codes are packed ``b`` bits each, least significant bit first. Norms are returned in float64,
+so that a very large gradient cannot overflow the skip rule's arithmetic. On CPU the fused
+loops of :mod:`ddp_hooks._ext.cpu` do the work in two passes (the same ``Q(g)``).
 """
+
+from dataclasses import dataclass
 
 import torch
 
-from .. import native
-from .sign import pack_bits, unpack_bits
+from .._ext import cpu
+from .bits import pack_bits, unpack_bits
 
 
-def quantize_innovation(g: torch.Tensor, q_ref: torch.Tensor, bits: int):
-    """(radius ``R`` as a 0-d fp32 tensor, uint8 codes, the dequantized ``Q(g)``)."""
+@dataclass
+class Quantized:
+    """One round of the quantizer: the radius and the squared norms the skip rule needs."""
+
+    radius: torch.Tensor  # 0-d fp32
+    error2: torch.Tensor  # ||g - Q(g)||^2, 0-d fp64
+    innovation2: torch.Tensor  # ||Q(g) - q_ref||^2, 0-d fp64
+
+
+def _grid(radius: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``2 tau R`` with R = 1 when R = 0, the grid spacing ``2 R / levels``) as 0-d tensors."""
     levels = (1 << bits) - 1
+    safe = torch.where(radius > 0, radius, torch.ones_like(radius))
+    return 2 * safe / levels, 2 * radius / levels
+
+
+def quantize_step(
+    g: torch.Tensor,
+    q_ref: torch.Tensor,
+    bits: int,
+    *,
+    q_new: torch.Tensor | None = None,
+    innovation: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+) -> Quantized:
+    """Quantize ``g`` against ``q_ref``: writes ``q_new = Q(g)``, ``innovation = q_new - q_ref``
+    and the uint8 ``codes``, each only if given. With only the codes, :func:`apply_codes`
+    gives ``Q(g)`` later, for the rounds that need it."""
+    levels = (1 << bits) - 1
+    if g.dtype == torch.float32 and cpu.usable(g, q_ref, *(t for t in (q_new, innovation, codes) if t is not None)):
+        radius = torch.tensor(cpu.absmax_diff(g, q_ref) if g.numel() else 0.0)
+        step, unit = _grid(radius, bits)
+        eps2, inno2 = cpu.laq_quantize(g, q_ref, (radius.item(), step.item(), unit.item(), levels),
+                                       q_new, innovation, codes)
+        return Quantized(radius, torch.tensor(eps2, dtype=torch.float64), torch.tensor(inno2, dtype=torch.float64))
     diff = g - q_ref
-    radius = diff.abs().max() if diff.numel() else diff.new_zeros(())
-    safe = torch.where(radius > 0, radius, torch.ones_like(radius))
-    step = 2 * safe / levels  # 2 tau R
-    codes = torch.floor((diff + radius) / step + 0.5).clamp_(0, levels)
-    codes = torch.where(radius > 0, codes, torch.zeros_like(codes))
-    return radius, codes.to(torch.uint8), dequantize(q_ref, radius, codes, bits)
-
-
-def quantize_innovation_(g: torch.Tensor, q_ref: torch.Tensor, bits: int, out: torch.Tensor, work: torch.Tensor):
-    """:func:`quantize_innovation` without bucket-sized temporaries: writes ``Q(g)`` into ``out``
-    (``work`` is scratch of the same size) and returns the radius; :func:`codes_of` recovers
-    the codes when they must travel."""
-    levels = (1 << bits) - 1
-    torch.sub(g, q_ref, out=work)
-    radius = torch.linalg.vector_norm(work, float("inf"))
-    safe = torch.where(radius > 0, radius, torch.ones_like(radius))
-    step = 2 * safe / levels
-    torch.add(work, radius, out=out)
-    out.div_(step).add_(0.5).floor_().clamp_(0, levels).mul_(radius > 0)  # the codes
-    out.mul_(2 * radius / levels).add_(q_ref).sub_(radius)  # q_ref - R + 2 tau R code
-    return radius
-
-
-def quantize_step(g: torch.Tensor, q_ref: torch.Tensor, bits: int, q_new: torch.Tensor | None,
-                  innovation: torch.Tensor | None, codes: torch.Tensor | None = None):
-    """One round of the quantizer with what the skip rule needs: writes ``q_new = Q(g)``,
-    ``innovation = q_new - q_ref`` and the uint8 ``codes``, each only if given (not None);
-    returns (radius, ``||g - q_new||^2``, ``||innovation||^2``) as 0-d fp32 tensors. On CPU the
-    fused loops of :mod:`ddp_hooks.native` do it in two passes (the same ``Q(g)``; norms summed
-    in float64) and skip what is not asked for: with only the codes, :func:`apply_codes` gives
-    ``Q(g)`` later, for the rounds that need it."""
-    given = tuple(t for t in (q_new, innovation, codes) if t is not None)
-    if g.dtype == torch.float32 and native.usable(g, q_ref, *given):
-        levels = (1 << bits) - 1
-        radius = torch.tensor(native.absmax_diff(g, q_ref) if g.numel() else 0.0)
-        safe = torch.where(radius > 0, radius, torch.ones_like(radius))
-        step, unit = 2 * safe / levels, 2 * radius / levels  # as the torch path rounds them
-        eps2, inno2 = native.laq_quantize(g, q_ref, radius.item(), step.item(), unit.item(), levels, q_new,
-                                          innovation, codes)
-        return radius, torch.tensor(eps2, dtype=torch.float32), torch.tensor(inno2, dtype=torch.float32)
-    q_new = torch.empty_like(g) if q_new is None else q_new
-    innovation = torch.empty_like(g) if innovation is None else innovation
-    radius = quantize_innovation_(g, q_ref, bits, out=q_new, work=innovation)
+    radius = torch.linalg.vector_norm(diff, float("inf")) if diff.numel() else diff.new_zeros(())
+    step, unit = _grid(radius, bits)
+    grid = torch.add(diff, radius).div_(step).add_(0.5).floor_().clamp_(0, levels).mul_(radius > 0)
     if codes is not None:
-        codes.copy_(codes_of(q_new, q_ref, radius, bits))
-    torch.sub(g, q_new, out=innovation)
-    eps2 = torch.linalg.vector_norm(innovation).square()
-    torch.sub(q_new, q_ref, out=innovation)
-    return radius, eps2, torch.linalg.vector_norm(innovation).square()
+        codes.copy_(grid)
+    q = grid.mul_(unit).add_(q_ref).sub_(radius)  # q_ref - R + 2 tau R code
+    if q_new is not None:
+        q_new.copy_(q)
+    eps2 = torch.linalg.vector_norm(g - q, dtype=torch.float64).square()
+    torch.sub(q, q_ref, out=diff)
+    if innovation is not None:
+        innovation.copy_(diff)
+    return Quantized(radius, eps2, torch.linalg.vector_norm(diff, dtype=torch.float64).square())
 
 
 def apply_codes(q_ref: torch.Tensor, codes: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:
-    """``q_ref <- Q(g)`` in place from the codes and radius :func:`quantize_step` returned for
-    this ``q_ref``: the same floats as its ``q_new``, as long as the radius is finite."""
-    levels = (1 << bits) - 1
-    unit = 2 * radius / levels
-    if q_ref.dtype == torch.float32 and native.usable(q_ref, codes):
-        return native.laq_apply_codes(codes, float(radius), float(unit), q_ref)
+    """``q_ref <- Q(g)`` in place from the codes and radius :func:`quantize_step` gave for this
+    ``q_ref``: the same floats as its ``q_new``, as long as the radius is finite."""
+    _, unit = _grid(radius, bits)
+    if q_ref.dtype == torch.float32 and cpu.usable(q_ref, codes):
+        return cpu.laq_apply_codes(codes, float(radius), float(unit), q_ref)
     # code * unit + q_ref - R as the quantizer rounds it (the sum's operands commute exactly)
     return q_ref.add_(codes.to(q_ref.dtype).mul_(unit)).sub_(radius)
 
 
 def add_dequantized(total: torch.Tensor, packed: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:
-    """``total += dequantize(0, radius, codes)`` for the ``total.numel()`` codes packed in
-    ``packed``: a receiver's reconstruction of one upload, added to the sum of uploads."""
+    """``total += -R + 2 tau R code`` for the ``total.numel()`` codes packed in ``packed``: a
+    receiver's reconstruction of one upload (its innovation), added to the sum of uploads."""
     n = total.numel()
-    if total.dtype == torch.float32 and native.usable(total, packed, radius):
-        unit = 2 * radius / ((1 << bits) - 1)
-        return native.unpack_dequantize(packed, n, bits, float(radius), float(unit), total, accumulate=True)
-    return total.add_(dequantize(torch.zeros_like(total), radius, unpack_codes(packed, n, bits), bits))
-
-
-def codes_of(q: torch.Tensor, q_ref: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:
-    """The uint8 codes of a quantized ``q`` (inverse of :func:`dequantize`)."""
-    levels = (1 << bits) - 1
-    safe = torch.where(radius > 0, radius, torch.ones_like(radius))
-    return ((q - q_ref + radius) / (2 * safe / levels)).round_().clamp_(0, levels).to(torch.uint8)
-
-
-def dequantize(q_ref: torch.Tensor, radius: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``q_ref - R + 2 tau R code`` (exactly the receiver's reconstruction)."""
-    levels = (1 << bits) - 1
-    return q_ref - radius + (2 * radius / levels) * codes.to(q_ref.dtype)
+    _, unit = _grid(radius, bits)
+    if total.dtype == torch.float32 and cpu.usable(total, packed, radius):
+        return cpu.unpack_dequantize(packed, n, bits, (float(radius), float(unit)), total, accumulate=True)
+    codes = unpack_codes(packed, n, bits).to(total.dtype)
+    return total.add_(torch.zeros_like(total).sub_(radius).add_(codes.mul_(unit)))
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes of ``bits`` bits each into ``ceil(len * bits / 8)`` bytes."""
-    if native.usable(codes) and codes.dtype == torch.uint8:
-        return native.pack_codes(codes, bits)
+    if cpu.usable(codes) and codes.dtype == torch.uint8:
+        return cpu.pack_codes(codes, bits)
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     planes = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)  # bit j of code i at i*bits + j
     return pack_bits(planes.bool())
@@ -120,3 +107,23 @@ def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     planes = planes.view(*packed.shape[:-1], count, bits)
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
     return (planes * weights).sum(-1, dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class UploadMessage:
+    """One upload of ``count`` b-bit codes: ``[radius (fp32) | packed codes]`` as uint8 bytes.
+    The one owner of this byte layout."""
+
+    count: int
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return 4 + -(-self.count * self.bits // 8)
+
+    def pack(self, radius: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return torch.cat([radius.float().reshape(1).view(torch.uint8), pack_codes(codes, self.bits)])
+
+    def add_to(self, total: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
+        """``total +=`` the innovation this message carries."""
+        return add_dequantized(total, message[4:], message[:4].view(torch.float32).view(()), self.bits)

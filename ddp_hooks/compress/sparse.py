@@ -18,15 +18,15 @@ Per tensor (flattened, ``d`` elements, ``k`` kept):
 
 Payload sizes follow from ``(d, k, s)`` only, never from the data. :meth:`Codec.paper_bits` is
 what the Qsparse paper counts: index bits ``ceil(log2 d)``, 1 sign bit, ``ceil(log2(s+1))``
-level bits, 32 bits per value or scale (ALGORITHMS.md section 3c).
+level bits, 32 bits per value or scale (docs/algorithms.md, "Qsparse").
 """
 
 import math
 
 import torch
 
-from ..core.checks import nonfinite
-from .sign import pack_signs, unpack_signs
+from ..core.flags import nonfinite
+from .bits import pack_signs, unpack_signs
 
 KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd")
 _DENSE = ("sign", "qsgd")

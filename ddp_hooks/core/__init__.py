@@ -1,20 +1,32 @@
-"""What every algorithm shares: the hook state base, memory, stats, the optimizer wrapper."""
+"""What every algorithm shares: the state base, memory, flags, checks, stats, checkpoints."""
 
-from .checks import check_choice, check_float, check_int, nonfinite
+from .agree import ConfigMismatch
+from .bucket import Bucket
+from .checks import check_bool, check_choice, check_float, check_int, check_seed
+from .flags import any_set, as_flag, keep_unless, nonfinite, poison, reads_flags, sync_free
+from .held import Held
 from .memory import ParameterMemory
 from .state import HookState, comm_hook
 from .stats import Stats
-from .wrapper import PeriodicSyncOptimizer, SyncOptimizer
 
 __all__ = [
+    "Bucket",
+    "ConfigMismatch",
+    "Held",
     "HookState",
     "ParameterMemory",
-    "PeriodicSyncOptimizer",
     "Stats",
-    "SyncOptimizer",
+    "any_set",
+    "as_flag",
+    "check_bool",
     "check_choice",
     "check_float",
     "check_int",
+    "check_seed",
     "comm_hook",
+    "keep_unless",
     "nonfinite",
+    "poison",
+    "reads_flags",
+    "sync_free",
 ]

@@ -1,30 +1,46 @@
 """The base every algorithm's state builds on.
 
-A state is what ``ddp.register_comm_hook(state, hook)`` receives. :class:`HookState` holds the
-process group, counts training steps through ``bucket.is_last()``, runs the optional exact
-warm-up, owns the per-parameter memory and the transport, and makes all of it checkpointable.
+A state is what ``ddp.register_comm_hook(state, comm_hook)`` receives. It can be constructed
+anywhere, before ``init_process_group`` too (Lightning users build it before the workers
+exist): the process group, rank, world size and transport are resolved at :meth:`register`
+or at the first hook call. :class:`HookState` counts training steps through
+``bucket.is_last()``, runs the optional exact warm-up, owns the per-parameter memory and the
+transport, follows the user's optimizer (:mod:`.optimizer`), checks once that every rank is
+configured alike (:mod:`.agree`) and makes all of it checkpointable (:mod:`.checkpoint`).
 An algorithm subclasses it and implements :meth:`HookState.reduce`.
 """
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from ..comm import Transport
+from .._version import __version__
+from ..comm import Transport, chain, is_alive
+from . import checkpoint
+from .agree import agree
+from .bucket import Bucket
 from .checks import check_int
+from .flags import as_flag, nonfinite, poison
+from .held import Held, HeldBuckets
 from .memory import ParameterMemory
+from .model import ModelView, SeenParameters
+from .optimizer import OptimizerLink
 from .stats import Stats
 
-_FORMAT = 1
+PYTHON_REDUCER = (
+    "DDP's python_reducer mode (torch._dynamo.config.optimize_ddp = 'python_reducer') calls comm "
+    "hooks once per parameter inside compiled autograd, and ddp_hooks compresses whole buckets; "
+    "use torch.compile with the default optimize_ddp (DDPOptimizer), which runs these hooks as they are"
+)
 
 
-def comm_hook(state: "HookState", bucket):
+def comm_hook(state: "HookState", bucket: dist.GradBucket) -> Future[torch.Tensor]:
     """The DDP communication hook of every state in this library.
 
     ``ddp.register_comm_hook(state, ddp_hooks.comm_hook)`` is what :meth:`HookState.register`
-    does. (Annotations are omitted on ``bucket`` on purpose: DDP checks them by identity.)
+    does (call ``state.attach(ddp)`` too, to checkpoint the state).
     """
     return state.run(bucket)
 
@@ -33,72 +49,178 @@ class HookState:
     """Shared machinery of a compression hook.
 
     Args:
-        process_group: the group to reduce over (default: ``torch.distributed.group.WORLD``).
+        process_group: the group to reduce over (default: the default group, at first use).
         warmup_steps: number of first training steps reduced by an exact fp32 all-reduce,
             bit-identical to DDP without a hook.
     """
 
     #: dependent collective rounds per bucket (each later round gets its own process group)
-    stages: int = 1
+    stages: ClassVar[int] = 1
+    #: memory slots whose pieces have the size of their parameter
+    memory_slots: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *, process_group=None, warmup_steps: int = 0) -> None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                f"{type(self).__name__} needs an initialized default process group: "
-                "call torch.distributed.init_process_group(...) first"
-            )
-        self.process_group = process_group if process_group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.process_group)
-        self.world_size = dist.get_world_size(self.process_group)
-        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    def __init__(self, *, process_group: dist.ProcessGroup | None = None, warmup_steps: int = 0) -> None:
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0, 2**62)
         self.step = 0
         self.memory = ParameterMemory()
-        self._stats = Stats(self.world_size)
-        self.transport = Transport(self.process_group, self._stats, self.stages)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._names: dict[int, str] | None = None
-        self._named: dict[str, torch.Tensor] | None = None
+        self._group_arg = process_group
+        self._transport: Transport | None = None
+        self._agreed = False
+        self._stats = Stats()
+        self._model: ModelView | None = None
+        self._seen = SeenParameters()
+        self._held = HeldBuckets()
+        self._local_bad: torch.Tensor | None = None
+        self._link = OptimizerLink(self.check_optimizer, self.after_step, self._param_ids)
 
-    # ---- wiring ----------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module) -> "HookState":
-        """Learn the parameter names of ``model`` (a DDP model or its module), for checkpoints."""
-        module = getattr(model, "module", model)
-        named = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        self._named = named
-        self._names = {id(p): n for n, p in named.items()}
-        return self
+    # ---- what an algorithm defines ----------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The hyper-parameters every rank must share (override; extends the base fields)."""
+        return {"warmup_steps": self.warmup_steps}
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Attach the optimizer whose learning rates the state reads (validated first)."""
-        self.check_optimizer(optimizer)
-        self.optimizer = optimizer
+    def reduce(self, bucket: Bucket, step: int) -> Future:
+        """Compress, communicate and decompress one bucket; the future holds the new gradient."""
+        raise NotImplementedError
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise ValueError if ``optimizer`` cannot be combined with this algorithm."""
 
-    def register(self, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
-        """Register this state on ``ddp`` in one line; returns the state."""
+    def after_step(self) -> None:
+        """The algorithm's work after each step of the optimizer it follows (override)."""
+
+    def on_attach(self) -> None:
+        """Called once the model is known, before the first step (override)."""
+
+    def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
+        """Size of ``param``'s piece in ``slot``; None: no such slot (checkpoint validation)."""
+        return param.numel() if slot in self.memory_slots else None
+
+    def extra_state(self) -> dict[str, Any]:
+        """Algorithm-specific counters and tensors to checkpoint (override)."""
+        return {}
+
+    def check_extra(self, extra: Any) -> list[str]:
+        """What keeps ``extra`` from being loaded by :meth:`load_extra_state` (override)."""
+        return [] if not extra else [f"extra: unexpected {sorted(extra)}"]
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (override)."""
+
+    # ---- binding (lazy) -----------------------------------------------------------------------
+    def _bind(self) -> Transport:
+        if self._transport is not None:
+            if not is_alive(self._transport.group):
+                raise RuntimeError(
+                    f"the process group {type(self).__name__} was bound to has been destroyed; "
+                    "create a new state after init_process_group"
+                )
+            return self._transport
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                f"{type(self).__name__} needs an initialized default process group: call "
+                "torch.distributed.init_process_group(...) before register() or the first backward"
+            )
+        group = self._group_arg if self._group_arg is not None else dist.group.WORLD
+        self._stats.world_size = dist.get_world_size(group)
+        self._transport = Transport(group, self._stats, self.stages)
+        self.on_bind()
+        return self._transport
+
+    def on_bind(self) -> None:
+        """Called once the process group is known (override: per-rank generators)."""
+
+    def _ready(self) -> Transport:
+        transport = self._bind()
+        if not self._agreed:
+            fields = {"algorithm": type(self).__name__, "version": __version__, **self.config()}
+            if self._model is not None:
+                fields["parameters"] = self._model.digest()
+            agree(transport.group, fields, type(self).__name__)
+            self._agreed = True
+        return transport
+
+    @property
+    def transport(self) -> Transport:
+        return self._bind()
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        return self._bind().group
+
+    @property
+    def rank(self) -> int:
+        return self._bind().rank
+
+    @property
+    def world_size(self) -> int:
+        return self._bind().world_size
+
+    # ---- wiring -----------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module) -> "HookState":
+        """Learn the parameters of ``model`` (a DDP model or its module). One state, one model."""
+        if self._model is not None:
+            if self._model.is_of(model):
+                return self
+            raise ValueError("this state is already registered on another model: use one state per DDP model")
+        self._model = ModelView(model)
+        if not self._model.named:
+            raise ValueError("the model has no trainable parameters")
+        self.on_attach()
+        return self
+
+    def model_view(self) -> ModelView:
+        if self._model is None:
+            raise RuntimeError(
+                f"{type(self).__name__} does not know the model: use state.register(ddp) or call state.attach(ddp)"
+            )
+        return self._model
+
+    def _param_ids(self) -> set[int]:
+        return set(self._model.names) if self._model is not None else set(self._seen.ids)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._link.optimizer
+
+    def bind_optimizer(self, optimizer: Any) -> None:
+        """Follow ``optimizer`` (validated first): its learning rates and its steps."""
+        self._link.bind(optimizer)
+
+    def register(self, ddp: torch.nn.Module, optimizer: Any = None) -> "HookState":
+        """Register this state on ``ddp`` in one line; returns the state.
+
+        ``optimizer``: the optimizer that steps ``ddp``'s parameters (found automatically at
+        its first step when omitted)."""
+        if getattr(ddp, "_use_python_reducer", False):
+            raise ValueError(PYTHON_REDUCER)
         self.attach(ddp)
+        self._ready()
         if optimizer is not None:
             self.bind_optimizer(optimizer)
+        else:
+            self._link.discover()
         ddp.register_comm_hook(self, comm_hook)
         return self
 
     # ---- the hook -----------------------------------------------------------------------------
-    def run(self, bucket) -> Future:
+    def run(self, bucket: dist.GradBucket) -> Future:
         """Hook body: count the step, warm up exactly, else hand over to :meth:`reduce`."""
+        if isinstance(bucket, tuple):
+            raise RuntimeError(PYTHON_REDUCER)
+        self._ready()
+        view = Bucket.of(bucket)
         step = self.step
-        if bucket.is_last():
+        if self._model is None:
+            self._seen.check(view.params, step)
+            self._link.discover()
+        elif id(view.params[0]) not in self._model.names:
+            raise RuntimeError("this state serves another model: one state per DDP model")
+        if view.is_last:
             self.step += 1
-        buffer = bucket.buffer()
-        self._stats.elements(step, buffer.numel())
+        self._stats.elements(step, view.buffer.numel())
         if step < self.warmup_steps:
-            return self.exact_mean(buffer, step)
-        return self.reduce(bucket, step)
-
-    def reduce(self, bucket, step: int) -> Future:
-        """Compress, communicate and decompress one bucket; the future holds the new gradient."""
-        raise NotImplementedError
+            return self.exact_mean(view.buffer, step)
+        return self.reduce(view, step)
 
     def exact_mean(self, buffer: torch.Tensor, step: int, stage: int = 0) -> Future:
         """Mean all-reduce exactly as DDP does without a hook (scale by 1/n, then sum)."""
@@ -106,23 +228,40 @@ class HookState:
         self._stats.paper_bits(step, 8 * buffer.numel() * buffer.element_size())
         return self.transport.all_reduce(buffer, step, stage)
 
-    # ---- helpers for algorithms ------------------------------------------------------------
-    def learning_rates(self, params) -> list[float]:
-        """The current learning rate of each parameter, read from the bound optimizer."""
-        if self.optimizer is None:
-            raise RuntimeError(
-                f"{type(self).__name__} reads the learning rate from its optimizer: "
-                "pass it to register(ddp, optimizer) or call bind_optimizer(optimizer)"
-            )
-        lr_of = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
-        try:
-            return [lr_of[id(p)] for p in params]
-        except KeyError:
-            raise RuntimeError(
-                "a parameter of the DDP model is not in the bound optimizer's param_groups"
-            ) from None
+    def keep_local(self, bucket: Bucket, step: int) -> Future:
+        """A local phase: the gradient stays on this rank, but whether the step is finite is
+        agreed: one flag per step (all-reduced at the last bucket), so that ``GradScaler``
+        skips the same steps on every rank. A rank's non-finite step makes every bucket NaN
+        on every rank."""
+        buffer, params = bucket.buffer, bucket.params
+        bad = nonfinite(buffer)
+        self._local_bad = bad if self._local_bad is None else self._local_bad | bad
+        if not bucket.is_last:
+            return self._held.hold(buffer, params)
+        flag, self._local_bad = as_flag(self._local_bad), None
 
-    def time(self, step: int, phase: str, device: torch.device):
+        def agree_finite(held: list[Held]) -> Future:
+            def mark(total: torch.Tensor) -> None:
+                for entry in held:
+                    poison(entry.buffer, total[0] > 0)
+
+            return chain(self.transport.all_reduce(flag, step), mark)
+
+        return self._held.release(buffer, params, agree_finite)
+
+    # ---- helpers for algorithms ----------------------------------------------------------------
+    def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
+        """The current learning rate of each parameter, read from the followed optimizer."""
+        optimizer = self._link.optimizer
+        if optimizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} reads the learning rate from its optimizer, which it has not seen "
+                "step yet: pass it to register(ddp, optimizer) or call bind_optimizer(optimizer)"
+            )
+        lr_of = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        return [lr_of[id(p)] for p in params]
+
+    def time(self, step: int, phase: str, device: torch.device) -> Any:
         """Context manager that adds the block's time to ``compress_s`` or ``decompress_s``."""
         return self._stats.timer(step, phase, device)
 
@@ -131,71 +270,23 @@ class HookState:
         self._stats.paper_bits(step, bits)
 
     # ---- reporting and checkpoints -------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Bytes, paper bits, ratio to fp32 all-reduce and codec time: last step and total."""
         out = self._stats.summary(self.step)
         out["algorithm"] = type(self).__name__
         return out
 
-    def extra_state(self) -> dict[str, Any]:
-        """Algorithm-specific counters and tensors to checkpoint (override)."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned (override)."""
-
-    def _require_names(self) -> dict[int, str]:
-        if self._names is None:
-            raise RuntimeError(
-                f"{type(self).__name__} does not know the model's parameter names: use "
-                "state.register(ddp) or call state.attach(ddp) before saving or loading"
-            )
-        return self._names
-
-    def layout(self) -> dict[str, tuple[int, ...]]:
-        self._require_names()
-        return {n: tuple(p.shape) for n, p in self._named.items()}
-
     def state_dict(self) -> dict[str, Any]:
         """Everything this rank needs to resume exactly: step, memory, counters, RNG states."""
-        names = self._require_names()
-        return {
-            "format": _FORMAT,
-            "algorithm": type(self).__name__,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "step": self.step,
-            "layout": self.layout(),
-            "memory": self.memory.export(names),
-            "stats": self._stats.state_dict(),
-            "extra": self.extra_state(),
-        }
+        self._bind()
+        return checkpoint.export(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` of the same algorithm, world size, rank and model."""
-        self._require_names()
-        problems = []
-        if state.get("algorithm") != type(self).__name__:
-            problems.append(f"algorithm: saved {state.get('algorithm')}, this is {type(self).__name__}")
-        if state.get("world_size") != self.world_size:
-            problems.append(f"world size: saved {state.get('world_size')}, now {self.world_size}")
-        if state.get("rank") != self.rank:
-            problems.append(f"rank: saved {state.get('rank')}, now {self.rank}")
-        saved, now = state.get("layout", {}), self.layout()
-        missing = sorted(set(now) - set(saved))
-        unexpected = sorted(set(saved) - set(now))
-        reshaped = sorted(n for n in set(now) & set(saved) if tuple(saved[n]) != now[n])
-        if missing:
-            problems.append(f"parameters missing from the checkpoint: {missing[:5]}")
-        if unexpected:
-            problems.append(f"parameters not in this model: {unexpected[:5]}")
-        for n in reshaped[:5]:
-            problems.append(f"shape of {n}: saved {tuple(saved[n])}, now {now[n]}")
+        """Restore a :meth:`state_dict` of the same algorithm, configuration, world size, rank
+        and model. Everything is checked first: a checkpoint that does not fit raises
+        ValueError naming what differs, and nothing is changed."""
+        self._bind()
+        problems = checkpoint.problems(self, state)
         if problems:
-            raise ValueError(
-                f"cannot load {type(self).__name__} state: " + "; ".join(problems)
-            )
-        self.step = int(state["step"])
-        self.memory.restore(state["memory"], self._named)
-        self._stats.load_state_dict(state["stats"])
-        self.load_extra_state(state["extra"])
+            raise ValueError(f"cannot load {type(self).__name__} state: " + "; ".join(problems))
+        checkpoint.apply(self, state)

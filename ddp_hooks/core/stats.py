@@ -48,8 +48,8 @@ def wire_factor(kind: str, world_size: int) -> float:
 class Stats:
     """Per-step and cumulative counters of one state. Thread safe (callbacks count too)."""
 
-    def __init__(self, world_size: int, keep_steps: int = 4) -> None:
-        self.world_size = world_size
+    def __init__(self, world_size: int = 1, keep_steps: int = 4) -> None:
+        self.world_size = world_size  # set when the state binds to its process group
         self._keep = keep_steps
         self._lock = threading.Lock()
         self._steps: dict[int, dict[str, float]] = {}
@@ -129,4 +129,13 @@ class Stats:
 
     def load_state_dict(self, state: dict) -> None:
         with self._lock:
-            self._total.update(state["total"])
+            self._total.update({k: float(v) for k, v in state["total"].items()})
+
+    @staticmethod
+    def problems(saved: object) -> list[str]:
+        """What keeps ``saved`` from being loaded by :meth:`load_state_dict`."""
+        total = saved.get("total") if isinstance(saved, dict) else None
+        if not isinstance(total, dict):
+            return ["stats must be a dict with a 'total' dict"]
+        bad = [k for k, v in total.items() if k not in COUNTERS or isinstance(v, bool) or not isinstance(v, (int, float))]
+        return [f"stats: unknown or non-numeric counters {sorted(bad)}"] if bad else []

@@ -1,6 +1,7 @@
-"""Fused CPU loops for the scaled-sign codec, built on first use with the system C compiler.
+"""Fused CPU loops for the scaled-sign codec and LAQ's quantizer, built on first use with the
+system C compiler.
 
-The torch reference in :mod:`ddp_hooks.compress.sign` runs one tensor operation per step of the
+The torch reference in :mod:`ddp_hooks.compress` runs one tensor operation per step of the
 math, so a bucket is read and written five to ten times; on a CPU with a few cores per worker
 that costs more than the bytes it saves on a 1 Gb/s link. ``csrc/cpu_codec.c`` fuses those
 passes (plain C, no Python headers). It is compiled once per source version and machine into
@@ -9,32 +10,34 @@ the cache directory (``$DDP_HOOKS_CACHE``, else ``$XDG_CACHE_HOME/ddp_hooks``, e
 split over ``torch.get_num_threads()`` threads.
 
 ``DDP_HOOKS_NO_NATIVE=1`` forces the torch reference; so does a missing compiler or a failed
-build (one log line says why). :func:`available` tells whether the loops are in use.
-Results equal the torch reference's up to float rounding of the fused arithmetic (the signs,
-packing and decoding are exact; block sums are accumulated in float64 in both).
+build (one log line says why). Results equal the torch reference's up to float rounding of the
+fused arithmetic (the signs, packing and decoding are exact; block sums are accumulated in
+float64 in both). Only :mod:`ddp_hooks.compress` calls these functions.
 """
 
 import ctypes
 import hashlib
-import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
-log = logging.getLogger("ddp_hooks")
+from .loader import Extension
+
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_codec.c"
 FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-trapping-math"]
 CHUNK = 1 << 20  # elements per thread task (a multiple of 8)
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "lib": None, "reason": None, "pool": None, "threads": 0}
+_pool_lock = threading.Lock()
+_pool: dict[str, Any] = {"pool": None, "threads": 0}
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
@@ -69,10 +72,9 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> Path:
+def _compile() -> Path:
     cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (set CC, or install cc/gcc/clang)")
+    assert cc is not None  # checked by _why_not
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS + [cc, platform.machine()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_codec-{key}.so"
@@ -93,39 +95,24 @@ def _build() -> Path:
     return target
 
 
-def load():
-    """The loaded library, or None (the torch reference is used; logged once)."""
-    with _lock:
-        if _state["tried"]:
-            return _state["lib"]
-        _state["tried"] = True
-        reason = None
-        if os.environ.get("DDP_HOOKS_NO_NATIVE") == "1":
-            reason = "DDP_HOOKS_NO_NATIVE=1"
-        else:
-            try:
-                lib = ctypes.CDLL(str(_build()))
-                for name, args in _SIGNATURES.items():
-                    fn = getattr(lib, name)
-                    fn.argtypes, fn.restype = args, _RESTYPES.get(name)
-                lib.dh_init()
-                _state["lib"] = lib
-            except Exception as exc:  # noqa: BLE001 - any build problem falls back to torch
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _state["reason"] = reason
-        if reason is not None:
-            log.info("ddp_hooks: fused CPU codec off (%s); using the torch reference", reason)
-        return _state["lib"]
+def _build() -> Any:
+    lib = ctypes.CDLL(str(_compile()))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, _RESTYPES.get(name)
+    lib.dh_init()
+    return lib
 
 
-def available() -> bool:
-    """Whether the fused loops are built, loaded and not switched off."""
-    return load() is not None
+def _why_not() -> str | None:
+    return None if _compiler() else "no C compiler (set CC, or install cc/gcc/clang)"
 
 
-def status() -> str:
-    """'loaded', or why the fused CPU loops are not used."""
-    return "loaded" if available() else f"off: {_state['reason'] or 'disabled'}"
+EXTENSION = Extension("fused CPU codec", "DDP_HOOKS_NO_NATIVE", _build, _why_not)
+load = EXTENSION.get
+available = EXTENSION.available
+status = EXTENSION.status
+disabled = EXTENSION.disabled
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -133,11 +120,14 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and available()
 
 
-def _ptr_of(t: torch.Tensor | None):
+def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _chunks(n: int) -> list[tuple[int, int]]:
+Chunks = list[tuple[int, int]]
+
+
+def _chunks(n: int) -> Chunks:
     """``[0, n)`` cut into one range per intra-op thread (boundaries multiples of 8)."""
     threads = torch.get_num_threads()
     if threads <= 1 or n <= CHUNK:
@@ -146,25 +136,26 @@ def _chunks(n: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
-def _map(fn, chunks: list[tuple[int, int]]) -> None:
-    """``fn(i, lo, hi)`` for every chunk, on the thread pool when there are several."""
+def _map(fn: Callable[[int, int, int], Any], chunks: Chunks) -> list[Any]:
+    """``[fn(i, lo, hi) for each chunk]``, on the thread pool when there are several."""
     if len(chunks) == 1:
-        fn(0, *chunks[0])
-        return
+        return [fn(0, *chunks[0])]
     threads = torch.get_num_threads()
-    with _lock:
-        if _state["threads"] != threads:
-            if _state["pool"] is not None:
-                _state["pool"].shutdown(wait=False)
-            _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="ddp_hooks_codec")
-            _state["threads"] = threads
-        pool = _state["pool"]
-    list(pool.map(lambda i: fn(i, *chunks[i]), range(len(chunks))))
+    with _pool_lock:
+        if _pool["threads"] != threads:
+            if _pool["pool"] is not None:
+                _pool["pool"].shutdown(wait=False)
+            _pool["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="ddp_hooks_codec")
+            _pool["threads"] = threads
+        pool = _pool["pool"]
+    return list(pool.map(lambda i: fn(i, *chunks[i]), range(len(chunks))))
 
 
-def _run(fn, n: int, *args) -> None:
-    """``fn(lo, hi, *args)`` over ``[0, n)``, split over torch's intra-op threads."""
-    _map(lambda _, lo, hi: fn(lo, hi, *args), _chunks(n))
+def _run(name: str, n: int, args: tuple[Any, ...]) -> list[Any]:
+    """``lib.name(lo, hi, *args)`` over ``[0, n)``, split over torch's intra-op threads; the
+    results in chunk order."""
+    fn = getattr(load(), name)
+    return _map(lambda _, lo, hi: fn(lo, hi, *args), _chunks(n))
 
 
 def bounds_of(blocks: list[tuple[int, int]]) -> torch.Tensor:
@@ -175,13 +166,22 @@ def bounds_of(blocks: list[tuple[int, int]]) -> torch.Tensor:
     return torch.tensor([blocks[0][0]] + [hi for _, hi in blocks], dtype=torch.int64)
 
 
-def ef_input(g, momentum, momentum_out, mu: float, nesterov: bool, error, rho: float, p) -> torch.Tensor:
+def ef_input(
+    g: torch.Tensor,
+    momentum: torch.Tensor | None,
+    momentum_out: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    mu: float,
+    nesterov: bool,
+    error: torch.Tensor,
+    rho: float,
+) -> torch.Tensor:
     """``p`` = the worker's compressor input: ``m' = g + mu m`` into ``momentum_out`` and
-    ``p = (g + mu m' if nesterov else m') + rho e`` (no momentum when ``momentum`` is None,
-    no error term when ``error`` is None)."""
+    ``p = (g + mu m' if nesterov else m') + rho e`` (no momentum when ``momentum`` is None)."""
     mode = 0 if momentum is None else (2 if nesterov else 1)
-    _run(load().dh_ef_input, p.numel(), _ptr_of(g), _ptr_of(momentum), _ptr_of(momentum_out), float(mu), mode,
-         _ptr_of(error), float(rho), _ptr_of(p))
+    args = (_ptr(g), _ptr(momentum), _ptr(momentum_out), float(mu), mode, _ptr(error), float(rho), _ptr(p))
+    _run("dh_ef_input", p.numel(), args)
     return p
 
 
@@ -190,9 +190,8 @@ def block_scales(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     nblocks = bounds.numel() - 1
     chunks = _chunks(int(bounds[-1]))
     partial = torch.empty(len(chunks), nblocks, dtype=torch.float64)
-    lib = load()
-    _map(lambda i, lo, hi: lib.dh_block_abs_sums(lo, hi, x.data_ptr(), nblocks, bounds.data_ptr(),
-                                                 partial[i].data_ptr()), chunks)
+    fn = load().dh_block_abs_sums
+    _map(lambda i, lo, hi: fn(lo, hi, x.data_ptr(), nblocks, bounds.data_ptr(), partial[i].data_ptr()), chunks)
     sizes = (bounds[1:] - bounds[:-1]).to(torch.float64)
     return (partial.sum(0) / sizes).to(torch.float32)
 
@@ -201,7 +200,7 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """``x >= 0`` packed 8 per byte, LSB first, padding bits 1 (``ceil(n/8)`` uint8)."""
     n = x.numel()
     out = torch.empty(-(-n // 8), dtype=torch.uint8)
-    _run(load().dh_pack_signs, -(-n // 8) * 8, n, x.data_ptr(), out.data_ptr())
+    _run("dh_pack_signs", -(-n // 8) * 8, (n, x.data_ptr(), out.data_ptr()))
     return out
 
 
@@ -210,47 +209,44 @@ def pack_residual(x: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, r
     the sign of ``x``, in one pass; returns the packed signs."""
     n = x.numel()
     out = torch.empty(-(-n // 8), dtype=torch.uint8)
-    _run(load().dh_pack_residual, -(-n // 8) * 8, n, x.data_ptr(), bounds.numel() - 1, bounds.data_ptr(),
-         scales.data_ptr(), out.data_ptr(), residual.data_ptr())
+    args = (n, x.data_ptr(), bounds.numel() - 1, bounds.data_ptr(), scales.data_ptr(), out.data_ptr(), residual.data_ptr())
+    _run("dh_pack_residual", -(-n // 8) * 8, args)
     return out
 
 
-def sign_decode(packed: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
-                accumulate: bool = False) -> torch.Tensor:
+def sign_decode(
+    packed: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, accumulate: bool = False
+) -> torch.Tensor:
     """Within the blocks: ``out (+)= +-scale`` by the packed sign bits."""
-    _run(load().dh_sign_decode, int(bounds[-1]), packed.data_ptr(), bounds.numel() - 1, bounds.data_ptr(),
-         scales.data_ptr(), out.data_ptr(), int(accumulate))
+    args = (packed.data_ptr(), bounds.numel() - 1, bounds.data_ptr(), scales.data_ptr(), out.data_ptr(), int(accumulate))
+    _run("dh_sign_decode", int(bounds[-1]), args)
     return out
-
-
-def _collect(fn, n: int, *args) -> list:
-    """``[fn(lo, hi, *args) for each chunk]``, in chunk order."""
-    chunks = _chunks(n)
-    results = [None] * len(chunks)
-
-    def one(i, lo, hi):
-        results[i] = fn(lo, hi, *args)
-
-    _map(one, chunks)
-    return results
 
 
 def absmax_diff(g: torch.Tensor, q: torch.Tensor) -> float:
     """``max |g - q|`` (NaN if any difference is NaN; 0 for empty tensors)."""
-    parts = _collect(load().dh_absmax_diff, g.numel(), g.data_ptr(), q.data_ptr())
+    parts = _run("dh_absmax_diff", g.numel(), (g.data_ptr(), q.data_ptr()))
     return float("nan") if any(v != v for v in parts) else max(parts)
 
 
-def laq_quantize(g, q_ref, radius: float, step: float, unit: float, levels: int, q_new, innovation, codes=None):
-    """LAQ's grid quantization in one pass (see csrc/cpu_codec.c): writes ``q_new``,
-    ``innovation = q_new - q_ref`` and the uint8 ``codes``, each only if given (not None);
-    returns (``||g - q_new||^2``, ``||innovation||^2``), float64 sums."""
+def laq_quantize(
+    g: torch.Tensor,
+    q_ref: torch.Tensor,
+    grid: tuple[float, float, float, int],
+    q_new: torch.Tensor | None,
+    innovation: torch.Tensor | None,
+    codes: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """LAQ's grid quantization in one pass (see csrc/cpu_codec.c); ``grid`` is (radius, step,
+    unit, levels). Writes ``q_new``, ``innovation = q_new - q_ref`` and the uint8 ``codes``,
+    each only if given; returns (``||g - q_new||^2``, ``||innovation||^2``), float64 sums."""
     chunks = _chunks(g.numel())
     sums = torch.zeros(len(chunks), 2, dtype=torch.float64)
-    lib = load()
-    _map(lambda i, lo, hi: lib.dh_laq_quantize(lo, hi, g.data_ptr(), q_ref.data_ptr(), radius, step, unit,
-                                               float(levels), _ptr_of(q_new), _ptr_of(innovation),
-                                               _ptr_of(codes), sums[i].data_ptr()), chunks)
+    radius, step, unit, levels = grid
+    head = (g.data_ptr(), q_ref.data_ptr(), radius, step, unit, float(levels))
+    tail = (_ptr(q_new), _ptr(innovation), _ptr(codes))
+    fn = load().dh_laq_quantize
+    _map(lambda i, lo, hi: fn(lo, hi, *head, *tail, sums[i].data_ptr()), chunks)
     total = sums.sum(0)
     return float(total[0]), float(total[1])
 
@@ -258,7 +254,7 @@ def laq_quantize(g, q_ref, radius: float, step: float, unit: float, levels: int,
 def laq_apply_codes(codes: torch.Tensor, radius: float, unit: float, q_ref: torch.Tensor) -> torch.Tensor:
     """``q_ref = codes * unit + q_ref - radius`` in place: the ``q_new`` that :func:`laq_quantize`
     computed with these codes, radius and unit, float for float."""
-    _run(load().dh_laq_apply_codes, codes.numel(), codes.data_ptr(), radius, unit, q_ref.data_ptr())
+    _run("dh_laq_apply_codes", codes.numel(), (codes.data_ptr(), radius, unit, q_ref.data_ptr()))
     return q_ref
 
 
@@ -266,32 +262,21 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes of ``bits`` bits each, packed LSB first into ``ceil(n * bits / 8)`` bytes."""
     n = codes.numel()
     out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
-    _run(load().dh_pack_codes, n, n, codes.data_ptr(), int(bits), out.data_ptr())
+    _run("dh_pack_codes", n, (n, codes.data_ptr(), int(bits), out.data_ptr()))
     return out
 
 
-def unpack_dequantize(packed: torch.Tensor, n: int, bits: int, radius: float, unit: float, out: torch.Tensor,
-                      accumulate: bool = False) -> torch.Tensor:
-    """``out (+)= (0 - radius) + unit * code`` for the ``n`` codes packed in ``packed``."""
-    _run(load().dh_unpack_dequantize, n, n, packed.data_ptr(), int(bits), float(radius), float(unit),
-         out.data_ptr(), int(accumulate))
+def unpack_dequantize(
+    packed: torch.Tensor, n: int, bits: int, grid: tuple[float, float], out: torch.Tensor, accumulate: bool = False
+) -> torch.Tensor:
+    """``out (+)= (0 - radius) + unit * code`` for the ``n`` codes packed in ``packed``;
+    ``grid`` is (radius, unit)."""
+    radius, unit = grid
+    args = (n, packed.data_ptr(), int(bits), float(radius), float(unit), out.data_ptr(), int(accumulate))
+    _run("dh_unpack_dequantize", n, args)
     return out
 
 
 def sqdiff_copy(src: torch.Tensor, dst: torch.Tensor) -> float:
     """``||dst - src||^2`` (float64 sum), then ``dst = src``."""
-    return sum(_collect(load().dh_sqdiff_copy, src.numel(), src.data_ptr(), dst.data_ptr()))
-
-
-class disabled:
-    """Context manager: the torch reference is used inside (for comparisons and benchmarks)."""
-
-    def __enter__(self):
-        load()
-        self._lib = _state["lib"]
-        _state["lib"] = None
-        return self
-
-    def __exit__(self, *exc):
-        _state["lib"] = self._lib
-        return False
+    return sum(_run("dh_sqdiff_copy", src.numel(), (src.data_ptr(), dst.data_ptr())))

@@ -1,0 +1,1 @@
+"""Compiled extensions (fused CPU loops, CUDA kernels) and their one loader."""

@@ -1,0 +1,60 @@
+"""What the algorithms with local steps share: counting the optimizer's steps, synchronizing
+every ``period`` of them, per-rank seeds, and checking their part of a checkpoint."""
+
+from typing import Any
+
+import torch
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's own generator (randk, stochastic rounding), derived from ``seed``."""
+    return seed + 1_000_003 * rank
+
+
+def check_generators(extra: Any, names: tuple[str, ...]) -> list[str]:
+    """Problems with generator states saved under ``names`` in ``extra``."""
+    reference = torch.Generator().get_state()
+    return [
+        f"extra[{name!r}] must be a torch.Generator state (uint8 tensor)"
+        for name in names
+        if not torch.is_tensor(extra.get(name))
+        or extra[name].dtype != torch.uint8
+        or extra[name].shape != reference.shape
+    ]
+
+
+class LocalSteps:
+    """Mixin for a :class:`~ddp_hooks.core.HookState`: after every ``period`` steps of the
+    optimizer it follows, :meth:`synchronize` (``period = 0``: never). ``GradScaler`` skips a
+    non-finite step on every rank alike, and with it this count."""
+
+    period: int
+    step: int
+    local_steps: int = 0
+
+    @property
+    def sync_every(self) -> int:
+        """Optimizer steps between synchronizations (0: never)."""
+        return self.period
+
+    def after_step(self) -> None:
+        self.local_steps += 1
+        if self.sync_every and self.local_steps % self.sync_every == 0:
+            self.synchronize(max(0, self.step - 1))
+
+    def synchronize(self, step: int) -> None:
+        """The algorithm's periodic synchronization, attributed to training step ``step``."""
+        raise NotImplementedError
+
+    def local_state(self) -> dict[str, Any]:
+        return {"local_steps": self.local_steps}
+
+    @staticmethod
+    def check_local_state(extra: Any) -> list[str]:
+        value = extra.get("local_steps")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return [f"extra['local_steps'] must be a non-negative int, got {value!r}"]
+        return []
+
+    def load_local_state(self, extra: Any) -> None:
+        self.local_steps = int(extra["local_steps"])

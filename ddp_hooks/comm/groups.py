@@ -1,0 +1,46 @@
+"""Process groups this library creates: they inherit the timeout of the group they serve.
+
+``dist.new_group`` without a ``timeout`` waits torch's default (30 minutes on gloo) for a
+stalled peer, however short the user made the main group's timeout. Every group created here
+takes the timeout of the group it serves, so a stalled peer fails every collective of the
+library at the user's timeout.
+"""
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+def timeout_of(group: ProcessGroup) -> timedelta | None:
+    """The timeout ``group`` was created with (None where torch does not expose it)."""
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - no backend for that device, or an older torch
+            continue
+    return None
+
+
+def new_group_like(group: ProcessGroup, ranks: list[int] | None = None) -> ProcessGroup:
+    """A new group (all of ``group``'s ranks, or the global ``ranks``) with its backend and
+    timeout. Collective over the whole world: every rank must call it, in the same order."""
+    members = dist.get_process_group_ranks(group) if ranks is None else ranks
+    kwargs = {"ranks": members, "backend": dist.get_backend(group)}
+    timeout = timeout_of(group)
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    made = dist.new_group(**kwargs)
+    if made is None:  # pragma: no cover - torch returns a non-member sentinel, not None
+        raise RuntimeError(f"could not create a process group of ranks {members}")
+    return made
+
+
+def is_alive(group: ProcessGroup) -> bool:
+    """False once ``group`` (or the default group) was destroyed."""
+    if not dist.is_available() or not dist.is_initialized():
+        return False
+    world = getattr(dist.distributed_c10d, "_world", None)
+    pg_map = getattr(world, "pg_map", None)
+    return True if pg_map is None else group in pg_map

@@ -1,0 +1,137 @@
+"""Blockwise scaled sign (dist-EF-SGDM's compressor) and its message layout.
+
+For each block b of a flat vector p: ``scale_b = ||p_b||_1 / d_b`` and ``C(p)_b = scale_b *
+sgn(p_b)`` with ``sgn(0) = +1``. Signs travel packed (:mod:`.bits`). Block sums are
+accumulated in float64 and rounded once to float32, so the result does not depend on the
+summation order; the fused loops and kernels are tested against this reference.
+
+Blocks are contiguous ranges ``(lo, hi)`` covering a vector from its start, in order: one per
+parameter tensor, or each tensor cut into ``block_size`` pieces (:func:`block_sizes`).
+On CPU, fp32 inputs go through the fused loops of :mod:`ddp_hooks._ext.cpu` when they are
+available (same signs and packing; ``DDP_HOOKS_NO_NATIVE=1`` keeps the torch operations).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .._ext import cpu
+from .bits import pack_signs, packed_size, unpack_bits
+
+Blocks = list[tuple[int, int]]
+
+
+def block_sizes(numels: list[int], block_size: int | None = None) -> list[int]:
+    """Blocks of a vector of tensors: one per tensor, or each tensor cut into ``block_size``."""
+    if block_size is None:
+        return [n for n in numels if n > 0]
+    sizes = []
+    for n in numels:
+        full, rest = divmod(n, block_size)
+        sizes += [block_size] * full + ([rest] if rest else [])
+    return sizes
+
+
+def ranges(sizes: list[int], start: int = 0) -> Blocks:
+    """Consecutive ``(lo, hi)`` ranges of the given sizes."""
+    out = []
+    for s in sizes:
+        out.append((start, start + s))
+        start += s
+    return out
+
+
+def block_scales(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """``||x_b||_1 / d_b`` per block (float32, accumulated in float64)."""
+    if x.dtype == torch.float32 and cpu.usable(x):
+        return cpu.block_scales(x, cpu.bounds_of(blocks))
+    magnitude = x.abs()
+    sums = torch.stack([magnitude[lo:hi].sum(dtype=torch.float64) for lo, hi in blocks])
+    sizes = torch.tensor([hi - lo for lo, hi in blocks], dtype=torch.float64, device=x.device)
+    return (sums / sizes).to(torch.float32)
+
+
+def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: Blocks, out: torch.Tensor) -> torch.Tensor:
+    """``out[i] = +scale or -scale`` of ``i``'s block, by the sign bit ``bits[i]`` (exactly:
+    ``bit * 2s - s``)."""
+    n = blocks[-1][1]
+    if out.device.type == "cpu":
+        out[:n].copy_(bits[:n])  # 0 / 1
+        for (lo, hi), s in zip(blocks, scales.tolist()):  # reading CPU scales costs nothing
+            out[lo:hi].mul_(2 * s).sub_(s)
+        return out
+    counts = torch.tensor([hi - lo for lo, hi in blocks], device=out.device)
+    per = torch.repeat_interleave(scales, counts, output_size=n)  # no host synchronization
+    torch.where(bits[:n], per, -per, out=out[:n])
+    return out
+
+
+def sign_residual(x: torch.Tensor, blocks: Blocks, scales: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Packed signs of all of ``x``, and ``residual = x - C(x)`` within the blocks, for the
+    given ``scales`` (one pass on CPU). Returns the packed signs."""
+    if x.dtype == torch.float32 and cpu.usable(x, residual, scales):
+        return cpu.pack_residual(x, cpu.bounds_of(blocks), scales, residual)
+    n = blocks[-1][1]
+    packed = pack_signs(x)
+    expand(unpack_bits(packed, n), scales, blocks, residual)
+    torch.sub(x[:n], residual[:n], out=residual[:n])
+    return packed
+
+
+def compress(x: torch.Tensor, blocks: Blocks, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise scaled sign of ``x``: (packed signs, fp32 block scales); writes the
+    compression error ``x - C(x)`` into ``residual`` within the blocks."""
+    scales = block_scales(x, blocks)
+    return sign_residual(x, blocks, scales, residual), scales
+
+
+def decode(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    blocks: Blocks,
+    out: torch.Tensor,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """``C(x)`` from its packed signs and scales into ``out`` (``accumulate``: added to it)."""
+    if out.dtype == torch.float32 and cpu.usable(packed, scales, out):
+        return cpu.sign_decode(packed, cpu.bounds_of(blocks), scales, out, accumulate)
+    n = blocks[-1][1]
+    if not accumulate:
+        return expand(unpack_bits(packed, n), scales, blocks, out)
+    out[:n].add_(expand(unpack_bits(packed, n), scales, blocks, torch.empty(n, device=out.device)))
+    return out
+
+
+@dataclass(frozen=True)
+class SignMessage:
+    """One message of ``count`` packed signs and ``nscales`` fp32 scales, plus the non-finite
+    flag: ``[signs | scales | flag]`` as one uint8 row. The one owner of this byte layout."""
+
+    count: int
+    nscales: int
+
+    @property
+    def nbytes(self) -> int:
+        return packed_size(self.count) + 4 * self.nscales + 4
+
+    def pack(self, packed: torch.Tensor, scales: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """One row from packed signs (at most ``count`` signs' bytes, padded with 1 bits),
+        ``scales`` (at most ``nscales``, zero-padded) and the 0-d flag ``bad``."""
+        row = torch.zeros(self.nbytes, dtype=torch.uint8, device=packed.device)
+        signs = packed_size(self.count)
+        row[:signs].fill_(255)
+        row[: packed.numel()].copy_(packed)
+        row[signs : signs + 4 * scales.numel()].copy_(scales.contiguous().view(torch.uint8))
+        row[-4:].copy_(bad.float().reshape(1).view(torch.uint8))
+        return row
+
+    def signs(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[..., : packed_size(self.count)]
+
+    def scales(self, rows: torch.Tensor) -> torch.Tensor:
+        start = packed_size(self.count)
+        return rows[..., start : start + 4 * self.nscales].contiguous().view(torch.float32)
+
+    def any_bad(self, rows: torch.Tensor) -> torch.Tensor:
+        """0-d bool: does any row carry the non-finite flag?"""
+        return rows[..., -4:].contiguous().view(torch.float32).sum() > 0

@@ -1,0 +1,99 @@
+"""Checkpoints of a state: everything a rank needs to resume, loaded all-or-nothing.
+
+:func:`problems` validates every part of a saved dict (its keys, the algorithm and its
+configuration, world size, rank, parameter layout, each memory tensor's dtype, size and
+finiteness, the counters, and the algorithm's own extra state) before :func:`apply` assigns
+anything, so a checkpoint that does not fit leaves the state exactly as it was.
+"""
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .memory import ParameterMemory
+from .stats import Stats
+
+if TYPE_CHECKING:
+    from .state import HookState
+
+FORMAT = 2
+KEYS = ("format", "algorithm", "config", "world_size", "rank", "step", "layout", "memory", "stats", "extra")
+
+
+def export(state: "HookState") -> dict[str, Any]:
+    model = state.model_view()
+    return {
+        "format": FORMAT,
+        "algorithm": type(state).__name__,
+        "config": state.config(),
+        "world_size": state.world_size,
+        "rank": state.rank,
+        "step": state.step,
+        "layout": model.layout(),
+        "memory": state.memory.export(model.names),
+        "stats": state._stats.state_dict(),
+        "extra": state.extra_state(),
+    }
+
+
+def problems(state: "HookState", saved: Any) -> list[str]:
+    """Everything that keeps ``saved`` from being loaded into ``state`` (empty: it fits)."""
+    if not isinstance(saved, Mapping):
+        return [f"a checkpoint must be a dict, got {type(saved).__name__}"]
+    missing = [k for k in KEYS if k not in saved]
+    if missing:
+        return [f"missing parts: {missing}"]
+    if saved["format"] != FORMAT:
+        return [f"format {saved['format']!r}; this version reads format {FORMAT}"]
+    name = type(state).__name__
+    if saved["algorithm"] != name:
+        return [f"algorithm: saved {saved['algorithm']}, this is {name}"]
+    out = _config_problems(saved["config"], state.config())
+    for key, now in (("world_size", state.world_size), ("rank", state.rank)):
+        if saved[key] != now:
+            out.append(f"{key.replace('_', ' ')}: saved {saved[key]}, now {now}")
+    step = saved["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        out.append(f"step must be a non-negative int, got {step!r}")
+    model = state.model_view()
+    out += _layout_problems(saved["layout"], model.layout())
+    if not out:  # sizes are only meaningful for the same configuration and layout
+        out += ParameterMemory.problems(saved["memory"], model.named, state.memory_numel)
+    out += Stats.problems(saved["stats"])
+    extra = saved["extra"]
+    out += state.check_extra(extra) if isinstance(extra, Mapping) else ["extra must be a dict"]
+    return out
+
+
+def apply(state: "HookState", saved: Mapping[str, Any]) -> None:
+    """Assign a checkpoint that :func:`problems` accepted."""
+    state.step = int(saved["step"])
+    state.memory.restore(saved["memory"], state.model_view().named)
+    state._stats.load_state_dict(saved["stats"])
+    state.load_extra_state(saved["extra"])
+
+
+def _config_problems(saved: Any, now: dict[str, Any]) -> list[str]:
+    if not isinstance(saved, Mapping):
+        return [f"config must be a dict, got {type(saved).__name__}"]
+    keys = list(now) + [k for k in saved if k not in now]
+    return [
+        f"{k}: saved {saved.get(k, '<missing>')!r}, this state has {now.get(k, '<missing>')!r}"
+        for k in keys
+        if saved.get(k, "<missing>") != now.get(k, "<missing>")
+    ]
+
+
+def _layout_problems(saved: Any, now: dict[str, tuple[int, ...]]) -> list[str]:
+    if not isinstance(saved, Mapping):
+        return [f"layout must be a dict, got {type(saved).__name__}"]
+    out = []
+    missing = sorted(set(now) - set(saved))
+    unexpected = sorted(set(saved) - set(now))
+    if missing:
+        out.append(f"parameters missing from the checkpoint: {missing[:5]}")
+    if unexpected:
+        out.append(f"parameters not in this model: {unexpected[:5]}")
+    for n in sorted(set(now) & set(saved)):
+        if tuple(saved[n]) != now[n]:
+            out.append(f"shape of {n}: saved {tuple(saved[n])}, now {now[n]}")
+    return out[:8]

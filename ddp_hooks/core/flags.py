@@ -1,0 +1,76 @@
+"""The one convention for non-finite gradients, and where flags may be read on the host.
+
+Every algorithm follows it: a rank whose bucket is not finite (:func:`nonfinite`) says so with one flag element
+in what it sends (1.0 for "not finite"); every rank combines the flags of all ranks, and if any
+is set the bucket becomes NaN on every rank (so ``torch.amp.GradScaler`` skips the step
+everywhere) and no memory takes the step in.
+
+On a CPU, reading a 0-d flag on the host costs nothing, so memory commits swap buffers instead
+of copying (:meth:`ddp_hooks.core.ParameterMemory.commit`). On a GPU that read would
+synchronize the device, so the same decisions are made with ``torch.where``. Setting
+``DDP_HOOKS_SYNC_FREE=1`` (or :func:`sync_free`) makes CPU tensors take the GPU branches too,
+which is how the test suite runs them without a GPU.
+"""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_FORCE_SYNC_FREE = [os.environ.get("DDP_HOOKS_SYNC_FREE") == "1"]
+
+
+def nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: is ``x`` not finite? True if it holds inf or NaN, and also if it is so
+    large that its squared norm overflows float32 (about 1.8e19): no fp32 arithmetic of the
+    algorithms (norms, matmuls, error memories) can carry such a spike, so it is skipped like
+    an inf. One read, no bucket-sized temporary and no host synchronization."""
+    flat = x.reshape(-1)
+    if flat.dtype == torch.float32:
+        return ~torch.isfinite(torch.dot(flat, flat))
+    return ~torch.isfinite(torch.linalg.vector_norm(flat, dtype=torch.float32))
+
+
+def as_flag(bad: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The one-element flag a rank sends: 1 if ``bad`` else 0."""
+    return bad.to(dtype).reshape(1)
+
+
+def any_set(flags: torch.Tensor) -> torch.Tensor:
+    """0-d bool: is any flag set? ``flags`` are summed or gathered flag elements."""
+    return flags.float().sum() > 0
+
+
+def reads_flags(device: torch.device) -> bool:
+    """Whether code on ``device`` may read a flag on the host (CPU, unless switched off)."""
+    return device.type == "cpu" and not _FORCE_SYNC_FREE[0]
+
+
+def poison(buffer: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """NaN in every element of ``buffer`` if ``bad``; returns ``buffer``."""
+    if reads_flags(buffer.device):
+        if bool(bad):
+            buffer.fill_(float("nan"))
+        return buffer
+    return buffer.masked_fill_(bad, float("nan"))
+
+
+def keep_unless(bad: torch.Tensor, target: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """``target = candidate`` unless ``bad``: a memory slice takes a step only if it was finite."""
+    if reads_flags(target.device):
+        if not bool(bad):
+            target.copy_(candidate)
+        return target
+    return torch.where(bad, target, candidate, out=target)
+
+
+@contextmanager
+def sync_free(enabled: bool = True) -> Iterator[None]:
+    """Inside, CPU tensors take the branches written for GPUs (no host reads of flags)."""
+    old = _FORCE_SYNC_FREE[0]
+    _FORCE_SYNC_FREE[0] = enabled
+    try:
+        yield
+    finally:
+        _FORCE_SYNC_FREE[0] = old
