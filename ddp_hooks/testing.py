@@ -9,7 +9,10 @@ Used by the test suite, the demo and the benchmarks::
   binds to loopback, so many worlds can run at once (pytest-xdist);
 * no leaked processes: every rank is killed when the call returns, whatever happened;
 * a failure instead of a hang: an exception on a rank is re-raised here with its traceback,
-  a rank that dies or a world that outlives ``timeout`` raises at once.
+  a rank that dies or a world that outlives ``timeout`` raises at once;
+* a world whose gloo rendezvous fails (gloo's full-mesh connect between ranks on loopback
+  sometimes loses a connection while other worlds connect at the same time) is started again,
+  up to twice: only that, before ``fn`` runs, is retried.
 
 ``fn`` must be importable by name (a module-level function), and so must its arguments.
 """
@@ -22,17 +25,24 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-_CTX = None
+_CTX: Any = None
+_INIT_ATTEMPTS = 3
+_FAILED_STARTS_TO_SIMULATE = [0]  # for the harness's own test: first starts that fail on purpose
 
 
 class WorldError(RuntimeError):
     """A rank of a test world raised, died or timed out."""
 
 
-def _context():
+class _InitFailed(Exception):
+    """A rank could not join the process group (retried with a fresh world)."""
+
+
+def _context() -> Any:
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
@@ -41,30 +51,47 @@ def _context():
     return _CTX
 
 
-def _worker(fn, rank, world_size, store_path, results, args, kwargs, timeout, threads, backend):
+@dataclass
+class _Spec:
+    """What every rank of one world needs (picklable)."""
+
+    fn: Callable[..., Any]
+    size: int
+    args: tuple
+    kwargs: dict
+    store: str
+    timeout: float
+    threads: int | None
+    backend: str
+    simulate_failed_start: bool = False
+
+
+def _worker(spec: _Spec, rank: int, results: Any) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(threads)
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     try:
-        if backend == "nccl":
+        if spec.backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        store = dist.FileStore(store_path, world_size)
-        dist.init_process_group(
-            backend,
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout),
-        )
-        value = fn(rank, world_size, *args, **kwargs)
+        if spec.simulate_failed_start and rank == spec.size - 1:
+            raise RuntimeError("Gloo connectFullMesh failed (simulated)")
+        store = dist.FileStore(spec.store, spec.size)
+        dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.size,
+                                timeout=timedelta(seconds=spec.timeout))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which starts a new world
+        results.put((rank, "init", traceback.format_exc()))
+        return
+    try:
+        value = spec.fn(rank, spec.size, *spec.args, **spec.kwargs)
         buf = io.BytesIO()
         torch.save(value, buf)
-        results.put((rank, True, buf.getvalue()))
+        results.put((rank, "ok", buf.getvalue()))
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc()))
 
 
 def run_world(
@@ -72,86 +99,101 @@ def run_world(
     world_size: int,
     *args: Any,
     timeout: float = 180.0,
-    threads: int = 1,
+    threads: int | None = 1,
     backend: str = "gloo",
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks (gloo on the CPU
-    by default; ``backend="nccl"`` puts rank ``r`` on GPU ``r``).
+    by default; ``backend="nccl"`` puts rank ``r`` on GPU ``r``). ``threads``: intra-op threads
+    per rank (None: torch's default).
 
     Returns the list of per-rank return values (moved through ``torch.save``). Raises
     :class:`WorldError` if a rank raises (with its traceback), dies, or the world takes
     longer than ``timeout`` seconds.
     """
-    import torch
-
     if world_size < 1:
         raise ValueError(f"world_size must be an integer in [1, inf), got {world_size}")
-    ctx = _context()
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="ddp_hooks_world_") as tmp:
-        store_path = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(
-                target=_worker,
-                args=(
-                    fn, rank, world_size, store_path, results, args, kwargs, timeout, threads, backend
-                ),
-                daemon=True,
-            )
-            for rank in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-        out: list[Any] = [None] * world_size
-        done: set[int] = set()
-        deadline = time.monotonic() + timeout
-
-        def failure(rank: int, payload: str) -> WorldError:
-            # a rank that died usually makes its peers fail: name the dead ones first
-            time.sleep(0.5)
-            dead = "".join(
-                f"rank {r} died (exit code {p.exitcode}); "
-                for r, p in enumerate(procs)
-                if r != rank and p.exitcode not in (None, 0)
-            )
-            return WorldError(f"{dead}rank {rank} of {world_size} failed:\n{payload}")
-
-        def receive(rank: int, ok: bool, payload: Any) -> None:
-            if not ok:
-                raise failure(rank, payload)
-            out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-            done.add(rank)
-
+    for attempt in range(_INIT_ATTEMPTS):
+        spec = _Spec(fn, world_size, args, kwargs, "", timeout, threads, backend,
+                     simulate_failed_start=attempt < _FAILED_STARTS_TO_SIMULATE[0])
         try:
-            while len(done) < world_size:
-                try:
-                    receive(*results.get(timeout=0.2))
-                    continue
-                except queue.Empty:
-                    pass
-                for rank, p in enumerate(procs):
-                    if rank not in done and p.exitcode is not None:
-                        # give a message that may still be in the pipe a moment to arrive
-                        try:
-                            message = results.get(timeout=2.0)
-                        except queue.Empty:
-                            raise WorldError(
-                                f"rank {rank} of {world_size} died (exit code {p.exitcode})"
-                            ) from None
-                        receive(*message)
-                        break
-                if time.monotonic() > deadline:
-                    missing = sorted(set(range(world_size)) - done)
-                    raise WorldError(
-                        f"world of {world_size} timed out after {timeout:.0f}s; "
-                        f"ranks {missing} did not finish"
-                    ) from None
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-            for p in procs:
-                p.join(timeout=5)
-            results.close()
-    return out
+            return _World(spec).run()
+        except _InitFailed as exc:
+            if attempt == _INIT_ATTEMPTS - 1:
+                raise WorldError(f"the world of {world_size} could not start:\n{exc}") from None
+    raise AssertionError("unreachable")
+
+
+class _World:
+    """One attempt: the rank processes, their results, and the clean-up."""
+
+    def __init__(self, spec: _Spec) -> None:
+        self.spec = spec
+        self.size, self.timeout = spec.size, spec.timeout
+        self.out: list[Any] = [None] * spec.size
+        self.done: set[int] = set()
+
+    def run(self) -> list[Any]:
+        ctx = _context()
+        self.results = ctx.Queue()
+        with tempfile.TemporaryDirectory(prefix="ddp_hooks_world_") as tmp:
+            self.spec.store = os.path.join(tmp, "store")
+            self.procs = [
+                ctx.Process(target=_worker, args=(self.spec, rank, self.results), daemon=True)
+                for rank in range(self.size)
+            ]
+            for p in self.procs:
+                p.start()
+            try:
+                self._collect()
+            finally:
+                for p in self.procs:
+                    if p.is_alive():
+                        p.kill()
+                for p in self.procs:
+                    p.join(timeout=5)
+                self.results.close()
+        return self.out
+
+    def _collect(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while len(self.done) < self.size:
+            try:
+                self._receive(*self.results.get(timeout=0.2))
+                continue
+            except queue.Empty:
+                pass
+            for rank, p in enumerate(self.procs):
+                if rank not in self.done and p.exitcode is not None:
+                    # give a message that may still be in the pipe a moment to arrive
+                    try:
+                        message = self.results.get(timeout=2.0)
+                    except queue.Empty:
+                        raise WorldError(f"rank {rank} of {self.size} died (exit code {p.exitcode})") from None
+                    self._receive(*message)
+                    break
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.size)) - self.done)
+                raise WorldError(
+                    f"world of {self.size} timed out after {self.timeout:.0f}s; ranks {missing} did not finish"
+                )
+
+    def _receive(self, rank: int, kind: str, payload: Any) -> None:
+        import torch
+
+        if kind == "init":
+            raise _InitFailed(f"rank {rank}:\n{payload}")
+        if kind == "error":
+            raise self._failure(rank, payload)
+        self.out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        self.done.add(rank)
+
+    def _failure(self, rank: int, payload: str) -> WorldError:
+        # a rank that died usually makes its peers fail: name the dead ones first
+        time.sleep(0.5)
+        dead = "".join(
+            f"rank {r} died (exit code {p.exitcode}); "
+            for r, p in enumerate(self.procs)
+            if r != rank and p.exitcode not in (None, 0)
+        )
+        return WorldError(f"{dead}rank {rank} of {self.size} failed:\n{payload}")
