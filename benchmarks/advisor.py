@@ -110,8 +110,15 @@ def hooks() -> list[str]:
     return list(_COSTS) + ["powersgd", "torch-powersgd"]
 
 
-def predict(shapes, world: int, compute_s: float, bandwidth: float, latency: float = 0.0,
-            overhead_s: dict[str, float | tuple[float, float]] | None = None, names=None) -> list[Prediction]:
+def predict(
+    shapes,
+    world: int,
+    compute_s: float,
+    bandwidth: float,
+    latency: float = 0.0,
+    overhead_s: dict[str, float | tuple[float, float]] | None = None,
+    names=None,
+) -> list[Prediction]:
     """Predicted step time of each hook; ``bandwidth`` in bytes per second. ``overhead_s`` per
     hook: seconds of codec, or (codec, contention) as :func:`calibrate` returns them."""
     out = []
@@ -147,8 +154,10 @@ def advise(predictions: list[Prediction]) -> str:
     fp32 = by.get("fp32")
     if best.hook == "fp32" or fp32 is None:
         return "No hook pays off here: fp32 all-reduce is predicted fastest."
-    lines = [f"Use {best.hook}: predicted {best.step_s * 1000:.0f} ms/step vs {fp32.step_s * 1000:.0f} ms "
-             f"for fp32 ({fp32.step_s / best.step_s:.2f}x)"]
+    lines = [
+        f"Use {best.hook}: predicted {best.step_s * 1000:.0f} ms/step vs {fp32.step_s * 1000:.0f} ms "
+        f"for fp32 ({fp32.step_s / best.step_s:.2f}x)"
+    ]
     bf16 = by.get("bf16") or by.get("torch-bf16")
     if bf16 is not None:
         lines.append(f" and {bf16.step_s * 1000:.0f} ms for bf16 ({bf16.step_s / best.step_s:.2f}x)")
@@ -194,9 +203,16 @@ def validate(paths: list[str], shapes_of) -> list[dict]:
                     step_compute = own / 1000 if own else compute
                     p = predict(shapes, run["world_size"], step_compute, bw, latency, overhead, [r["hook"]])[0]
                     rate = run["rate"] + (" shared" if run.get("link") == "shared" else "")
-                    rows.append({"model": model, "rate": rate, "hook": r["hook"],
-                                 "measured_ms": r["step_ms"], "predicted_ms": 1000 * p.step_s,
-                                 "error": 1000 * p.step_s / r["step_ms"] - 1})
+                    rows.append(
+                        {
+                            "model": model,
+                            "rate": rate,
+                            "hook": r["hook"],
+                            "measured_ms": r["step_ms"],
+                            "predicted_ms": 1000 * p.step_s,
+                            "error": 1000 * p.step_s / r["step_ms"] - 1,
+                        }
+                    )
     return rows
 
 
@@ -217,8 +233,10 @@ def main(argv=None) -> None:
         rows = validate(args.validate, shapes_of)
         print(f"{'model':>9} {'rate':>14} {'hook':>15} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
         for r in rows:
-            print(f"{r['model']:>9} {r['rate']:>14} {r['hook']:>15} {r['measured_ms']:12.1f} "
-                  f"{r['predicted_ms']:13.1f} {r['error']:+7.1%}")
+            print(
+                f"{r['model']:>9} {r['rate']:>14} {r['hook']:>15} {r['measured_ms']:12.1f} "
+                f"{r['predicted_ms']:13.1f} {r['error']:+7.1%}"
+            )
         if rows:
             print(f"\nmean |error| {sum(abs(r['error']) for r in rows) / len(rows):.1%} over {len(rows)} predictions")
         return
@@ -236,12 +254,16 @@ def main(argv=None) -> None:
         parser.error("give --compute-ms (a measured step under no_sync) or --measured")
     preds = predict(shapes, world, compute, parse_rate(args.bandwidth), args.latency_ms / 1000, overhead)
     numel = sum(math.prod(s) for s in shapes)
-    print(f"{numel / 1e6:.1f}M parameters, {world} workers, {args.bandwidth}, latency {args.latency_ms} ms, "
-          f"compute {compute * 1000:.0f} ms\n")
+    print(
+        f"{numel / 1e6:.1f}M parameters, {world} workers, {args.bandwidth}, latency {args.latency_ms} ms, "
+        f"compute {compute * 1000:.0f} ms\n"
+    )
     print(f"{'hook':>15} {'step ms':>9} {'network ms':>11} {'overhead ms':>12} {'wire MB':>9}")
     for p in preds:
-        print(f"{p.hook:>15} {p.step_s * 1000:9.1f} {p.network_s * 1000:11.1f} {p.overhead_s * 1000:12.1f} "
-              f"{p.wire_bytes / 2**20:9.2f}")
+        print(
+            f"{p.hook:>15} {p.step_s * 1000:9.1f} {p.network_s * 1000:11.1f} {p.overhead_s * 1000:12.1f} "
+            f"{p.wire_bytes / 2**20:9.2f}"
+        )
     print("\n" + advise(preds))
     for hook, why in _NOT_MODELLED.items():
         print(f"({hook} is not predicted: {why})")

@@ -93,20 +93,43 @@ def suite(name: str) -> list[dict]:
         out = [{"label": "SGD", "rc": 1, "kind": "catalog", "name": "fp32"}]
         for rc in (32, 256, 1024):
             # CSER as in the released ImageNet configurations: both syncs get half the budget
-            out.append({"label": f"CSER RC{rc}", "rc": rc, "kind": "cser",
-                        "args": {"grad_ratio": 2 * rc, "model_ratio": 4, "period": rc // 2, "block_size": 1}})
+            out.append(
+                {
+                    "label": f"CSER RC{rc}",
+                    "rc": rc,
+                    "kind": "cser",
+                    "args": {"grad_ratio": 2 * rc, "model_ratio": 4, "period": rc // 2, "block_size": 1},
+                }
+            )
             # EF-SGD with the same shared-random compressor, every step
-            out.append({"label": f"EF-SGD RC{rc}", "rc": rc, "kind": "qsparse",
-                        "args": {"compressor": "grbs", "k": 1.0 / rc, "period": 1}})
+            out.append(
+                {
+                    "label": f"EF-SGD RC{rc}",
+                    "rc": rc,
+                    "kind": "qsparse",
+                    "args": {"compressor": "grbs", "k": 1.0 / rc, "period": 1},
+                }
+            )
             # Qsparse-local-SGD with it, H = 8 (the released baseline's period)
-            out.append({"label": f"Qsparse RC{rc}", "rc": rc, "kind": "qsparse",
-                        "args": {"compressor": "grbs", "k": min(0.5, 8.0 / rc), "period": 8}})
+            out.append(
+                {
+                    "label": f"Qsparse RC{rc}",
+                    "rc": rc,
+                    "kind": "qsparse",
+                    "args": {"compressor": "grbs", "k": min(0.5, 8.0 / rc), "period": 8},
+                }
+            )
         return out
     if name == "qsparse":
         out = [{"label": "SGD", "kind": "catalog", "name": "fp32"}]
         for h in (1, 4, 8):
-            out.append({"label": f"SignTopK H={h}", "kind": "qsparse",
-                        "args": {"compressor": "signtopk", "k": 0.01, "period": h}})
+            out.append(
+                {
+                    "label": f"SignTopK H={h}",
+                    "kind": "qsparse",
+                    "args": {"compressor": "signtopk", "k": 0.01, "period": h},
+                }
+            )
         out.append({"label": "TopK-SGD", "kind": "qsparse", "args": {"compressor": "topk", "k": 0.01, "period": 1}})
         out.append({"label": "EF-signSGD", "kind": "qsparse", "args": {"compressor": "sign", "period": 1}})
         return out
@@ -156,8 +179,16 @@ def _run(rank, world, spec, steps, eval_every, batch, lr, data_dir, seed):
         if step % eval_every == 0 or step == steps:
             loss, acc = _averaged_eval(model, x_test, y_test)
             total = setup.state.stats()["total"]
-            points.append({"step": step, "seconds": elapsed, "wire_bytes": total["wire_bytes"],
-                           "paper_bits": total["paper_bits"], "test_loss": loss, "accuracy": acc})
+            points.append(
+                {
+                    "step": step,
+                    "seconds": elapsed,
+                    "wire_bytes": total["wire_bytes"],
+                    "paper_bits": total["paper_bits"],
+                    "test_loss": loss,
+                    "accuracy": acc,
+                }
+            )
     return points
 
 
@@ -219,37 +250,68 @@ def main(argv=None) -> list[dict]:
     runs = []
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec['label']} ...", flush=True)
-        results = launch.run(_run, args.workers, spec, args.steps, args.eval_every, args.batch, args.lr,
-                             args.data_dir, args.seed)
+        results = launch.run(
+            _run, args.workers, spec, args.steps, args.eval_every, args.batch, args.lr, args.data_dir, args.seed
+        )
         if results is None:
             return []
         points = results[0]
         last = points[-1]
         hit = _to_target(points, args.target)
-        runs.append({
-            "label": spec["label"], "spec": spec, "points": points,
-            "final_accuracy": last["accuracy"], "final_loss": last["test_loss"],
-            "wire_bytes": last["wire_bytes"], "paper_bits": last["paper_bits"],
-            "steps_to_target": hit["step"] if hit else None,
-            "bytes_to_target": hit["wire_bytes"] if hit else None,
-            "bits_to_target": hit["paper_bits"] if hit else None,
-            "seconds_to_target": hit["seconds"] if hit else None,
-        })
+        runs.append(
+            {
+                "label": spec["label"],
+                "spec": spec,
+                "points": points,
+                "final_accuracy": last["accuracy"],
+                "final_loss": last["test_loss"],
+                "wire_bytes": last["wire_bytes"],
+                "paper_bits": last["paper_bits"],
+                "steps_to_target": hit["step"] if hit else None,
+                "bytes_to_target": hit["wire_bytes"] if hit else None,
+                "bits_to_target": hit["paper_bits"] if hit else None,
+                "seconds_to_target": hit["seconds"] if hit else None,
+            }
+        )
     sgd = next((r for r in runs if r["label"] in ("SGD", "fp32")), None)
     for r in runs:
-        r["bits_vs_sgd"] = (sgd["bits_to_target"] / r["bits_to_target"]
-                            if sgd and sgd["bits_to_target"] and r["bits_to_target"] else None)
+        r["bits_vs_sgd"] = (
+            sgd["bits_to_target"] / r["bits_to_target"]
+            if sgd and sgd["bits_to_target"] and r["bits_to_target"]
+            else None
+        )
     print(f"\n{dataset}, {args.workers} workers, {args.steps} steps, target accuracy {args.target}\n")
-    print(table(runs, [("label", "configuration", ""), ("final_accuracy", "final acc", ".3f"),
-                       ("final_loss", "final loss", ".3f"), ("wire_bytes", "wire bytes", ",.0f"),
-                       ("paper_bits", "paper bits", ".3g"), ("steps_to_target", "steps to target", ""),
-                       ("bits_to_target", "bits to target", ".3g"), ("bytes_to_target", "bytes to target", ".3g"),
-                       ("bits_vs_sgd", "SGD bits / bits", ".1f")]))
+    print(
+        table(
+            runs,
+            [
+                ("label", "configuration", ""),
+                ("final_accuracy", "final acc", ".3f"),
+                ("final_loss", "final loss", ".3f"),
+                ("wire_bytes", "wire bytes", ",.0f"),
+                ("paper_bits", "paper bits", ".3g"),
+                ("steps_to_target", "steps to target", ""),
+                ("bits_to_target", "bits to target", ".3g"),
+                ("bytes_to_target", "bytes to target", ".3g"),
+                ("bits_vs_sgd", "SGD bits / bits", ".1f"),
+            ],
+        )
+    )
     out_dir = Path(args.out or RESULTS)
     name = f"convergence_{args.suite}_{dataset}"
     png = plot(runs, out_dir / f"{name}.png", f"{args.suite} on {dataset}, {args.workers} workers")
-    path = write_json(name, {"suite": args.suite, "dataset": dataset, "workers": args.workers,
-                             "steps": args.steps, "target": args.target, "runs": runs}, out_dir)
+    path = write_json(
+        name,
+        {
+            "suite": args.suite,
+            "dataset": dataset,
+            "workers": args.workers,
+            "steps": args.steps,
+            "target": args.target,
+            "runs": runs,
+        },
+        out_dir,
+    )
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     return runs
 

@@ -36,8 +36,14 @@ from ddp_hooks.compress import scaled_sign as sign  # noqa: E402
 from ddp_hooks.compress.error_feedback import ef_input  # noqa: E402
 from ddp_hooks.compress.laq import add_dequantized, pack_codes, quantize_step  # noqa: E402
 
-IDEAL_BYTES = {"input": 20.0, "compress": 8.125, "decode": 4.125, "decode+add": 8.125,
-               "laq-quantize": 17.0, "laq-receive": 8.5}
+IDEAL_BYTES = {
+    "input": 20.0,
+    "compress": 8.125,
+    "decode": 4.125,
+    "decode+add": 8.125,
+    "laq-quantize": 17.0,
+    "laq-receive": 8.5,
+}
 STEPS = ["input", "compress", "decode", "decode+add", "round", "laq-quantize", "laq-receive"]
 
 
@@ -80,8 +86,10 @@ def _steps(numels: list[int], workers: int) -> dict:
 
     def worker(x):
         piece_scales = plan.piece_scales(sign.block_scales(x, blocks))
-        return [(sign.sign_residual(x[s], plan.pieces[j], piece_scales[j], residual[s]), piece_scales[j])
-                for j, s in enumerate(shards)]
+        return [
+            (sign.sign_residual(x[s], plan.pieces[j], piece_scales[j], residual[s]), piece_scales[j])
+            for j, s in enumerate(shards)
+        ]
 
     shard_msgs = worker(g)
     mine = plan.pieces[0]
@@ -131,13 +139,20 @@ def run(models: list[str], threads: list[int], repeats: int, workers: int) -> li
                     with native.disabled():
                         ref = _time(steps[name], repeats)
                     ideal = IDEAL_BYTES.get(name)
-                    rows.append({
-                        "model": model, "numel": n, "threads": t, "step": name,
-                        "fused_ms": fused * 1e3, "torch_ms": ref * 1e3, "speedup": ref / fused,
-                        "fused_gbs": ideal * n / fused / 1e9 if ideal else None,
-                        "of_copy": ideal * n / fused / copy_bw if ideal else None,
-                        "copy_gbs": copy_bw / 1e9,
-                    })
+                    rows.append(
+                        {
+                            "model": model,
+                            "numel": n,
+                            "threads": t,
+                            "step": name,
+                            "fused_ms": fused * 1e3,
+                            "torch_ms": ref * 1e3,
+                            "speedup": ref / fused,
+                            "fused_gbs": ideal * n / fused / 1e9 if ideal else None,
+                            "of_copy": ideal * n / fused / copy_bw if ideal else None,
+                            "copy_gbs": copy_bw / 1e9,
+                        }
+                    )
     finally:
         torch.set_num_threads(before)
     return rows
@@ -160,9 +175,21 @@ def main(argv=None) -> list[dict]:
     cores = os.cpu_count() or 1
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
     rows = run(models, threads, args.repeats, args.workers)
-    print(table(rows, [("model", "model", ""), ("threads", "thr", "d"), ("step", "step", ""),
-                       ("fused_ms", "fused ms", ".2f"), ("torch_ms", "torch ms", ".2f"), ("speedup", "speedup", ".1f"),
-                       ("fused_gbs", "GB/s", ".1f"), ("of_copy", "of copy", ".0%")]))
+    print(
+        table(
+            rows,
+            [
+                ("model", "model", ""),
+                ("threads", "thr", "d"),
+                ("step", "step", ""),
+                ("fused_ms", "fused ms", ".2f"),
+                ("torch_ms", "torch ms", ".2f"),
+                ("speedup", "speedup", ".1f"),
+                ("fused_gbs", "GB/s", ".1f"),
+                ("of_copy", "of copy", ".0%"),
+            ],
+        )
+    )
     print(write_json("cpu_codec", {"workers": args.workers, "rows": rows}, args.out))
     return rows
 

@@ -71,8 +71,28 @@ class Topology:
                 self._ip("-n", ns, "link", "set", "lo", "up")
                 if shared:  # what worker i sends enters the bridge here: through the ifb first
                     _tc("qdisc", "add", "dev", host, "clsact")
-                    _tc("filter", "add", "dev", host, "ingress", "protocol", "all", "prio", "1", "u32",
-                        "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", self.ifb)
+                    _tc(
+                        "filter",
+                        "add",
+                        "dev",
+                        host,
+                        "ingress",
+                        "protocol",
+                        "all",
+                        "prio",
+                        "1",
+                        "u32",
+                        "match",
+                        "u32",
+                        "0",
+                        "0",
+                        "action",
+                        "mirred",
+                        "egress",
+                        "redirect",
+                        "dev",
+                        self.ifb,
+                    )
                     continue
                 for prefix, dev in ((["-n", ns], inner), ([], host)):  # both directions
                     self._shape(prefix, dev)
@@ -90,8 +110,21 @@ class Topology:
             parent = ["parent", "1:1"]
         if self.rate:
             burst = max(256 * 1024, int(rate_bits(self.rate) / 8 / 250))
-            _tc(*prefix, "qdisc", "add", "dev", dev, *parent, "tbf", "rate", self.rate,
-                "burst", str(burst), "latency", "200ms")
+            _tc(
+                *prefix,
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                *parent,
+                "tbf",
+                "rate",
+                self.rate,
+                "burst",
+                str(burst),
+                "latency",
+                "200ms",
+            )
 
     def close(self) -> None:
         for undo in reversed(self._made):
@@ -113,8 +146,9 @@ class Topology:
                 devices[f"h{i}"] = ([], self.host_if[i])
         out = {}
         for name, (prefix, dev) in devices.items():
-            text = subprocess.run(["tc", *prefix, "-s", "qdisc", "show", "dev", dev, "root"],
-                                  capture_output=True, text=True, check=True).stdout
+            text = subprocess.run(
+                ["tc", *prefix, "-s", "qdisc", "show", "dev", dev, "root"], capture_output=True, text=True, check=True
+            ).stdout
             sent = re.search(r"Sent (\d+) bytes", text)
             out[name] = int(sent.group(1)) if sent else 0
         return out
@@ -176,8 +210,11 @@ def measure_flows(topo: Topology, pairs: list[tuple[int, int]], megabytes: int =
             " t=t or time.perf_counter();n+=len(b)\n"
             "print(n*8/(time.perf_counter()-t))\n"
         )
-        servers.append(subprocess.Popen(["ip", "netns", "exec", topo.ns[dst], sys.executable, "-c", server],
-                                        stdout=subprocess.PIPE, text=True))
+        servers.append(
+            subprocess.Popen(
+                ["ip", "netns", "exec", topo.ns[dst], sys.executable, "-c", server], stdout=subprocess.PIPE, text=True
+            )
+        )
         client = (
             "import socket,time\n"
             "for _ in range(50):\n"
@@ -199,11 +236,11 @@ def _worker(args) -> None:
 
     from benchmarks import step_time
 
-    dist.init_process_group("gloo", store=dist.FileStore(args.store, args.world), rank=args.rank,
-                            world_size=args.world)
+    dist.init_process_group("gloo", store=dist.FileStore(args.store, args.world), rank=args.rank, world_size=args.world)
     names = args.hooks.split(",")
-    result = step_time._measure(args.rank, args.world, args.model, names, args.batch, args.steps,
-                                args.warmup, args.size, 0.01)
+    result = step_time._measure(
+        args.rank, args.world, args.model, names, args.batch, args.steps, args.warmup, args.size, 0.01
+    )
     Path(args.result).write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -221,12 +258,37 @@ def run_rate(rate: str, args, hooks: list[str]) -> dict:
             with tempfile.TemporaryDirectory(prefix="ddph_emulate_") as tmp:
                 procs = []
                 for i in range(args.workers):
-                    env = {**os.environ, "GLOO_SOCKET_IFNAME": topo.ns_if[i], "OMP_NUM_THREADS": "1",
-                           "PYTHONPATH": str(ROOT)}
-                    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--rank", str(i),
-                            "--world", str(args.workers), "--store", f"{tmp}/store", "--result", f"{tmp}/r{i}.json",
-                            "--model", model, "--hooks", ",".join(hooks), "--batch", str(args.batch),
-                            "--steps", str(args.steps), "--warmup", str(args.warmup), "--size", args.size]
+                    env = {
+                        **os.environ,
+                        "GLOO_SOCKET_IFNAME": topo.ns_if[i],
+                        "OMP_NUM_THREADS": "1",
+                        "PYTHONPATH": str(ROOT),
+                    }
+                    argv = [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "--worker",
+                        "--rank",
+                        str(i),
+                        "--world",
+                        str(args.workers),
+                        "--store",
+                        f"{tmp}/store",
+                        "--result",
+                        f"{tmp}/r{i}.json",
+                        "--model",
+                        model,
+                        "--hooks",
+                        ",".join(hooks),
+                        "--batch",
+                        str(args.batch),
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--size",
+                        args.size,
+                    ]
                     procs.append(topo.run(i, argv, env))
                 deadline = time.monotonic() + args.timeout
                 try:
@@ -246,8 +308,15 @@ def run_rate(rate: str, args, hooks: list[str]) -> dict:
                 row["floor_ms"] = row["compute_ms"] + 1000 * wire_s
                 row["vs_floor"] = row["step_ms"] / row["floor_ms"]
                 rows.append(row)
-    return {"rate": rate, "link": args.link, "delay_ms": args.delay_ms, "measured_rate": f"{achieved:.0f}",
-            "world_size": args.workers, "size": args.size, "rows": rows}
+    return {
+        "rate": rate,
+        "link": args.link,
+        "delay_ms": args.delay_ms,
+        "measured_rate": f"{achieved:.0f}",
+        "world_size": args.workers,
+        "size": args.size,
+        "rows": rows,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -258,8 +327,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rates", default="100mbit,1gbit,unshaped", help="comma-separated; 'unshaped' = no tc")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added to every link")
-    parser.add_argument("--link", default="per-worker", choices=["per-worker", "shared"],
-                        help="each worker its own link of the rate, or all of them one link of the rate")
+    parser.add_argument(
+        "--link",
+        default="per-worker",
+        choices=["per-worker", "shared"],
+        help="each worker its own link of the rate, or all of them one link of the rate",
+    )
     parser.add_argument("--models", default="resnet18")
     parser.add_argument("--size", default="cifar", choices=["full", "cifar", "tiny"])
     parser.add_argument("--hooks", default=",".join(step_time.hooks()))
@@ -289,7 +362,11 @@ def main(argv=None) -> list[dict]:
     for rate in [r.strip() for r in args.rates.split(",") if r.strip()]:
         print(f"{rate}: {args.workers} workers, {args.models}, {len(hooks)} hooks ...", flush=True)
         result = run_rate(rate, args, hooks)
-        print(table(result["rows"], step_time.COLUMNS + [("floor_ms", "floor ms", ".1f"), ("vs_floor", "step/floor", ".2f")]))
+        print(
+            table(
+                result["rows"], step_time.COLUMNS + [("floor_ms", "floor ms", ".1f"), ("vs_floor", "step/floor", ".2f")]
+            )
+        )
         if "torch-bf16" not in hooks:
             print("(torch's bf16_compress_hook needs CUDA and NCCL: torch-bf16/hook compares with ddp_hooks' bf16)")
         path = write_json(f"emulate_{rate}" + ("_shared" if args.link == "shared" else ""), result, args.out)

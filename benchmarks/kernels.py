@@ -67,8 +67,12 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
             scales = torch.rand(m, len(blocks), device="cuda")
             out = torch.empty(n, device="cuda")
             t = _time(lambda: kernels.unpack_average(packed_rows, scales, offsets, out), repeats)
-            ref_t = _time(lambda: sum(scaled_sign_decompress(packed_rows[r], scales[r], blocks) for r in range(m)) / m,
-                          max(3, repeats // 10))
+            ref_t = _time(
+                lambda: (
+                    sum(decode(packed_rows[r], scales[r], blocks, torch.empty(n, device="cuda")) for r in range(m)) / m
+                ),
+                max(3, repeats // 10),
+            )
             rows.append(_row(f"unpack-average n={m}", n, t, ref_t, 4 + m / 8, copy_bw))
     for frac in fractions:
         n, k = topk_n, max(1, int(topk_n * frac))
@@ -78,7 +82,9 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
         copy_bw = 8 * n / _time(lambda: dst.copy_(src), repeats)
         exact = _time(lambda: (e.copy_(e0), kernels.topk_ef(p, e, k)), repeats)
         reset = _time(lambda: e.copy_(e0), repeats)
-        threshold = torch.tensor(float(torch.quantile(torch.randn(1_000_000, device="cuda").abs(), 1 - frac)), device="cuda")
+        threshold = torch.tensor(
+            float(torch.quantile(torch.randn(1_000_000, device="cuda").abs(), 1 - frac)), device="cuda"
+        )
         approx = _time(lambda: (e.copy_(e0), kernels.threshold_ef(p, e, threshold, int(1.05 * k))), repeats)
 
         def recipe():  # add, abs, topk, error-feedback scatter
@@ -96,9 +102,17 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
 
 def _row(kernel, n, seconds, ref_seconds, ideal, copy_bw, floor_bytes=None):
     eff = ideal * n / seconds
-    return {"kernel": kernel, "n": n, "us": 1e6 * seconds, "ideal_B_per_elem": ideal, "effective_GBps": eff / 1e9,
-            "of_copy": eff / copy_bw, "copy_GBps": copy_bw / 1e9, "speedup_vs_torch": ref_seconds / seconds,
-            "vs_one_pass_floor": (seconds / (floor_bytes * n / copy_bw)) if floor_bytes else None}
+    return {
+        "kernel": kernel,
+        "n": n,
+        "us": 1e6 * seconds,
+        "ideal_B_per_elem": ideal,
+        "effective_GBps": eff / 1e9,
+        "of_copy": eff / copy_bw,
+        "copy_GBps": copy_bw / 1e9,
+        "speedup_vs_torch": ref_seconds / seconds,
+        "vs_one_pass_floor": (seconds / (floor_bytes * n / copy_bw)) if floor_bytes else None,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -112,11 +126,26 @@ def main(argv=None) -> list[dict]:
     if not torch.cuda.is_available() or kernels.load() is None:
         print(f"benchmarks/kernels.py needs a CUDA GPU and the built extension ({kernels.status()}); nothing measured")
         return []
-    rows = run([int(s) for s in args.sizes.split(",")], args.repeats, args.topk_n,
-               [float(f) for f in args.fractions.split(",")])
-    print(table(rows, [("kernel", "kernel", ""), ("n", "n", ",d"), ("us", "us", ".1f"),
-                       ("effective_GBps", "GB/s", ".0f"), ("of_copy", "of copy", ".0%"),
-                       ("speedup_vs_torch", "vs torch", ".1f"), ("vs_one_pass_floor", "vs 1-pass floor", ".2f")]))
+    rows = run(
+        [int(s) for s in args.sizes.split(",")],
+        args.repeats,
+        args.topk_n,
+        [float(f) for f in args.fractions.split(",")],
+    )
+    print(
+        table(
+            rows,
+            [
+                ("kernel", "kernel", ""),
+                ("n", "n", ",d"),
+                ("us", "us", ".1f"),
+                ("effective_GBps", "GB/s", ".0f"),
+                ("of_copy", "of copy", ".0%"),
+                ("speedup_vs_torch", "vs torch", ".1f"),
+                ("vs_one_pass_floor", "vs 1-pass floor", ".2f"),
+            ],
+        )
+    )
     path = write_json("kernels_cuda", {"rows": rows}, args.out)
     print(f"\nwrote {path}")
     return rows

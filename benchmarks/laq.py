@@ -70,10 +70,16 @@ def _run(rank, world, settings, iterations, alpha, bits, eval_every):
             with torch.no_grad():
                 acc = (model(x_test).argmax(1) == y_test).float().mean().item()
                 train_loss = _loss(model, x_train, y_train).item()
-            points.append({"iteration": k, "accuracy": acc, "train_loss": train_loss,
-                           "uploads": stats["uploads_all_ranks"],
-                           "paper_bits": stats["uploads_all_ranks"] * state.upload_bits(numel),
-                           "wire_bytes": stats["total"]["wire_bytes"]})
+            points.append(
+                {
+                    "iteration": k,
+                    "accuracy": acc,
+                    "train_loss": train_loss,
+                    "uploads": stats["uploads_all_ranks"],
+                    "paper_bits": stats["uploads_all_ranks"] * state.upload_bits(numel),
+                    "wire_bytes": stats["total"]["wire_bytes"],
+                }
+            )
     return points
 
 
@@ -90,32 +96,60 @@ def main(argv=None) -> list[dict]:
     runs = {}
     for name, settings in METHODS.items():
         print(f"{name} ...", flush=True)
-        results = run_world(_run, args.workers, settings, args.iterations, args.alpha, args.bits,
-                            args.eval_every, timeout=3600)
+        results = run_world(
+            _run, args.workers, settings, args.iterations, args.alpha, args.bits, args.eval_every, timeout=3600
+        )
         runs[name] = results[0]
     target = args.target if args.target is not None else runs["GD"][-1]["accuracy"]
     rows = []
     for name, points in runs.items():
         hit = next((p for p in points if p["accuracy"] >= target), None)
         last = points[-1]
-        rows.append({
-            "method": name,
-            "iterations": hit["iteration"] if hit else None,
-            "uploads": hit["uploads"] if hit else None,
-            "bits": hit["paper_bits"] if hit else None,
-            "final_accuracy": last["accuracy"], "final_loss": last["train_loss"],
-            "total_uploads": last["uploads"], "total_bits": last["paper_bits"],
-            "wire_bytes_per_worker": last["wire_bytes"],
-        })
-    print(f"\n{args.workers} workers, softmax regression on digits, alpha {args.alpha}, b {args.bits}, "
-          f"{args.iterations} iterations; to target accuracy {target:.4f}\n")
-    print(table(rows, [("method", "method", ""), ("iterations", "iterations", ""), ("uploads", "communications", ""),
-                       ("bits", "bits", ".3g"), ("final_accuracy", "final acc", ".4f"),
-                       ("final_loss", "final loss", ".4f"), ("total_uploads", "all uploads", ""),
-                       ("total_bits", "all bits", ".3g")]))
-    path = write_json("laq_digits", {"workers": args.workers, "iterations": args.iterations, "alpha": args.alpha,
-                                     "bits": args.bits, "target_accuracy": target, "table": rows,
-                                     "curves": runs}, args.out)
+        rows.append(
+            {
+                "method": name,
+                "iterations": hit["iteration"] if hit else None,
+                "uploads": hit["uploads"] if hit else None,
+                "bits": hit["paper_bits"] if hit else None,
+                "final_accuracy": last["accuracy"],
+                "final_loss": last["train_loss"],
+                "total_uploads": last["uploads"],
+                "total_bits": last["paper_bits"],
+                "wire_bytes_per_worker": last["wire_bytes"],
+            }
+        )
+    print(
+        f"\n{args.workers} workers, softmax regression on digits, alpha {args.alpha}, b {args.bits}, "
+        f"{args.iterations} iterations; to target accuracy {target:.4f}\n"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("method", "method", ""),
+                ("iterations", "iterations", ""),
+                ("uploads", "communications", ""),
+                ("bits", "bits", ".3g"),
+                ("final_accuracy", "final acc", ".4f"),
+                ("final_loss", "final loss", ".4f"),
+                ("total_uploads", "all uploads", ""),
+                ("total_bits", "all bits", ".3g"),
+            ],
+        )
+    )
+    path = write_json(
+        "laq_digits",
+        {
+            "workers": args.workers,
+            "iterations": args.iterations,
+            "alpha": args.alpha,
+            "bits": args.bits,
+            "target_accuracy": target,
+            "table": rows,
+            "curves": runs,
+        },
+        args.out,
+    )
     print(f"\nwrote {path}")
     return rows
 

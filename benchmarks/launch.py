@@ -41,4 +41,11 @@ def run(fn, workers: int, *args, timeout: float = 3600.0):
         dist.all_gather_object(gathered, result)
         return gathered if rank == 0 else None
     use_nccl = torch.cuda.is_available() and torch.cuda.device_count() >= workers
-    return run_world(fn, workers, *args, backend="nccl" if use_nccl else "gloo", timeout=timeout, threads=max(1, (os.cpu_count() or 2) // workers))
+    return run_world(
+        fn,
+        workers,
+        *args,
+        backend="nccl" if use_nccl else "gloo",
+        timeout=timeout,
+        threads=max(1, (os.cpu_count() or 2) // workers),
+    )

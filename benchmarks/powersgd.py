@@ -115,11 +115,17 @@ def main(argv=None) -> None:
     parser.add_argument("--models", default="resnet50,gpt")
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank (default 4)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch's hook compresses from step 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (torch's hook compresses from step 2)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="local workers when not under torchrun")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="measure every configuration this many times and keep the fastest median "
-                             "(shared machines drift between configurations)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="measure every configuration this many times and keep the fastest median "
+        "(shared machines drift between configurations)",
+    )
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
 
@@ -154,16 +160,32 @@ def main(argv=None) -> None:
     if not rows:
         return
     print(f"\nworld size {world}, rank {args.rank}; hook ms = backward with hook - backward with a no-op hook\n")
-    print(table(rows, [("model", "model", ""), ("config", "config", ""), ("backward_ms", "backward ms", ".1f"),
-                       ("hook_ms", "hook ms", ".1f"), ("speedup_vs_torch_default", "vs torch default", ".2f"),
-                       ("speedup_vs_torch_batched", "vs torch batched", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("model", "model", ""),
+                ("config", "config", ""),
+                ("backward_ms", "backward ms", ".1f"),
+                ("hook_ms", "hook ms", ".1f"),
+                ("speedup_vs_torch_default", "vs torch default", ".2f"),
+                ("speedup_vs_torch_batched", "vs torch batched", ".2f"),
+            ],
+        )
+    )
     print("\northogonalization of all P's of a model (ms, median)\n")
     print(table(orth_rows, [("model", "model", "")] + [(f"{m}_ms", m, ".2f") for m in METHODS]))
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     path = write_json(
         f"powersgd_{device_kind}",
-        {"world_size": world, "rank": args.rank, "steps": args.steps, "rounds": args.rounds, "hooks": rows,
-         "orthogonalization": orth_rows},
+        {
+            "world_size": world,
+            "rank": args.rank,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "hooks": rows,
+            "orthogonalization": orth_rows,
+        },
         args.out,
     )
     print(f"\nwrote {path}")

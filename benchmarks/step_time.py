@@ -85,8 +85,11 @@ def _measure(rank, world, model_name, names, batch, steps, warmup, size, lr):
         model, x, y = model.to(dev), x.to(dev), y.to(dev)
         model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         one_bucket = name == "torch-powersgd" and gloo
-        ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                  bucket_cap_mb=model_mb + 1 if one_bucket else 25)
+        ddp = DDP(
+            model,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            bucket_cap_mb=model_mb + 1 if one_bucket else 25,
+        )
         state = None
         if name == "compute-only":
             opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
@@ -112,8 +115,9 @@ def _measure(rank, world, model_name, names, batch, steps, warmup, size, lr):
         shapes = [tuple(p.shape) for p in model.parameters()]
         out[name] = {
             "times": times[warmup:],
-            "wire_bytes": (delta["wire_bytes"] if delta else
-                           torch_wire_bytes(name, shapes, world) if name in TORCH_HOOKS else 0.0),
+            "wire_bytes": (
+                delta["wire_bytes"] if delta else torch_wire_bytes(name, shapes, world) if name in TORCH_HOOKS else 0.0
+            ),
             "codec_s": delta["compress_s"] + delta["decompress_s"] if delta else None,
             "one_bucket": one_bucket,
             "params": sum(p.numel() for p in model.parameters()),
@@ -130,22 +134,36 @@ def summarize(model_name: str, results: list[dict]) -> list[dict]:
     rows = []
     for n in names[1:]:
         wire = results[0][n]["wire_bytes"]
-        rows.append({
-            "model": model_name, "hook": n, "step_ms": 1000 * step[n], "compute_ms": 1000 * compute,
-            "vs_fp32": step["fp32"] / step[n] if "fp32" in step else None,
-            # without CUDA torch's bf16 hook cannot run: ours, the same algorithm, stands in
-            "vs_torch_bf16": step.get("torch-bf16", step.get("bf16", float("nan"))) / step[n],
-            "vs_torch_powersgd": step.get("torch-powersgd", float("nan")) / step[n],
-            "wire_mb": wire / 2**20, "codec_ms": 1000 * results[0][n]["codec_s"] if results[0][n]["codec_s"] else None,
-            "one_bucket": results[0][n]["one_bucket"], "params": results[0][n]["params"],
-        })
+        rows.append(
+            {
+                "model": model_name,
+                "hook": n,
+                "step_ms": 1000 * step[n],
+                "compute_ms": 1000 * compute,
+                "vs_fp32": step["fp32"] / step[n] if "fp32" in step else None,
+                # without CUDA torch's bf16 hook cannot run: ours, the same algorithm, stands in
+                "vs_torch_bf16": step.get("torch-bf16", step.get("bf16", float("nan"))) / step[n],
+                "vs_torch_powersgd": step.get("torch-powersgd", float("nan")) / step[n],
+                "wire_mb": wire / 2**20,
+                "codec_ms": 1000 * results[0][n]["codec_s"] if results[0][n]["codec_s"] else None,
+                "one_bucket": results[0][n]["one_bucket"],
+                "params": results[0][n]["params"],
+            }
+        )
     return rows
 
 
-COLUMNS = [("model", "model", ""), ("hook", "hook", ""), ("step_ms", "step ms", ".1f"),
-           ("compute_ms", "compute ms", ".1f"), ("vs_fp32", "fp32/hook", ".2f"),
-           ("vs_torch_bf16", "torch-bf16/hook", ".2f"), ("vs_torch_powersgd", "torch-psgd/hook", ".2f"),
-           ("wire_mb", "wire MB/step", ".3f"), ("codec_ms", "codec ms", ".1f")]
+COLUMNS = [
+    ("model", "model", ""),
+    ("hook", "hook", ""),
+    ("step_ms", "step ms", ".1f"),
+    ("compute_ms", "compute ms", ".1f"),
+    ("vs_fp32", "fp32/hook", ".2f"),
+    ("vs_torch_bf16", "torch-bf16/hook", ".2f"),
+    ("vs_torch_powersgd", "torch-psgd/hook", ".2f"),
+    ("wire_mb", "wire MB/step", ".3f"),
+    ("codec_ms", "codec ms", ".1f"),
+]
 
 
 def main(argv=None) -> list[dict]:
@@ -155,8 +173,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=16, help="per-worker batch")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--size", default="full", choices=["full", "cifar", "tiny"],
-                        help="cifar: ResNets on 32x32 input; tiny: small models, for tests")
+    parser.add_argument(
+        "--size",
+        default="full",
+        choices=["full", "cifar", "tiny"],
+        help="cifar: ResNets on 32x32 input; tiny: small models, for tests",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--workers", type=int, default=2, help="local workers when not under torchrun")
     parser.add_argument("--name", default=None, help="results file name (default step_time_<backend>)")
@@ -169,23 +191,31 @@ def main(argv=None) -> list[dict]:
     rows = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         print(f"{model_name}: {', '.join(names)} ...", flush=True)
-        results = launch.run(_measure, args.workers, model_name, names, args.batch, args.steps, args.warmup,
-                             args.size, args.lr)
+        results = launch.run(
+            _measure, args.workers, model_name, names, args.batch, args.steps, args.warmup, args.size, args.lr
+        )
         if results is None:
             return []
         rows += summarize(model_name, results)
         world = len(results)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    print(f"\n{backend}, world size {world}, batch {args.batch}/worker; step = forward + backward + optimizer step "
-          "(median, slowest rank); compute = the same under no_sync\n")
+    print(
+        f"\n{backend}, world size {world}, batch {args.batch}/worker; step = forward + backward + optimizer step "
+        "(median, slowest rank); compute = the same under no_sync\n"
+    )
     print(table(rows, COLUMNS))
     if backend == "gloo" and "torch-powersgd" in names:
         print("\ntorch-powersgd ran with one bucket holding the model: with several buckets under gloo it aborts.")
     if "torch-bf16" not in names:
-        print("torch's bf16_compress_hook needs CUDA and NCCL: the torch-bf16 column compares with ddp_hooks' bf16 "
-              "(the same algorithm).")
-    path = write_json(args.name or f"step_time_{backend}",
-                      {"backend": backend, "world_size": world, "batch": args.batch, "rows": rows}, args.out)
+        print(
+            "torch's bf16_compress_hook needs CUDA and NCCL: the torch-bf16 column compares with ddp_hooks' bf16 "
+            "(the same algorithm)."
+        )
+    path = write_json(
+        args.name or f"step_time_{backend}",
+        {"backend": backend, "world_size": world, "batch": args.batch, "rows": rows},
+        args.out,
+    )
     print(f"\nwrote {path}")
     return rows
 

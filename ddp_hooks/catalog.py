@@ -1,14 +1,14 @@
-"""The hooks by name, with the settings the demo and the benchmarks run them at.
+"""The hooks by name, with the settings the demo, the benchmarks and the client tests run them at.
 
-Each entry builds, for a DDP model and a learning rate, the optimizer to step and the state
-whose ``stats()`` to read. Algorithms that apply momentum inside the hook get a plain SGD
-optimizer, LAQ too (its rule assumes plain gradient steps); the others get SGD with momentum
-0.9.
+Each entry says how to build its state (before or after the process group exists) and the
+optimizer it is meant to run with: algorithms that apply momentum inside the hook get plain
+SGD, LAQ too (its rule assumes plain gradient steps); the others get SGD with momentum 0.9.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,65 +22,64 @@ class Setup:
 
     optimizer: torch.optim.Optimizer
     state: HookState
-    evaluation: Callable[[], object] = field(default=nullcontext)
+    evaluation: Callable[[], Any] = field(default=nullcontext)
+
+
+def _sgdm(params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def _sgd(params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr)
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
     summary: str
-    build: Callable[[torch.nn.Module, float], Setup]
+    state: Callable[[], HookState]
+    optimizer: Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer] = _sgdm
+    lr_scale: float = 1.0
 
-
-def _sgdm(ddp, lr):
-    return torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
-
-
-def _sgd(ddp, lr):
-    return torch.optim.SGD(ddp.parameters(), lr=lr)
-
-
-def _ef_sgdm(ddp, lr):
-    opt = _sgd(ddp, lr)  # momentum lives in the hook
-    return Setup(opt, alg.EFSignSGDM(momentum=0.9).register(ddp, opt))
-
-
-def _cser(ddp, lr):
-    opt = _sgdm(ddp, lr)
-    state = alg.CSER(grad_ratio=64, model_ratio=4, period=16).register(ddp, opt)
-    return Setup(opt, state, state.averaged)
-
-
-def _qsparse(ddp, lr):
-    opt = _sgdm(ddp, lr)
-    return Setup(opt, alg.QsparseLocalSGD("signtopk", k=0.01, period=4).register(ddp, opt))
-
-
-def _laq(ddp, lr):
-    # minibatch gradients: SLAQ's threshold; plain SGD as in the paper (stale gradients and
-    # momentum do not mix well)
-    opt = _sgd(ddp, 2 * lr)
-    return Setup(opt, alg.LAQ.slaq(bits=4).register(ddp, opt))
-
-
-def _simple(state_cls, **kwargs):
-    def build(ddp, lr):
-        return Setup(_sgdm(ddp, lr), state_cls(**kwargs).register(ddp))
-
-    return build
+    def build(self, ddp: torch.nn.Module, lr: float) -> Setup:
+        """The state registered on ``ddp`` with its optimizer at ``lr`` (times ``lr_scale``)."""
+        opt = self.optimizer(ddp.parameters(), lr * self.lr_scale)
+        state = self.state().register(ddp, opt)
+        evaluation = getattr(state, "averaged", nullcontext)
+        return Setup(opt, state, evaluation)
 
 
 ENTRIES: dict[str, Entry] = {
     e.name: e
     for e in [
-        Entry("fp32", "exact fp32 all-reduce (DDP's default)", _simple(alg.AllReduce)),
-        Entry("fp16", "fp16 all-reduce", _simple(alg.FP16Compress)),
-        Entry("bf16", "bf16 all-reduce", _simple(alg.BF16Compress)),
-        Entry("ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", _ef_sgdm),
-        Entry("cser", "CSER: GRBS 1/64 gradient sync + 1/4 error reset every 16 steps (RC 32)", _cser),
-        Entry("qsparse", "Qsparse-local-SGD: SignTopK 1% per tensor, sync every 4 steps", _qsparse),
-        Entry("laq", "SLAQ: 4-bit innovations, uploads skipped while small", _laq),
-        Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", _simple(alg.PowerSGD, rank=4)),
+        Entry("fp32", "exact fp32 all-reduce (DDP's default)", alg.AllReduce),
+        Entry("fp16", "fp16 all-reduce", alg.FP16Compress),
+        Entry("bf16", "bf16 all-reduce", alg.BF16Compress),
+        Entry(
+            "ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", lambda: alg.EFSignSGDM(momentum=0.9), _sgd
+        ),
+        Entry(
+            "cser",
+            "CSER: GRBS 1/64 gradient sync + 1/4 error reset every 16 steps (RC 32)",
+            lambda: alg.CSER(grad_ratio=64, model_ratio=4, period=16),
+        ),
+        Entry(
+            "qsparse",
+            "Qsparse-local-SGD: SignTopK 1% per tensor, sync every 4 steps",
+            lambda: alg.QsparseLocalSGD("signtopk", k=0.01, period=4),
+        ),
+        # minibatch gradients: SLAQ's threshold, and an upload forced after 10 silent rounds (a
+        # minibatch gradient 100 rounds old, the paper's bound for full gradients, can stall a
+        # run); plain SGD as in the paper (stale gradients and momentum do not mix well), at twice
+        # the learning rate
+        Entry(
+            "laq",
+            "SLAQ: 4-bit innovations, uploads skipped while small (at most 10 rounds)",
+            lambda: alg.LAQ.slaq(bits=4, max_staleness=10),
+            _sgd,
+            lr_scale=2.0,
+        ),
+        Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", lambda: alg.PowerSGD(rank=4)),
     ]
 }
 

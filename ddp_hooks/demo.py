@@ -93,7 +93,7 @@ def run(hooks, workers: int, steps: int, batch: int, lr: float, seed: int, verbo
                 "accuracy": acc,
                 "bytes_per_step": total["wire_bytes"] / max(1, total["steps"]),
                 "ratio": total["ratio"],
-                "step_ms": 1000 * statistics.median(times[min(5, len(times) - 1):]),
+                "step_ms": 1000 * statistics.median(times[min(5, len(times) - 1) :]),
                 "seconds": time.perf_counter() - t0,
             }
         )

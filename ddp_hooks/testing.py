@@ -79,8 +79,9 @@ def _worker(spec: _Spec, rank: int, results: Any) -> None:
         if spec.simulate_failed_start and rank == spec.size - 1:
             raise RuntimeError("Gloo connectFullMesh failed (simulated)")
         store = dist.FileStore(spec.store, spec.size)
-        dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.size,
-                                timeout=timedelta(seconds=spec.timeout))
+        dist.init_process_group(
+            spec.backend, store=store, rank=rank, world_size=spec.size, timeout=timedelta(seconds=spec.timeout)
+        )
     except BaseException:  # noqa: BLE001 - reported to the parent, which starts a new world
         results.put((rank, "init", traceback.format_exc()))
         return
@@ -114,8 +115,17 @@ def run_world(
     if world_size < 1:
         raise ValueError(f"world_size must be an integer in [1, inf), got {world_size}")
     for attempt in range(_INIT_ATTEMPTS):
-        spec = _Spec(fn, world_size, args, kwargs, "", timeout, threads, backend,
-                     simulate_failed_start=attempt < _FAILED_STARTS_TO_SIMULATE[0])
+        spec = _Spec(
+            fn,
+            world_size,
+            args,
+            kwargs,
+            "",
+            timeout,
+            threads,
+            backend,
+            simulate_failed_start=attempt < _FAILED_STARTS_TO_SIMULATE[0],
+        )
         try:
             return _World(spec).run()
         except _InitFailed as exc:

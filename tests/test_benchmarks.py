@@ -23,10 +23,29 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_step_time_tiny(tmp_path, capsys):
-    rows = step_time.main(["--models", "resnet18,gpt", "--size", "tiny", "--hooks", "fp32,ef-sgdm,torch-powersgd",
-                           "--steps", "2", "--warmup", "2", "--batch", "2", "--workers", "2", "--out", str(tmp_path)])
+    rows = step_time.main(
+        [
+            "--models",
+            "resnet18,gpt",
+            "--size",
+            "tiny",
+            "--hooks",
+            "fp32,ef-sgdm,torch-powersgd",
+            "--steps",
+            "2",
+            "--warmup",
+            "2",
+            "--batch",
+            "2",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert {(r["model"], r["hook"]) for r in rows} == {
-        (m, h) for m in ("resnet18", "gpt") for h in ("fp32", "ef-sgdm", "torch-powersgd")}
+        (m, h) for m in ("resnet18", "gpt") for h in ("fp32", "ef-sgdm", "torch-powersgd")
+    }
     fp32 = next(r for r in rows if r["hook"] == "fp32" and r["model"] == "resnet18")
     ef = next(r for r in rows if r["hook"] == "ef-sgdm" and r["model"] == "resnet18")
     assert ef["wire_mb"] < fp32["wire_mb"] / 10  # 1 bit instead of 32, both ways
@@ -36,8 +55,22 @@ def test_step_time_tiny(tmp_path, capsys):
 
 
 def test_convergence_tiny(tmp_path):
-    runs = convergence.main(["--suite", "qsparse", "--only", "SGD,SignTopK H=4", "--steps", "20", "--eval-every", "10",
-                             "--workers", "2", "--out", str(tmp_path)])
+    runs = convergence.main(
+        [
+            "--suite",
+            "qsparse",
+            "--only",
+            "SGD,SignTopK H=4",
+            "--steps",
+            "20",
+            "--eval-every",
+            "10",
+            "--workers",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert [r["label"] for r in runs] == ["SGD", "SignTopK H=4"]
     assert runs[1]["wire_bytes"] < runs[0]["wire_bytes"] / 50
     assert all(0 <= p["accuracy"] <= 1 for r in runs for p in r["points"])
@@ -87,8 +120,9 @@ def test_kernels_benchmark_says_what_it_needs(capsys):
 def test_advisor_prefers_compression_on_slow_links_and_not_on_fast_ones():
     shapes = [(1024, 1024)] * 11
     slow = advisor.predict(shapes, 4, 0.4, advisor.parse_rate("100mbit"), 0.0)
-    fast = advisor.predict(shapes, 4, 0.4, advisor.parse_rate("400gbit"), 0.0,
-                           overhead_s={h: 0.05 for h in advisor.hooks() if h != "fp32"})
+    fast = advisor.predict(
+        shapes, 4, 0.4, advisor.parse_rate("400gbit"), 0.0, overhead_s={h: 0.05 for h in advisor.hooks() if h != "fp32"}
+    )
     assert slow[0].hook != "fp32" and "Use" in advisor.advise(slow)
     assert fast[0].hook == "fp32" and "No hook pays off" in advisor.advise(fast)
     by = {p.hook: p for p in slow}
@@ -99,9 +133,16 @@ def test_advisor_prefers_compression_on_slow_links_and_not_on_fast_ones():
 
 def test_advisor_validates_against_emulation_results(tmp_path):
     def result(rate, measured, fp32_ms, bf16_ms):
-        return {"rate": rate, "measured_rate": measured, "world_size": 2, "size": "tiny",
-                "rows": [{"model": "resnet18", "hook": "fp32", "step_ms": fp32_ms, "compute_ms": 100.0},
-                         {"model": "resnet18", "hook": "bf16", "step_ms": bf16_ms, "compute_ms": 100.0}]}
+        return {
+            "rate": rate,
+            "measured_rate": measured,
+            "world_size": 2,
+            "size": "tiny",
+            "rows": [
+                {"model": "resnet18", "hook": "fp32", "step_ms": fp32_ms, "compute_ms": 100.0},
+                {"model": "resnet18", "hook": "bf16", "step_ms": bf16_ms, "compute_ms": 100.0},
+            ],
+        }
 
     (tmp_path / "a.json").write_text(json.dumps(result("unshaped", "1e10", 101.0, 102.0)))
     (tmp_path / "b.json").write_text(json.dumps(result("100mbit", "1e8", 350.0, 230.0)))
@@ -120,9 +161,28 @@ def test_emulate_tiny(tmp_path):
     why = emulate.check_privileges()
     if why:
         pytest.skip(why)
-    results = emulate.main(["--workers", "2", "--rates", "100mbit", "--models", "resnet18", "--size", "tiny",
-                            "--hooks", "fp32,qsparse", "--steps", "1", "--warmup", "1", "--batch", "2",
-                            "--out", str(tmp_path)])
+    results = emulate.main(
+        [
+            "--workers",
+            "2",
+            "--rates",
+            "100mbit",
+            "--models",
+            "resnet18",
+            "--size",
+            "tiny",
+            "--hooks",
+            "fp32,qsparse",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--batch",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     (result,) = results
     assert 60e6 < float(result["measured_rate"]) < 140e6  # the shaping took effect
     assert {r["hook"] for r in result["rows"]} == {"fp32", "qsparse"}
@@ -156,8 +216,10 @@ def test_emulate_links_are_per_worker_or_shared():
 
 
 def test_emulate_refuses_clearly_without_root():
-    code = ("import os, sys; sys.path.insert(0, %r); os.geteuid = lambda: 1000\n"
-            "from benchmarks import emulate; emulate.main(['--rates', 'unshaped'])") % str(ROOT)
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); os.geteuid = lambda: 1000\n"
+        "from benchmarks import emulate; emulate.main(['--rates', 'unshaped'])"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2
     assert "needs root" in done.stderr

@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
+from models import batches, params_of
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_hooks import catalog
 from ddp_hooks.testing import run_world
-
-from models import batches, params_of
 
 RESUMES_EXACTLY = list(catalog.ENTRIES)
 

@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
+from models import Reordered, batches, params_of, train_steps, value_errors
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
 from ddp_hooks.core import HookState
 from ddp_hooks.testing import run_world
-
-from models import Reordered, batches, params_of, train_steps, value_errors
 
 
 # ---------------------------------------------------------------- warm-up is exact DDP
@@ -96,7 +95,11 @@ def test_memory_survives_bucket_rebuild(world):
 
 def test_memory_flat_views_share_storage_and_relayout():
     mem = dh.core.ParameterMemory()
-    a, b, c = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))
+    a, b, c = (
+        torch.nn.Parameter(torch.zeros(3)),
+        torch.nn.Parameter(torch.zeros(2, 2)),
+        torch.nn.Parameter(torch.zeros(1)),
+    )
     flat = mem.flat("e", [a, b])
     flat.copy_(torch.arange(7.0))
     assert torch.equal(mem.get("e", b).view(-1), torch.tensor([3.0, 4, 5, 6]))
@@ -188,4 +191,4 @@ def test_bad_constructor_arguments_raise_value_error_naming_them():
 def test_state_is_built_before_the_process_group_and_binds_at_first_use():
     state = dh.PowerSGD(rank=2, warmup_steps=3)  # no process group yet: fine
     with pytest.raises(RuntimeError, match="init_process_group"):
-        state.world_size
+        _ = state.world_size

@@ -3,6 +3,7 @@ topologies, momentum 0, non-finite gradients, optimizer checks, 16-bit buckets, 
 
 import pytest
 import torch
+from models import value_errors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -12,8 +13,6 @@ from ddp_hooks.algorithms.ef_shards import ShardPlan, server_pieces
 from ddp_hooks.compress.bits import pack_signs, unpack_signs
 from ddp_hooks.compress.scaled_sign import block_scales, block_sizes, decode, ranges, sign_residual
 from ddp_hooks.testing import run_world
-
-from models import value_errors
 
 
 # ---------------------------------------------------------------- compressor
@@ -65,8 +64,19 @@ def test_shard_plan_pieces_cover_the_bucket(n):
     assert all(b - a <= plan.width for a, b in zip(plan.bounds, plan.bounds[1:]))
     # pieces: each tensor (one worker block) cut every 8 elements from its start, whatever the shards
     pieces = server_pieces(_ranges(numels), piece)
-    assert pieces == [(0, 5), (5, 13), (13, 21), (21, 29), (29, 35), (35, 36), (36, 44), (44, 52), (52, 53),
-                      (53, 61), (61, 62)]
+    assert pieces == [
+        (0, 5),
+        (5, 13),
+        (13, 21),
+        (21, 29),
+        (29, 35),
+        (35, 36),
+        (36, 44),
+        (44, 52),
+        (52, 53),
+        (53, 61),
+        (61, 62),
+    ]
     got = [(a + plan.bounds[j], b + plan.bounds[j]) for j in range(n) for a, b in plan.pieces[j]]
     assert got == pieces
     x = torch.randn(sum(numels))

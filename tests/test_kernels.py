@@ -28,9 +28,19 @@ def _torch_build_flags(tmp_path, sources, with_cuda):
 
     write = cpp_extension._write_ninja_file_to_build_library
     src = kernels.source_dir()
-    kwargs = {"path": str(tmp_path / "build.ninja"), "name": "ddp_hooks_kernels", "sources": sources,
-              "extra_cflags": ["-O0"], "extra_cuda_cflags": ["-O3"], "extra_sycl_cflags": [], "extra_ldflags": [],
-              "extra_include_paths": [str(src)], "with_cuda": with_cuda, "with_sycl": False, "is_standalone": False}
+    kwargs = {
+        "path": str(tmp_path / "build.ninja"),
+        "name": "ddp_hooks_kernels",
+        "sources": sources,
+        "extra_cflags": ["-O0"],
+        "extra_cuda_cflags": ["-O3"],
+        "extra_sycl_cflags": [],
+        "extra_ldflags": [],
+        "extra_include_paths": [str(src)],
+        "with_cuda": with_cuda,
+        "with_sycl": False,
+        "is_standalone": False,
+    }
     write(**{k: v for k, v in kwargs.items() if k in inspect.signature(write).parameters})
     lines = (tmp_path / "build.ninja").read_text().splitlines()
 
@@ -50,9 +60,20 @@ def test_kernels_compile_with_nvcc_for_sm90_and_ptx(source, tmp_path, monkeypatc
     _, cuda_flags = _torch_build_flags(tmp_path, [str(src / source)], with_cuda=True)
     std = [f for f in cuda_flags if f.startswith("-std=")]
     done = subprocess.run(
-        ["nvcc", "-c", str(src / source), "-o", str(tmp_path / "k.o"), "-O3", *std, f"-I{src}",
-         "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"],
-        capture_output=True, text=True,
+        [
+            "nvcc",
+            "-c",
+            str(src / source),
+            "-o",
+            str(tmp_path / "k.o"),
+            "-O3",
+            *std,
+            f"-I{src}",
+            "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "k.o").stat().st_size > 0
@@ -63,8 +84,9 @@ def test_bindings_compile_against_torch_headers_with_torch_flags(tmp_path):
     src = kernels.source_dir()
     cflags, _ = _torch_build_flags(tmp_path, [str(src / "bindings.cpp")], with_cuda=False)
     assert any(f.startswith("-std=") for f in cflags), cflags
-    done = subprocess.run(["g++", "-c", str(src / "bindings.cpp"), "-o", str(tmp_path / "b.o"), *cflags],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["g++", "-c", str(src / "bindings.cpp"), "-o", str(tmp_path / "b.o"), *cflags], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -93,8 +115,9 @@ def test_cpu_tensors_are_refused_with_a_clear_error():
 
 
 # ---------------------------------------------------------------- GPU: kernels vs references
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or kernels.load() is None,
-                         reason="needs a CUDA GPU and a built extension")
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or kernels.load() is None, reason="needs a CUDA GPU and a built extension"
+)
 SIZES = [1, 31, 33, 1000, 100_003]
 
 

@@ -3,6 +3,7 @@ reference over 50 iterations in both wire modes, same collectives whatever the d
 
 import pytest
 import torch
+from models import value_errors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -10,8 +11,6 @@ import ddp_hooks as dh
 from ddp_hooks._ext import cpu
 from ddp_hooks.compress.laq import pack_codes, quantize_step, unpack_codes
 from ddp_hooks.testing import run_world
-
-from models import value_errors
 
 
 # ---------------------------------------------------------------- quantizer
@@ -56,7 +55,9 @@ def test_zero_radius_gives_the_reference_back():
 
 def test_huge_gradient_keeps_the_norms_finite():
     # squares of 1e20 overflow float32: the rule's norms are float64
-    round_ = quantize_step(torch.full((64,), 1e20), torch.zeros(64), 4, q_new=torch.empty(64), innovation=torch.empty(64))
+    round_ = quantize_step(
+        torch.full((64,), 1e20), torch.zeros(64), 4, q_new=torch.empty(64), innovation=torch.empty(64)
+    )
     assert torch.isfinite(round_.error2) and torch.isfinite(round_.innovation2)
 
 

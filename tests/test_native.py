@@ -30,6 +30,7 @@ def _round(g, q_ref, bits, q_new=None, innovation=None, codes=None):
     r = quantize_step(g, q_ref, bits, q_new=q_new, innovation=innovation, codes=codes)
     return r.radius, r.error2, r.innovation2
 
+
 SIZES = [1, 7, 8, 9, 1001, native.CHUNK * 2 + 13]
 
 
@@ -44,7 +45,7 @@ def threads(request):
 def _input(n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4) * 10
-    x[:: 17] = 0.0
+    x[::17] = 0.0
     x[5::19] = -0.0
     return x
 
@@ -111,8 +112,14 @@ def test_worker_input_matches_torch_ops(momentum, nesterov, with_error, threads)
     outs = []
     for off in (False, True):
         m_out, p = torch.full_like(g, float("nan")), torch.full_like(g, float("nan"))
-        kwargs = {"mu": momentum or 0.0, "nesterov": nesterov, "error": error, "rho": 0.7, "momentum_out": m_out,
-                  "out": p}
+        kwargs = {
+            "mu": momentum or 0.0,
+            "nesterov": nesterov,
+            "error": error,
+            "rho": 0.7,
+            "momentum_out": m_out,
+            "out": p,
+        }
         with native.disabled() if off else contextlib.nullcontext():
             ef_input(g, None if momentum is None else m, **kwargs)
         outs.append((m_out, p))

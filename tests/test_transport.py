@@ -7,9 +7,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_hooks.comm import Transport
 from ddp_hooks.core import HookState
 from ddp_hooks.core.stats import Stats
-from ddp_hooks.comm import Transport
 from ddp_hooks.testing import run_world
 
 
@@ -32,9 +32,7 @@ def _collectives_world(rank, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_collectives_match_reference_and_count_bytes(world):
-    for rank, (summed, gathered, received, replies, stats) in enumerate(
-        run_world(_collectives_world, world)
-    ):
+    for rank, (summed, gathered, received, replies, stats) in enumerate(run_world(_collectives_world, world)):
         n = world
         assert torch.equal(summed, torch.arange(10.0) * sum(range(1, n + 1)))
         assert torch.equal(gathered, torch.arange(n, dtype=torch.uint8)[:, None].expand(n, 7))

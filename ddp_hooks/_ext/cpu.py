@@ -209,7 +209,15 @@ def pack_residual(x: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, r
     the sign of ``x``, in one pass; returns the packed signs."""
     n = x.numel()
     out = torch.empty(-(-n // 8), dtype=torch.uint8)
-    args = (n, x.data_ptr(), bounds.numel() - 1, bounds.data_ptr(), scales.data_ptr(), out.data_ptr(), residual.data_ptr())
+    args = (
+        n,
+        x.data_ptr(),
+        bounds.numel() - 1,
+        bounds.data_ptr(),
+        scales.data_ptr(),
+        out.data_ptr(),
+        residual.data_ptr(),
+    )
     _run("dh_pack_residual", -(-n // 8) * 8, args)
     return out
 
@@ -218,7 +226,14 @@ def sign_decode(
     packed: torch.Tensor, bounds: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, accumulate: bool = False
 ) -> torch.Tensor:
     """Within the blocks: ``out (+)= +-scale`` by the packed sign bits."""
-    args = (packed.data_ptr(), bounds.numel() - 1, bounds.data_ptr(), scales.data_ptr(), out.data_ptr(), int(accumulate))
+    args = (
+        packed.data_ptr(),
+        bounds.numel() - 1,
+        bounds.data_ptr(),
+        scales.data_ptr(),
+        out.data_ptr(),
+        int(accumulate),
+    )
     _run("dh_sign_decode", int(bounds[-1]), args)
     return out
 

@@ -57,8 +57,11 @@ def _build() -> Any:
         sources=[str(src / s) for s in SOURCES],
         extra_include_paths=[str(src)],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                           f"-gencode=arch=compute_{arch},code=compute_{arch}"],
+        extra_cuda_cflags=[
+            "-O3",
+            f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            f"-gencode=arch=compute_{arch},code=compute_{arch}",
+        ],
         verbose=os.environ.get("DDP_HOOKS_VERBOSE_BUILD") == "1",
     )
 
@@ -84,8 +87,14 @@ def _stream(t: torch.Tensor) -> int:
 ONE_PASS_MAX_BLOCK = 4096  # cuda_kernels/launchers.h: kOnePassMaxBlock
 
 
-def sign_compress_ef(p: torch.Tensor, e: torch.Tensor, rho: float, offsets: torch.Tensor, e_out: torch.Tensor,
-                     max_block: int | None = None):
+def sign_compress_ef(
+    p: torch.Tensor,
+    e: torch.Tensor,
+    rho: float,
+    offsets: torch.Tensor,
+    e_out: torch.Tensor,
+    max_block: int | None = None,
+):
     """``v = p + rho * e`` per block ``[offsets[b], offsets[b+1])``: returns (packed signs
     ``ceil(n/8)`` uint8, fp32 scales ``||v_b||_1 / d_b``) and writes ``e_out = v - C(v)``.
     ``max_block``: the longest block's length, when the caller knows it; blocks of at most

@@ -36,7 +36,7 @@ class Extension:
         with self._lock:
             if self._tried:
                 return self._module
-            reason = "{}=1".format(self.switch) if os.environ.get(self.switch) == "1" else self._why_not()
+            reason = f"{self.switch}=1" if os.environ.get(self.switch) == "1" else self._why_not()
             if reason is None:
                 try:
                     self._module = self._build()

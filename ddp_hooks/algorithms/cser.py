@@ -92,9 +92,16 @@ class CSER(LocalSteps, HookState):
         )
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "grad_ratio": self.grad_ratio, "model_ratio": self.model_ratio,
-                "period": self.period, "block_size": self.block_size, "model_compressor": self.model_compressor,
-                "levels": self.levels, "seed": self.seed}
+        return {
+            **super().config(),
+            "grad_ratio": self.grad_ratio,
+            "model_ratio": self.model_ratio,
+            "period": self.period,
+            "block_size": self.block_size,
+            "model_compressor": self.model_compressor,
+            "levels": self.levels,
+            "seed": self.seed,
+        }
 
     def on_bind(self) -> None:
         self._local.manual_seed(rank_seed(self.seed, self.rank))

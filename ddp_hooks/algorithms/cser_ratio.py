@@ -23,6 +23,13 @@ def propose(target: float, model_ratios: tuple[int, ...] = (1, 2, 4, 8, 16, 32))
     out.append({"grad_ratio": None, "model_ratio": target, "period": 1, "variant": "CSEA", "ratio": target})
     for period in (4, 8, 16, 32):
         if target / period >= 1:
-            out.append({"grad_ratio": None, "model_ratio": target / period, "period": period,
-                        "variant": "CSER-PL", "ratio": target})
+            out.append(
+                {
+                    "grad_ratio": None,
+                    "model_ratio": target / period,
+                    "period": period,
+                    "variant": "CSER-PL",
+                    "ratio": target,
+                }
+            )
     return out

@@ -90,8 +90,13 @@ class EFSignSGDM(HookState):
         self._lr_prev: dict[int, float] = {}
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "momentum": self.momentum, "nesterov": self.nesterov,
-                "block_size": self.block_size, "topology": self.topology}
+        return {
+            **super().config(),
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "block_size": self.block_size,
+            "topology": self.topology,
+        }
 
     def _build_plan(self, params: list[torch.Tensor]) -> tuple[ShardPlan, Workspace]:
         plan = ShardPlan.build([p.numel() for p in params], self.block_size, self.world_size, params[0].device)
@@ -134,7 +139,9 @@ class EFSignSGDM(HookState):
         # the same decision on every rank: every rank keeps server error for the whole bucket
         repair = self.topology == "sharded" and self.memory.needs_assembly("server_error", params)
         self.memory.flat("server_error", params)
-        r = _Round(step, bucket, plan, ws, self._rho(params), rows=buf, out=buf if buf.dtype == torch.float32 else ws.out)
+        r = _Round(
+            step, bucket, plan, ws, self._rho(params), rows=buf, out=buf if buf.dtype == torch.float32 else ws.out
+        )
         with self.time(step, "compress", buf.device):
             r.rows = self._worker(r)
         self.count_bits(step, plan.numel + 32 * len(plan.blocks))
@@ -144,8 +151,9 @@ class EFSignSGDM(HookState):
         received = self.transport.all_to_all(r.rows, step)
         if repair:
             received = self._repair(r, received)
-        replies = self.transport.then(received, 1, lambda rows: self.transport.all_gather(
-            self._serve(r, self.rank, rows), step, stage=1))
+        replies = self.transport.then(
+            received, 1, lambda rows: self.transport.all_gather(self._serve(r, self.rank, rows), step, stage=1)
+        )
         return chain(replies, lambda replies: self._finish(r, replies))
 
     def _worker(self, r: _Round) -> torch.Tensor:
@@ -155,8 +163,16 @@ class EFSignSGDM(HookState):
         g = r.bucket.buffer if r.bucket.buffer.dtype == torch.float32 else r.bucket.buffer.float()
         momentum = self.memory.flat("momentum", params) if self.momentum > 0 else None
         error = self.memory.flat("error", params)
-        p = ef_input(g, momentum, mu=self.momentum, nesterov=self.nesterov, error=error, rho=r.rho,
-                     momentum_out=ws.momentum, out=ws.p)
+        p = ef_input(
+            g,
+            momentum,
+            mu=self.momentum,
+            nesterov=self.nesterov,
+            error=error,
+            rho=r.rho,
+            momentum_out=ws.momentum,
+            out=ws.p,
+        )
         bad = nonfinite(g)
         scales = sign.block_scales(p, plan.blocks) if plan.blocks else p.new_zeros(0)
         piece_scales = plan.piece_scales(scales)
@@ -164,7 +180,11 @@ class EFSignSGDM(HookState):
         for j in range(plan.n):
             s = plan.shard(j)
             pieces = plan.pieces[j]
-            packed = sign.sign_residual(p[s], pieces, piece_scales[j], ws.local[s]) if pieces else p.new_zeros(0, dtype=torch.uint8)
+            packed = (
+                sign.sign_residual(p[s], pieces, piece_scales[j], ws.local[s])
+                if pieces
+                else p.new_zeros(0, dtype=torch.uint8)
+            )
             rows.append(plan.message.pack(packed, piece_scales[j], bad))
         return torch.stack(rows)
 

@@ -36,8 +36,7 @@ import torch
 from torch.futures import Future
 
 from ..comm import done
-from ..compress.laq import UploadMessage, apply_codes, quantize_step
-from ..compress.laq import Quantized
+from ..compress.laq import Quantized, UploadMessage, apply_codes, quantize_step
 from ..core import Bucket, Held, HookState, check_bool, check_choice, check_float, check_int, nonfinite, poison
 from .laq_state import LAQMemory
 
@@ -108,9 +107,18 @@ class LAQ(HookState):
         self._params: list[torch.Tensor] | None = None
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "bits": self.bits, "memory_depth": self.memory_depth, "xi": self.xi,
-                "max_staleness": self.max_staleness, "quantize": self.quantize, "skip": self.skip,
-                "error_weight": self.error_weight, "threshold_offset": self.threshold_offset, "wire": self.wire}
+        return {
+            **super().config(),
+            "bits": self.bits,
+            "memory_depth": self.memory_depth,
+            "xi": self.xi,
+            "max_staleness": self.max_staleness,
+            "quantize": self.quantize,
+            "skip": self.skip,
+            "error_weight": self.error_weight,
+            "threshold_offset": self.threshold_offset,
+            "wire": self.wire,
+        }
 
     @classmethod
     def lag(cls, **kwargs: Any) -> "LAQ":
@@ -155,9 +163,13 @@ class LAQ(HookState):
         params = [p for h in held for p in h.params]
         if self._params is None or [id(p) for p in params] != [id(p) for p in self._params]:
             if self.memory.missing("theta_prev", params):
-                self.memory.flat("theta_prev", params).copy_(torch.cat([p.detach().reshape(-1).float() for p in params]))
+                self.memory.flat("theta_prev", params).copy_(
+                    torch.cat([p.detach().reshape(-1).float() for p in params])
+                )
             self._params = params
-        ws = self.rule.workspace(sum(p.numel() for p in params), params[0].device, self.wire == "uploads" and self.quantize)
+        ws = self.rule.workspace(
+            sum(p.numel() for p in params), params[0].device, self.wire == "uploads" and self.quantize
+        )
         torch.cat([h.buffer.float() if h.buffer.dtype != torch.float32 else h.buffer for h in held], out=ws["g"])
         q_ref = self.memory.flat("q_ref", params)
         aggregate = self.memory.flat("aggregate", params)
@@ -192,18 +204,26 @@ class LAQ(HookState):
             ws["q_new"].copy_(g)
             torch.sub(g, q_ref, out=ws["innovation"])
             quantized = None
-        error2 = quantized.error2.to(g.device) if quantized is not None else torch.zeros((), dtype=torch.float64,
-                                                                                          device=g.device)
+        error2 = (
+            quantized.error2.to(g.device)
+            if quantized is not None
+            else torch.zeros((), dtype=torch.float64, device=g.device)
+        )
         if not self.skip:
             return _Decision(bad, torch.ones((), dtype=torch.bool, device=g.device), error2, quantized)
         lr = self.learning_rates(params)[0] if self.rule.changes else 1.0
-        innovation2 = quantized.innovation2 if quantized is not None else torch.linalg.vector_norm(
-            ws["innovation"], dtype=torch.float64).square()
+        innovation2 = (
+            quantized.innovation2
+            if quantized is not None
+            else torch.linalg.vector_norm(ws["innovation"], dtype=torch.float64).square()
+        )
         threshold = self.rule.threshold(self.xi, lr, self.error_weight * (error2 + self.rule.eps2_last))
         upload = (innovation2.to(g.device) >= threshold + self.threshold_offset) | self.rule.stale()
         return _Decision(bad, upload, error2, quantized)
 
-    def _uploads(self, flags: torch.Tensor, quantized: Any, ws: dict[str, torch.Tensor], step: int) -> torch.Tensor | None:
+    def _uploads(
+        self, flags: torch.Tensor, quantized: Any, ws: dict[str, torch.Tensor], step: int
+    ) -> torch.Tensor | None:
         """Only the uploaders' payloads travel: one broadcast per uploader, the same list on
         every rank (it follows from the gathered flags). Returns their sum (None: nobody, or
         some rank not finite)."""
@@ -226,7 +246,9 @@ class LAQ(HookState):
                 total += self.transport.broadcast(payload, j, step).wait()
         return total
 
-    def _move_reference(self, ws: dict[str, torch.Tensor], keep: torch.Tensor, quantized: Any, q_ref: torch.Tensor) -> None:
+    def _move_reference(
+        self, ws: dict[str, torch.Tensor], keep: torch.Tensor, quantized: Any, q_ref: torch.Tensor
+    ) -> None:
         """An uploader's reference moves to its Q_new."""
         if self.wire == "uploads" and self.quantize:
             if bool(keep):  # the flags were read on the host already

@@ -122,9 +122,16 @@ class PowerSGD(HookState):
         self._layouts = LayoutCache(lambda params: _Layout(params, self.matrix_rank, self.min_compression_rate))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "rank": self.matrix_rank, "warm_start": self.warm_start,
-                "error_feedback": self.error_feedback, "min_compression_rate": self.min_compression_rate,
-                "seed": self.seed, "orthogonalization": self.orthogonalization, "epsilon": self.epsilon}
+        return {
+            **super().config(),
+            "rank": self.matrix_rank,
+            "warm_start": self.warm_start,
+            "error_feedback": self.error_feedback,
+            "min_compression_rate": self.min_compression_rate,
+            "seed": self.seed,
+            "orthogonalization": self.orthogonalization,
+            "epsilon": self.epsilon,
+        }
 
     def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
         if slot == "q":
@@ -202,7 +209,9 @@ class PowerSGD(HookState):
             method = self._method(device)
             for p in plan.p_views(r.p_flat):
                 orthogonalize(p, method, self.epsilon)
-            for m, p, qt in zip(plan.m_views(r.layout.matrices), plan.p_views(r.p_flat), plan.q_views(r.layout.queries)):
+            for m, p, qt in zip(
+                plan.m_views(r.layout.matrices), plan.p_views(r.p_flat), plan.q_views(r.layout.queries)
+            ):
                 torch.bmm(p.transpose(1, 2), m, out=qt)
         return self.transport.all_reduce(r.layout.queries, r.step, stage=1)
 

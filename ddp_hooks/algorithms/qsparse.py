@@ -81,14 +81,22 @@ class QsparseLocalSGD(LocalSteps, HookState):
         self._shared = torch.Generator().manual_seed(self.seed)
         self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
         # fp32 workspaces of a layout (p = g + e or the progress, the decoded mean): none per step
-        self._workspaces = LayoutCache(lambda params: [
-            torch.empty(sum(t.numel() for t in params), device=params[0].device) for _ in range(2)])
+        self._workspaces = LayoutCache(
+            lambda params: [torch.empty(sum(t.numel() for t in params), device=params[0].device) for _ in range(2)]
+        )
         self._lr_at_sync: list[float] | None = None
         self.memory_slots = ("error",) if self.period == 1 else ("memory", "x_last")
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "compressor": self.compressor, "k": self.k, "period": self.period,
-                "levels": self.levels, "wipe_memory_on_lr_change": self.wipe_memory_on_lr_change, "seed": self.seed}
+        return {
+            **super().config(),
+            "compressor": self.compressor,
+            "k": self.k,
+            "period": self.period,
+            "levels": self.levels,
+            "wipe_memory_on_lr_change": self.wipe_memory_on_lr_change,
+            "seed": self.seed,
+        }
 
     @property
     def sync_every(self) -> int:
@@ -167,14 +175,21 @@ class QsparseLocalSGD(LocalSteps, HookState):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"generator": self._generator.get_state(), "shared": self._shared.get_state(),
-                "lr_at_sync": self._lr_at_sync, **self.local_state()}
+        return {
+            "generator": self._generator.get_state(),
+            "shared": self._shared.get_state(),
+            "lr_at_sync": self._lr_at_sync,
+            **self.local_state(),
+        }
 
     def check_extra(self, extra: Any) -> list[str]:
         lrs = extra.get("lr_at_sync")
         ok_lrs = lrs is None or (isinstance(lrs, list) and all(isinstance(v, (int, float)) for v in lrs))
-        return (check_generators(extra, ("generator", "shared")) + self.check_local_state(extra)
-                + ([] if ok_lrs else ["extra['lr_at_sync'] must be None or a list of floats"]))
+        return (
+            check_generators(extra, ("generator", "shared"))
+            + self.check_local_state(extra)
+            + ([] if ok_lrs else ["extra['lr_at_sync'] must be None or a list of floats"])
+        )
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._generator.set_state(state["generator"])

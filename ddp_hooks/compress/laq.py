@@ -52,8 +52,9 @@ def quantize_step(
     if g.dtype == torch.float32 and cpu.usable(g, q_ref, *(t for t in (q_new, innovation, codes) if t is not None)):
         radius = torch.tensor(cpu.absmax_diff(g, q_ref) if g.numel() else 0.0)
         step, unit = _grid(radius, bits)
-        eps2, inno2 = cpu.laq_quantize(g, q_ref, (radius.item(), step.item(), unit.item(), levels),
-                                       q_new, innovation, codes)
+        eps2, inno2 = cpu.laq_quantize(
+            g, q_ref, (radius.item(), step.item(), unit.item(), levels), q_new, innovation, codes
+        )
         return Quantized(radius, torch.tensor(eps2, dtype=torch.float64), torch.tensor(inno2, dtype=torch.float64))
     diff = g - q_ref
     radius = torch.linalg.vector_norm(diff, float("inf")) if diff.numel() else diff.new_zeros(())

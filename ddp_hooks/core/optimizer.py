@@ -23,12 +23,11 @@ Optimizer = torch.optim.Optimizer
 def unwrap(optimizer: Any) -> Optimizer:
     """The torch optimizer inside wrappers such as Accelerate's ``AcceleratedOptimizer`` or
     Lightning's ``LightningOptimizer``."""
-    seen = 0
-    while not isinstance(optimizer, Optimizer) and seen < 4:
+    for _ in range(4):  # wrappers may subclass Optimizer without being one inside
         inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None:
+        if not isinstance(inner, Optimizer):
             break
-        optimizer, seen = inner, seen + 1
+        optimizer = inner
     if not isinstance(optimizer, Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return optimizer

@@ -140,6 +140,11 @@ class HookState:
         return transport
 
     @property
+    def bound(self) -> bool:
+        """Whether the state has resolved its process group (at register or first use)."""
+        return self._transport is not None
+
+    @property
     def transport(self) -> Transport:
         return self._bind()
 

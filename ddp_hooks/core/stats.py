@@ -137,5 +137,7 @@ class Stats:
         total = saved.get("total") if isinstance(saved, dict) else None
         if not isinstance(total, dict):
             return ["stats must be a dict with a 'total' dict"]
-        bad = [k for k, v in total.items() if k not in COUNTERS or isinstance(v, bool) or not isinstance(v, (int, float))]
+        bad = [
+            k for k, v in total.items() if k not in COUNTERS or isinstance(v, bool) or not isinstance(v, (int, float))
+        ]
         return [f"stats: unknown or non-numeric counters {sorted(bad)}"] if bad else []
