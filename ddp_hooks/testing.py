@@ -64,6 +64,8 @@ class _Spec:
     threads: int | None
     backend: str
     simulate_failed_start: bool = False
+    may_die: frozenset[int] = frozenset()
+    group_timeout: float | None = None
 
 
 def _worker(spec: _Spec, rank: int, results: Any) -> None:
@@ -79,9 +81,8 @@ def _worker(spec: _Spec, rank: int, results: Any) -> None:
         if spec.simulate_failed_start and rank == spec.size - 1:
             raise RuntimeError("Gloo connectFullMesh failed (simulated)")
         store = dist.FileStore(spec.store, spec.size)
-        dist.init_process_group(
-            spec.backend, store=store, rank=rank, world_size=spec.size, timeout=timedelta(seconds=spec.timeout)
-        )
+        timeout = timedelta(seconds=spec.group_timeout or spec.timeout)
+        dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.size, timeout=timeout)
     except BaseException:  # noqa: BLE001 - reported to the parent, which starts a new world
         results.put((rank, "init", traceback.format_exc()))
         return
@@ -102,11 +103,15 @@ def run_world(
     timeout: float = 180.0,
     threads: int | None = 1,
     backend: str = "gloo",
+    may_die: tuple[int, ...] = (),
+    group_timeout: float | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks (gloo on the CPU
     by default; ``backend="nccl"`` puts rank ``r`` on GPU ``r``). ``threads``: intra-op threads
-    per rank (None: torch's default).
+    per rank (None: torch's default). ``may_die``: ranks allowed to exit without a result
+    (fault-injection tests); their result is None and the others are still collected.
+    ``group_timeout``: the process group's timeout (default: ``timeout``).
 
     Returns the list of per-rank return values (moved through ``torch.save``). Raises
     :class:`WorldError` if a rank raises (with its traceback), dies, or the world takes
@@ -125,6 +130,8 @@ def run_world(
             threads,
             backend,
             simulate_failed_start=attempt < _FAILED_STARTS_TO_SIMULATE[0],
+            may_die=frozenset(may_die),
+            group_timeout=group_timeout,
         )
         try:
             return _World(spec).run()
@@ -174,6 +181,9 @@ class _World:
             except queue.Empty:
                 pass
             for rank, p in enumerate(self.procs):
+                if rank not in self.done and p.exitcode is not None and rank in self.spec.may_die:
+                    self.done.add(rank)  # allowed to die: no result
+                    break
                 if rank not in self.done and p.exitcode is not None:
                     # give a message that may still be in the pipe a moment to arrive
                     try:

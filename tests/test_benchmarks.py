@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import (
     advisor,
+    memory,
     convergence,
     cpu_codec,
     emulate,
@@ -223,3 +224,13 @@ def test_emulate_refuses_clearly_without_root():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2
     assert "needs root" in done.stderr
+
+
+def test_memory_no_live_tensor_growth_after_warm_up(tmp_path):
+    rows = memory.main(
+        ["--hooks", "ef-sgdm,powersgd,laq,qsparse", "--steps", "120", "--warmup", "30", "--out", str(tmp_path)]
+    )
+    assert [r["hook"] for r in rows] == ["ef-sgdm", "powersgd", "laq", "qsparse"]
+    for r in rows:  # a tensor kept per step would add about 90 here
+        assert r["live_growth"] <= 8, r
+    assert json.loads((tmp_path / "memory.json").read_text())["rows"]

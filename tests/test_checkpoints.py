@@ -13,7 +13,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp_hooks import catalog
 from ddp_hooks.testing import run_world
 
-RESUMES_EXACTLY = list(catalog.ENTRIES)
+# bit-exact on every world size: what the algorithm sums, it sums itself in rank order (or
+# nothing); the others sum inside gloo's all-reduce, whose rounding with more than 2 ranks
+# depends on where a value sits in its bucket, and a restarted DDP buckets its first step by
+# its initial layout (it rebuilds the buckets after that step)
+EXACT_ON_ANY_WORLD = ["ef-sgdm", "qsparse", "laq"]
 
 
 class _Net(nn.Module):
@@ -80,12 +84,13 @@ def _world(rank, world, name, split, total):
     return straight, params_of(model2), round_trip
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", list(catalog.ENTRIES))
-def test_checkpoint_round_trip_and_resume(name):
-    for straight, resumed, round_trip in run_world(_world, 2, name, 5, 9):
+def test_checkpoint_round_trip_and_resume(name, world):
+    for straight, resumed, round_trip in run_world(_world, world, name, 5, 9):
         assert round_trip, "what was loaded must save back identically"
-        if name in RESUMES_EXACTLY:
+        if world == 2 or name in EXACT_ON_ANY_WORLD:
             assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
         else:
             for a, b in zip(straight, resumed):
-                torch.testing.assert_close(a, b, rtol=0.05, atol=5e-3)
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # a 16-bit ulp at most

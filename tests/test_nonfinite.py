@@ -50,3 +50,49 @@ def test_non_finite_gradient_reaches_every_rank_and_spares_memory(name):
                 continue
             before, during = memories[1][slot], memories[2][slot]
             assert all(torch.equal(before[n], during[n]) for n in before), slot
+
+
+# ---------------------------------------------------------------- a finite spike
+SPIKE_HOOKS = ["fp16", "ef-sgdm", "powersgd", "cser", "qsparse", "laq"]
+
+
+def _spike_world(rank, world, name, kind):
+    from ddp_hooks import catalog
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 5))
+    ddp = DDP(model, bucket_cap_mb=0.001)
+    setup = catalog.build(name, ddp, 0.05)
+    losses, skipped = [], []
+    teacher = torch.randn(16, 5, generator=torch.Generator().manual_seed(7))  # learnable labels
+    for t, (x, _) in enumerate(batches(rank, 40, batch=32)):
+        y = (x @ teacher).argmax(1)
+        scale = 1.0
+        if t == 10 and rank == 1:
+            if kind == "spike":
+                scale = 1e20  # one step of finite gradients around 1e19-1e20
+            else:
+                x = x.clone()
+                x[0, 0] = float("inf")
+        setup.optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        (loss * scale).backward()
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        skipped.append(not finite)
+        if finite:  # what GradScaler does
+            setup.optimizer.step()
+        losses.append(float(loss))
+    memory = setup.state.state_dict()["memory"]
+    return [p.detach().clone() for p in model.parameters()], skipped, losses, memory
+
+
+@pytest.mark.parametrize("name", SPIKE_HOOKS)
+def test_a_finite_spike_is_skipped_like_an_inf_and_training_goes_on(name):
+    spike = run_world(_spike_world, 2, name, "spike")
+    inf = run_world(_spike_world, 2, name, "inf")
+    for (params, skipped, losses, memory), (params_inf, skipped_inf, _, _) in zip(spike, inf):
+        assert skipped == skipped_inf == [t == 10 for t in range(40)], "every rank skips that one step"
+        assert all(torch.equal(a, b) for a, b in zip(params, params_inf)), "exactly as an inf would be"
+        for slot, tensors in memory.items():
+            assert all(torch.isfinite(v).all() for v in tensors.values()), slot
+        assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, "and training goes on"

@@ -64,6 +64,7 @@ class HookState:
         self.step = 0
         self.memory = ParameterMemory()
         self._group_arg = process_group
+        self._group: dist.ProcessGroup | None = None
         self._transport: Transport | None = None
         self._agreed = False
         self._stats = Stats()
@@ -107,58 +108,63 @@ class HookState:
         """Restore what :meth:`extra_state` returned (override)."""
 
     # ---- binding (lazy) -----------------------------------------------------------------------
-    def _bind(self) -> Transport:
-        if self._transport is not None:
-            if not is_alive(self._transport.group):
+    def _bind(self) -> dist.ProcessGroup:
+        """The process group, resolved on first use (and checked alive every time)."""
+        if self._group is not None:
+            if not is_alive(self._group):
                 raise RuntimeError(
                     f"the process group {type(self).__name__} was bound to has been destroyed; "
                     "create a new state after init_process_group"
                 )
-            return self._transport
+            return self._group
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 f"{type(self).__name__} needs an initialized default process group: call "
                 "torch.distributed.init_process_group(...) before register() or the first backward"
             )
         group = self._group_arg if self._group_arg is not None else dist.group.WORLD
+        self._group = group
         self._stats.world_size = dist.get_world_size(group)
-        self._transport = Transport(group, self._stats, self.stages)
         self.on_bind()
-        return self._transport
+        return group
 
     def on_bind(self) -> None:
         """Called once the process group is known (override: per-rank generators)."""
 
     def _ready(self) -> Transport:
-        transport = self._bind()
+        """Bound, agreed with every rank, and with its transport (side groups are created only
+        after the agreement: ranks configured differently would create different groups)."""
+        group = self._bind()
         if not self._agreed:
             fields = {"algorithm": type(self).__name__, "version": __version__, **self.config()}
             if self._model is not None:
                 fields["parameters"] = self._model.digest()
-            agree(transport.group, fields, type(self).__name__)
+            agree(group, fields, type(self).__name__)
             self._agreed = True
-        return transport
+        if self._transport is None:
+            self._transport = Transport(group, self._stats, self.stages)
+        return self._transport
 
     @property
     def bound(self) -> bool:
         """Whether the state has resolved its process group (at register or first use)."""
-        return self._transport is not None
+        return self._group is not None
 
     @property
     def transport(self) -> Transport:
-        return self._bind()
+        return self._ready()
 
     @property
     def process_group(self) -> dist.ProcessGroup:
-        return self._bind().group
+        return self._bind()
 
     @property
     def rank(self) -> int:
-        return self._bind().rank
+        return dist.get_rank(self._bind())
 
     @property
     def world_size(self) -> int:
-        return self._bind().world_size
+        return dist.get_world_size(self._bind())
 
     # ---- wiring -----------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> "HookState":
