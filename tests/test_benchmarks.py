@@ -9,12 +9,12 @@ import pytest
 
 from benchmarks import (
     advisor,
-    memory,
     convergence,
     cpu_codec,
     emulate,
     kernels,
     laq,
+    memory,
     powersgd,
     step_time,
 )

@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from models import batches, params_of
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_hooks import catalog
 from ddp_hooks.testing import run_world
+
+from models import batches, params_of
 
 # bit-exact on every world size: what the algorithm sums, it sums itself in rank order (or
 # nothing); the others sum inside gloo's all-reduce, whose rounding with more than 2 ranks

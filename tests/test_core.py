@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
-from models import Reordered, batches, params_of, train_steps, value_errors
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
 from ddp_hooks.core import HookState
 from ddp_hooks.testing import run_world
+
+from models import Reordered, batches, params_of, train_steps, value_errors
 
 
 # ---------------------------------------------------------------- warm-up is exact DDP

@@ -3,7 +3,6 @@ topologies, momentum 0, non-finite gradients, optimizer checks, 16-bit buckets, 
 
 import pytest
 import torch
-from models import value_errors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -13,6 +12,8 @@ from ddp_hooks.algorithms.ef_shards import ShardPlan, server_pieces
 from ddp_hooks.compress.bits import pack_signs, unpack_signs
 from ddp_hooks.compress.scaled_sign import block_scales, block_sizes, decode, ranges, sign_residual
 from ddp_hooks.testing import run_world
+
+from models import value_errors
 
 
 # ---------------------------------------------------------------- compressor

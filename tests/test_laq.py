@@ -3,7 +3,6 @@ reference over 50 iterations in both wire modes, same collectives whatever the d
 
 import pytest
 import torch
-from models import value_errors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -11,6 +10,8 @@ import ddp_hooks as dh
 from ddp_hooks._ext import cpu
 from ddp_hooks.compress.laq import pack_codes, quantize_step, unpack_codes
 from ddp_hooks.testing import run_world
+
+from models import value_errors
 
 
 # ---------------------------------------------------------------- quantizer

@@ -3,12 +3,13 @@ the step everywhere) and no memory takes it in."""
 
 import pytest
 import torch
-from models import batches
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
 from ddp_hooks.testing import run_world
+
+from models import batches
 
 HOOKS = {
     "fp32": lambda ddp, opt: dh.AllReduce().register(ddp, opt),

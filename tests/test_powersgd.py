@@ -3,7 +3,6 @@ powerSGD_hook, zero and unused parameters, 16-bit buckets, many buckets in fligh
 
 import pytest
 import torch
-from models import value_errors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -11,6 +10,8 @@ import ddp_hooks as dh
 from benchmarks.shapes import ShapeBag, resnet50_shapes
 from ddp_hooks.compress.orthogonalize import METHODS, orthogonalize
 from ddp_hooks.testing import run_world
+
+from models import value_errors
 
 
 # ---------------------------------------------------------------- orthogonalization

@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
-from models import batches, params_of, value_errors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
 from ddp_hooks.compress.sparse import Codec, quantize, stochastic_levels, top_indices
 from ddp_hooks.testing import run_world
+
+from models import batches, params_of, value_errors
 
 
 # ---------------------------------------------------------------- operators

@@ -6,10 +6,11 @@ import argparse
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from common import accuracy, load_digits, make_model, report  # noqa: I001
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddp_hooks import catalog
+
+from common import accuracy, load_digits, make_model, report  # noqa: I001
 
 
 def main():

@@ -11,13 +11,14 @@ import os
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import accuracy, load_digits, make_model, report  # noqa: I001
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from ddp_hooks import catalog
 from ddp_hooks.lightning import HookCallback
+
+from common import accuracy, load_digits, make_model, report  # noqa: I001
 
 
 class Digits(L.LightningModule):

@@ -7,10 +7,11 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import accuracy, local_batches, make_model, report  # noqa: I001
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_hooks import catalog
+
+from common import accuracy, local_batches, make_model, report  # noqa: I001
 
 
 def main():
