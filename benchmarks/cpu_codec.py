@@ -7,8 +7,8 @@ speedup, and the effective bandwidth (ideal bytes / time) as a fraction of the m
 bandwidth at the same thread count. Ideal bytes per fp32 element: worker input 20 (read g, m,
 e; write m, p), compress 8.125 (read p; write the residual and the packed signs), decode
 4.125, decode-and-add 8.125. "round" is everything one worker of an n-worker sharded exchange
-computes per step (input, compress, n shard decodes, the server step on its shard, decoding
-the n replies), without communication. LAQ (4 bits): "laq-quantize" is a worker's quantizer as
+computes per step (input and compress of its bucket, the average of the n workers' rows for its
+shard, the server step on it, decoding the n replies), without communication. LAQ (4 bits): "laq-quantize" is a worker's quantizer as
 the uploads mode runs it (radius, codes and both norms: read g and q_ref twice, write the
 codes, 17 B), "laq-receive" adds one received upload to the sum (8.5 B).
 
@@ -33,7 +33,7 @@ from benchmarks.shapes import MODELS  # noqa: E402
 from ddp_hooks._ext import cpu as native  # noqa: E402
 from ddp_hooks.algorithms.ef_shards import ShardPlan  # noqa: E402
 from ddp_hooks.compress import scaled_sign as sign  # noqa: E402
-from ddp_hooks.compress.error_feedback import ef_input  # noqa: E402
+from ddp_hooks.compress.error_feedback import Momentum, WorkerBuffers, ef_input, worker_message  # noqa: E402
 from ddp_hooks.compress.laq import add_dequantized, pack_codes, quantize_step  # noqa: E402
 
 IDEAL_BYTES = {
@@ -79,32 +79,22 @@ def _steps(numels: list[int], workers: int) -> dict:
     blocks = sign.ranges(numels)
     plan = ShardPlan.build(numels, None, workers, torch.device("cpu"))
     g, m, e = torch.randn(n), torch.randn(n), torch.randn(n)
-    m_out, p, residual, out = torch.empty(n), torch.empty(n), torch.empty(n), torch.empty(n)
+    buffers = WorkerBuffers(torch.empty(n), torch.empty(n), torch.empty(n))
+    out, residual = torch.empty(n), torch.empty(n)
     packed, scales = sign.compress(g, blocks, residual)
-    acc, scratch = torch.empty(plan.width), torch.empty(plan.width)
-    shards = [plan.shard(j) for j in range(plan.n)]
-
-    def worker(x):
-        piece_scales = plan.piece_scales(sign.block_scales(x, blocks))
-        return [
-            (sign.sign_residual(x[s], plan.pieces[j], piece_scales[j], residual[s]), piece_scales[j])
-            for j, s in enumerate(shards)
-        ]
-
-    shard_msgs = worker(g)
-    mine = plan.pieces[0]
-    width0 = shards[0].stop - shards[0].start
+    how = Momentum(0.9, True)
+    rows = torch.stack([plan.message.pack(plan.signs_of(0, packed), plan.piece_scales(scales)[0], torch.tensor(False))
+                        for _ in range(plan.n)])  # the n workers' rows for this rank's shard
+    s0, off = plan.shard(0), plan.offset(0)
+    mean, server = torch.empty(plan.message.count), torch.empty(s0.stop - s0.start)
+    reply_scales = sign.block_scales(g[s0], list(plan.pieces[0].blocks))
 
     def one_round():
-        ef_input(g, m, mu=0.9, nesterov=True, error=e, rho=1.0, momentum_out=m_out, out=p)
-        worker(p)
-        sign.decode(*shard_msgs[0], mine, acc[:width0])
-        for _ in range(1, plan.n):  # the n workers' messages for this rank's shard
-            sign.decode(*shard_msgs[0], mine, acc[:width0], accumulate=True)
-        acc.div_(plan.n)
-        sign.compress(acc[:width0], mine, scratch)
-        for j, s in enumerate(shards):  # the n servers' replies
-            sign.decode(*shard_msgs[j], plan.pieces[j], out[s])
+        worker_message(g, (m, e), how, 1.0, plan.blocks, buffers)
+        sign.average(plan.message.signs(rows), plan.message.scales(rows), plan.row_pieces[0], mean[: off + len(server)])
+        sign.compress_ef(mean[off : off + len(server)], e[s0], 1.0, plan.pieces[0], server)
+        for j in range(plan.n):  # the n servers' replies
+            sign.decode(packed, reply_scales, list(plan.pieces[0].blocks), out[plan.shard(0)])
 
     codes = torch.empty(n, dtype=torch.uint8)
     quantize_step(g, m, 4, codes=codes)
@@ -113,7 +103,7 @@ def _steps(numels: list[int], workers: int) -> dict:
     return {
         "laq-quantize": lambda: quantize_step(g, m, 4, codes=codes),
         "laq-receive": lambda: add_dequantized(out, packed_codes, radius, 4),
-        "input": lambda: ef_input(g, m, mu=0.9, nesterov=True, error=e, rho=1.0, momentum_out=m_out, out=p),
+        "input": lambda: ef_input(g, m, how, (e, 1.0), buffers),
         "compress": lambda: sign.compress(g, blocks, residual),
         "decode": lambda: sign.decode(packed, scales, blocks, out),
         "decode+add": lambda: sign.decode(packed, scales, blocks, out, accumulate=True),

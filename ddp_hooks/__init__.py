@@ -9,33 +9,18 @@ Register a hook on an existing DDP model in one line::
 """
 
 from ._version import __version__
-from .algorithms import (
-    CSER,
-    LAQ,
-    AllReduce,
-    BF16Compress,
-    EFSignSGDM,
-    FP16Compress,
-    PowerSGD,
-    QsparseLocalSGD,
-)
 from .algorithms.cser_ratio import overall_ratio as cser_ratio
 from .algorithms.cser_ratio import propose as cser_configs
+from .catalog import *  # noqa: F403 - every algorithm class, as the catalog lists them
+from .catalog import __all__ as _algorithms
 from .comm import CollectiveError
 from .core import ConfigMismatch, HookState, comm_hook
 
 __all__ = [
-    "CSER",
-    "LAQ",
-    "AllReduce",
-    "BF16Compress",
+    *_algorithms,
     "CollectiveError",
     "ConfigMismatch",
-    "EFSignSGDM",
-    "FP16Compress",
     "HookState",
-    "PowerSGD",
-    "QsparseLocalSGD",
     "__version__",
     "comm_hook",
     "cser_configs",

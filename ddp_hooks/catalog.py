@@ -1,8 +1,10 @@
-"""The hooks by name, with the settings the demo, the benchmarks and the client tests run them at.
+"""The algorithms of this library: the classes ``ddp_hooks`` exports, and the hooks by name with
+the settings the demo, the benchmarks and the client tests run them at.
 
 Each entry says how to build its state (before or after the process group exists) and the
 optimizer it is meant to run with: algorithms that apply momentum inside the hook get plain
 SGD, LAQ too (its rule assumes plain gradient steps); the others get SGD with momentum 0.9.
+A new algorithm is imported and listed here (and in ``__all__``), and nowhere else.
 """
 
 from collections.abc import Callable, Iterable
@@ -12,8 +14,15 @@ from typing import Any
 
 import torch
 
-from . import algorithms as alg
+from .algorithms.baselines import AllReduce, BF16Compress, FP16Compress
+from .algorithms.cser import CSER
+from .algorithms.ef_signsgdm import EFSignSGDM
+from .algorithms.laq import LAQ
+from .algorithms.powersgd import PowerSGD
+from .algorithms.qsparse import QsparseLocalSGD
 from .core import HookState
+
+__all__ = ["CSER", "LAQ", "AllReduce", "BF16Compress", "EFSignSGDM", "FP16Compress", "PowerSGD", "QsparseLocalSGD"]
 
 
 @dataclass
@@ -52,21 +61,19 @@ class Entry:
 ENTRIES: dict[str, Entry] = {
     e.name: e
     for e in [
-        Entry("fp32", "exact fp32 all-reduce (DDP's default)", alg.AllReduce),
-        Entry("fp16", "fp16 all-reduce", alg.FP16Compress),
-        Entry("bf16", "bf16 all-reduce", alg.BF16Compress),
-        Entry(
-            "ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", lambda: alg.EFSignSGDM(momentum=0.9), _sgd
-        ),
+        Entry("fp32", "exact fp32 all-reduce (DDP's default)", AllReduce),
+        Entry("fp16", "fp16 all-reduce", FP16Compress),
+        Entry("bf16", "bf16 all-reduce", BF16Compress),
+        Entry("ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", lambda: EFSignSGDM(momentum=0.9), _sgd),
         Entry(
             "cser",
             "CSER: GRBS 1/64 gradient sync + 1/4 error reset every 16 steps (RC 32)",
-            lambda: alg.CSER(grad_ratio=64, model_ratio=4, period=16),
+            lambda: CSER(grad_ratio=64, model_ratio=4, period=16),
         ),
         Entry(
             "qsparse",
             "Qsparse-local-SGD: SignTopK 1% per tensor, sync every 4 steps",
-            lambda: alg.QsparseLocalSGD("signtopk", k=0.01, period=4),
+            lambda: QsparseLocalSGD("signtopk", k=0.01, period=4),
         ),
         # minibatch gradients: SLAQ's threshold, and an upload forced after 10 silent rounds (a
         # minibatch gradient 100 rounds old, the paper's bound for full gradients, can stall a
@@ -75,11 +82,11 @@ ENTRIES: dict[str, Entry] = {
         Entry(
             "laq",
             "SLAQ: 4-bit innovations, uploads skipped while small (at most 10 rounds)",
-            lambda: alg.LAQ.slaq(bits=4, max_staleness=10),
+            lambda: LAQ.slaq(bits=4, max_staleness=10),
             _sgd,
             lr_scale=2.0,
         ),
-        Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", lambda: alg.PowerSGD(rank=4)),
+        Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", lambda: PowerSGD(rank=4)),
     ]
 }
 

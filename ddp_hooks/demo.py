@@ -8,6 +8,7 @@ median step time.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -20,15 +21,35 @@ from . import catalog
 from .testing import run_world
 
 
-def load_digits(seed: int = 0):
-    """Standardized digits: (x_train, y_train, x_test, y_test), 80/20 split."""
+def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits (pixels 0..16, labels), cached as a tensor file after the first
+    load: every worker of every run reads them, and importing scikit-learn takes a second."""
+    from ._ext.cpu import cache_dir
+
+    path = cache_dir() / "digits.pt"
+    if path.exists():
+        try:
+            x, y = torch.load(path, weights_only=True)
+            return x, y
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt
+            pass
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError:  # pragma: no cover - exercised only without the extra
         sys.exit("the demo needs scikit-learn: pip install 'ddp-hooks[demo]'")
     data = sk_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
+    x, y = torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save((x, y), tmp)
+    os.replace(tmp, path)  # atomic: workers may write at once
+    return x, y
+
+
+def load_digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standardized digits: (x_train, y_train, x_test, y_test), 80/20 split."""
+    x, y = _raw_digits()
+    x = x / 16.0
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm], y[perm]
     cut = int(0.8 * len(x))

@@ -1,7 +1,7 @@
 """Which compiled code the compress layer runs: ``status()`` says what is active and why.
 
-* the fused CUDA kernels (``cuda_kernels/``), built on first use for the GPU at hand;
-  ``DDP_HOOKS_NO_CUDA_EXT=1`` switches them off;
+* the fused CUDA kernels (``cuda_kernels/``), built on first use for the GPU at hand and each
+  checked against its torch reference before use; ``DDP_HOOKS_NO_CUDA_EXT=1`` switches them off;
 * the fused CPU loops (``ddp_hooks/_ext/csrc/cpu_codec.c``), built on first use with the
   system C compiler; ``DDP_HOOKS_NO_NATIVE=1`` switches them off.
 
@@ -12,5 +12,5 @@ from ._ext import cpu, cuda
 
 
 def status() -> dict[str, str]:
-    """``{"cuda": ..., "cpu": ...}``: 'loaded', or why the extension is off."""
-    return {"cuda": cuda.status(), "cpu": cpu.status()}
+    """``{"cpu": ..., "<cuda kernel>": ...}``: 'loaded' / 'active', or why it is off."""
+    return {"cpu": cpu.status(), **cuda.status()}

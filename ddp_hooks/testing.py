@@ -47,7 +47,7 @@ def _context() -> Any:
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
         # the fork server imports torch once; each rank is then a cheap fork of it
-        _CTX.set_forkserver_preload(["torch", "torch.distributed"])
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "ddp_hooks"])
     return _CTX
 
 
@@ -66,6 +66,7 @@ class _Spec:
     simulate_failed_start: bool = False
     may_die: frozenset[int] = frozenset()
     group_timeout: float | None = None
+    sync_free: bool = False
 
 
 def _worker(spec: _Spec, rank: int, results: Any) -> None:
@@ -87,7 +88,10 @@ def _worker(spec: _Spec, rank: int, results: Any) -> None:
         results.put((rank, "init", traceback.format_exc()))
         return
     try:
-        value = spec.fn(rank, spec.size, *spec.args, **spec.kwargs)
+        from .core.flags import sync_free
+
+        with sync_free(spec.sync_free):
+            value = spec.fn(rank, spec.size, *spec.args, **spec.kwargs)
         buf = io.BytesIO()
         torch.save(value, buf)
         results.put((rank, "ok", buf.getvalue()))
@@ -111,7 +115,9 @@ def run_world(
     by default; ``backend="nccl"`` puts rank ``r`` on GPU ``r``). ``threads``: intra-op threads
     per rank (None: torch's default). ``may_die``: ranks allowed to exit without a result
     (fault-injection tests); their result is None and the others are still collected.
-    ``group_timeout``: the process group's timeout (default: ``timeout``).
+    ``group_timeout``: the process group's timeout (default: ``timeout``). With
+    ``DDP_HOOKS_SYNC_FREE=1`` set when this is called, the ranks take the branches written for
+    GPUs (no host reads of flags) on CPU tensors too.
 
     Returns the list of per-rank return values (moved through ``torch.save``). Raises
     :class:`WorldError` if a rank raises (with its traceback), dies, or the world takes
@@ -132,6 +138,7 @@ def run_world(
             simulate_failed_start=attempt < _FAILED_STARTS_TO_SIMULATE[0],
             may_die=frozenset(may_die),
             group_timeout=group_timeout,
+            sync_free=os.environ.get("DDP_HOOKS_SYNC_FREE") == "1",
         )
         try:
             return _World(spec).run()
@@ -174,7 +181,7 @@ class _World:
 
     def _collect(self) -> None:
         deadline = time.monotonic() + self.timeout
-        while len(self.done) < self.size:
+        while len(self.done | self.spec.may_die) < self.size:  # ranks that may die are not awaited
             try:
                 self._receive(*self.results.get(timeout=0.2))
                 continue

@@ -193,3 +193,15 @@ def test_state_is_built_before_the_process_group_and_binds_at_first_use():
     state = dh.PowerSGD(rank=2, warmup_steps=3)  # no process group yet: fine
     with pytest.raises(RuntimeError, match="init_process_group"):
         _ = state.world_size
+
+
+def _branch_world(rank, world):
+    from ddp_hooks.core import reads_flags
+
+    return reads_flags(torch.device("cpu"))
+
+
+def test_the_sync_free_switch_reaches_every_rank(monkeypatch):
+    assert run_world(_branch_world, 2) == [True, True]
+    monkeypatch.setenv("DDP_HOOKS_SYNC_FREE", "1")
+    assert run_world(_branch_world, 2) == [False, False]

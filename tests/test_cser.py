@@ -118,10 +118,10 @@ class _Recording(dh.CSER):
         return idx
 
     def synchronize(self, step):
-        state = self._generator.get_state()
+        state = self.rng.shared.get_state()
         total = sum(p.numel() for p in self.model_view().params)
-        self.log.append(("reset", step, None, grbs.select(total, self.block_size, self.model_ratio, self._generator)))
-        self._generator.set_state(state)
+        self.log.append(("reset", step, None, grbs.select(total, self.block_size, self.model_ratio, self.rng.shared)))
+        self.rng.shared.set_state(state)
         super().synchronize(step)
 
 
@@ -187,6 +187,7 @@ def cser_reference(world, steps, log, lr=0.1, mu=0.9):
     return x
 
 
+@pytest.mark.device_branches
 @pytest.mark.parametrize("world", [2, 4])
 def test_hook_and_resets_agree_with_single_process_reference(world):
     steps = 10

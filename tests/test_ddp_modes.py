@@ -150,9 +150,14 @@ OPTIONS = {
 }
 
 
+def _all_options_world(rank, world, name):
+    return {key: _options_world(rank, world, name, options) for key, options in OPTIONS.items()}
+
+
 @pytest.mark.parametrize("name", HOOKS)
 def test_ddp_options_tied_and_frozen_parameters(name):
-    results = {k: run_world(_options_world, 2, name, opts) for k, opts in OPTIONS.items()}
+    per_rank = run_world(_all_options_world, 2, name)
+    results = {key: [r[key] for r in per_rank] for key in OPTIONS}
     for key, ranks in results.items():
         for _params, frozen_before, frozen_after, finite, steps in ranks:
             assert finite and steps == 8, key

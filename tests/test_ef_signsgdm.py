@@ -61,8 +61,7 @@ def test_blockwise_scaled_sign_matches_plain_math():
 def test_shard_plan_pieces_cover_the_bucket(n):
     numels, piece = [5, 30, 1, 17, 9], 8
     plan = ShardPlan.build(numels, None, n, torch.device("cpu"), piece=piece)
-    assert plan.width % 8 == 0 and plan.bounds[0] == 0 and plan.bounds[-1] == sum(numels)
-    assert all(b - a <= plan.width for a, b in zip(plan.bounds, plan.bounds[1:]))
+    assert plan.bounds[0] == 0 and plan.bounds[-1] == sum(numels)
     # pieces: each tensor (one worker block) cut every 8 elements from its start, whatever the shards
     pieces = server_pieces(_ranges(numels), piece)
     assert pieces == [
@@ -78,25 +77,32 @@ def test_shard_plan_pieces_cover_the_bucket(n):
         (53, 61),
         (61, 62),
     ]
-    got = [(a + plan.bounds[j], b + plan.bounds[j]) for j in range(n) for a, b in plan.pieces[j]]
+    got = [(a + plan.bounds[j], b + plan.bounds[j]) for j in range(n) for a, b in plan.pieces[j].blocks]
     assert got == pieces
+    # a worker packs its whole bucket once; the owner of shard j decodes its row in row
+    # coordinates (a leading zero-scale piece of off_j elements) and finds the shard's C(x)
     x = torch.randn(sum(numels))
-    values, residuals = torch.empty_like(x), torch.empty_like(x)
+    worker_blocks = list(plan.blocks.blocks)
+    residual = torch.empty_like(x)
+    scales = block_scales(x, worker_blocks)
+    packed = sign_residual(x, worker_blocks, scales, residual)
+    expected = _plain_scaled_sign(x, worker_blocks)
+    assert torch.equal(residual, x - expected)
+    piece_scales = plan.piece_scales(scales)
     for j in range(n):
-        s = plan.shard(j)
-        if plan.pieces[j]:
-            scales = block_scales(x[s], plan.pieces[j])
-            packed = sign_residual(x[s], plan.pieces[j], scales, residuals[s])
-            decode(packed, scales, plan.pieces[j], values[s])
-    expected = _plain_scaled_sign(x, pieces)
-    assert torch.equal(values, expected)
-    assert torch.equal(residuals, x - expected)
-    # each piece's worker block: every piece lies inside one tensor here
-    starts = [a for a, _ in _ranges(numels)]
-    for j in range(n):
-        for q, (a, _) in enumerate(plan.pieces[j]):
-            block = int(plan.piece_block[j, q])
-            assert starts[block] <= a + plan.bounds[j] < starts[block] + numels[block]
+        s, off = plan.shard(j), plan.offset(j)
+        if not plan.pieces[j].blocks:
+            continue
+        row = plan.message.pack(plan.signs_of(j, packed), piece_scales[j], torch.tensor(False))
+        out = torch.full((plan.message.count,), float("nan"))
+        decode(plan.message.signs(row), plan.message.scales(row), list(plan.row_pieces[j].blocks), out)
+        assert torch.equal(out[off : off + s.stop - s.start], expected[s])
+        assert not out[:off].any()
+        # the server compresses the shard by its pieces: the plain scaled sign of each piece
+        server = torch.empty(s.stop - s.start)
+        scales_j = block_scales(x[s], list(plan.pieces[j].blocks))
+        sign_residual(x[s], list(plan.pieces[j].blocks), scales_j, server)
+        assert torch.equal(server, x[s] - _plain_scaled_sign(x, pieces)[s])
 
 
 # ---------------------------------------------------------------- the plain reference (1b)
@@ -193,6 +199,7 @@ def _expected(results, world, steps, mu=0.9, nesterov=True, block_size=None):
     return ef_sgdm_reference(local, [_lr(t) for t in range(steps)], results[0][2], mu, nesterov, block_size)
 
 
+@pytest.mark.device_branches
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("topology", ["sharded", "allgather"])
 def test_hook_agrees_with_single_process_reference(world, topology):
@@ -293,6 +300,7 @@ def _nan_world(rank, world, topology):
     return finite, memories
 
 
+@pytest.mark.device_branches
 @pytest.mark.parametrize("topology", ["sharded", "allgather"])
 def test_non_finite_gradient_reaches_every_rank_and_spares_memory(topology):
     for finite, memories in run_world(_nan_world, 2, topology):

@@ -15,6 +15,7 @@ import torch
 from ddp_hooks._ext import cuda as kernels
 from ddp_hooks.compress.bits import pack_signs
 from ddp_hooks.compress.scaled_sign import block_scales, block_sizes, decode
+from ddp_hooks.testing import run_world
 
 
 def scaled_sign_decompress(packed, scales, blocks):
@@ -98,25 +99,111 @@ def test_sources_are_found():
 def test_env_switch_forces_the_torch_path():
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-        "from ddp_hooks._ext import cuda as kernels\n"
-        "assert kernels.load() is None and kernels.load() is None\n"
-        "print(kernels.status())\n"
+        "import ddp_hooks.kernels as k\n"
+        "from ddp_hooks._ext import cuda\n"
+        "assert cuda.EXTENSION.get() is None and cuda.EXTENSION.get() is None\n"
+        "print(k.status())\n"
     )
     env = {**os.environ, "DDP_HOOKS_NO_CUDA_EXT": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("fused CUDA kernels off") == 1  # one log line, however often asked
-    assert "off: DDP_HOOKS_NO_CUDA_EXT=1" in out.stdout
+    assert "'topk_ef': 'off: DDP_HOOKS_NO_CUDA_EXT=1'" in out.stdout
 
 
-def test_cpu_tensors_are_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match="CUDA tensors"):
-        kernels.topk_ef(torch.zeros(4), torch.zeros(4), 2)
+def test_without_the_extension_nothing_dispatches():
+    assert not kernels.usable("topk_ef", torch.zeros(4), torch.zeros(4))
+
+
+# ---------------------------------------------------------------- the dispatch path, through a stand-in
+@pytest.fixture
+def standin():
+    import cuda_standin
+
+    for key in cuda_standin.CALLS:
+        cuda_standin.CALLS[key] = 0
+    kernels.install(cuda_standin, "cpu")
+    yield cuda_standin
+    kernels.uninstall()
+
+
+def test_standin_passes_the_check_at_load_and_is_used(standin):
+    assert kernels.status() == dict.fromkeys(kernels.KERNELS, "active")
+    assert kernels.usable("sign_compress_ef", torch.zeros(3))
+    assert not kernels.usable("sign_compress_ef", torch.zeros(3).expand(2, 3).t())  # not contiguous
+
+
+def test_a_kernel_that_disagrees_is_switched_off_with_one_log_line(standin, monkeypatch, caplog):
+    good = standin.topk_ef
+
+    def wrong(p, e, k, sign, stream):
+        idx, values = good(p, e, k, sign, stream)
+        return [idx.flip(0), values]  # the right set, the values against the wrong indices
+
+    monkeypatch.setattr(standin, "topk_ef", wrong)
+    kernels.install(standin, "cpu")
+    with caplog.at_level("WARNING", logger="ddp_hooks"):
+        status = kernels.status()
+        kernels.status()
+    assert status["topk_ef"].startswith("off: disagrees with its torch reference")
+    assert all(v == "active" for k, v in status.items() if k != "topk_ef")
+    assert sum("topk_ef switched off" in r.getMessage() for r in caplog.records) == 1
+    assert not kernels.usable("topk_ef", torch.zeros(3), torch.zeros(3))
+
+
+def _standin_world(rank, world, test_module, fn_name, *args):
+    import importlib
+
+    import cuda_standin
+
+    kernels.install(cuda_standin, "cpu")
+    fn = getattr(importlib.import_module(test_module), fn_name)
+    return fn(rank, world, *args), dict(cuda_standin.CALLS)
+
+
+@pytest.mark.parametrize("topology", ["sharded", "allgather"])
+def test_ef_sgdm_through_the_kernels_api_agrees_with_the_reference(topology):
+    from test_ef_signsgdm import _expected
+
+    steps, world = 8, 2
+    results = run_world(
+        _standin_world,
+        world,
+        "test_ef_signsgdm",
+        "_reference_world",
+        steps,
+        0.9,
+        True,
+        topology,
+        None,
+        torch.float32,
+        0.0005,
+    )
+    calls = results[0][1]
+    assert calls["sign_compress_ef"] > 0 and calls["unpack_average_out"] > 0, calls
+    expected = _expected([r[0] for r in results], world, steps)
+    for rank in range(world):
+        for t in range(steps):
+            for got, want in zip(results[rank][0][1][t], expected[t]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("period", [1, 4])
+def test_qsparse_through_the_kernels_api_agrees_with_the_reference(period):
+    from test_qsparse import qsparse_reference
+
+    steps, k, world = 8, 10, 2
+    results = run_world(_standin_world, world, "test_qsparse", "_world", steps, period, k, True)
+    assert results[0][1]["topk_ef"] > 0
+    expected, _ = qsparse_reference(world, steps, period, k, True)
+    for rank in range(world):
+        for got, want in zip(results[rank][0][0], expected[rank]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- GPU: kernels vs references
 gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or kernels.load() is None, reason="needs a CUDA GPU and a built extension"
+    not torch.cuda.is_available() or kernels.EXTENSION.get() is None, reason="needs a CUDA GPU and a built extension"
 )
 SIZES = [1, 31, 33, 1000, 100_003]
 
@@ -134,7 +221,7 @@ def test_sign_compress_ef_is_bit_exact(n):
     bounds = _offsets(n, g)
     blocks = list(zip(bounds, bounds[1:]))
     e_out = torch.full_like(p, float("nan"))  # poisoned
-    packed, scales = kernels.sign_compress_ef(p, e, 1.0, torch.tensor(bounds, device="cuda"), e_out)
+    packed, scales = kernels.sign_compress_ef(p, e, 1.0, torch.tensor(bounds, device="cuda"), e_out, 0)
     v = p + e
     assert torch.equal(packed, pack_signs(v))
     assert torch.equal(scales, block_scales(v, blocks))
@@ -154,13 +241,13 @@ def test_one_pass_sign_compress_ef_is_bit_exact(n, block_size):
     blocks = list(zip(bounds, bounds[1:]))
     offsets = torch.tensor(bounds, device="cuda")
     e_out = torch.full_like(p, float("nan"))  # poisoned
-    packed, scales = kernels.sign_compress_ef(p, e, 0.5, offsets, e_out, max_block=max(sizes))
+    packed, scales = kernels.sign_compress_ef(p, e, 0.5, offsets, e_out, max(sizes))
     v = p + 0.5 * e
     assert torch.equal(packed, pack_signs(v))
     assert torch.equal(scales, block_scales(v, blocks))
     assert torch.equal(e_out, v - scaled_sign_decompress(pack_signs(v), scales, blocks))
     two_pass_e = torch.full_like(p, float("nan"))
-    two_packed, two_scales = kernels.sign_compress_ef(p, e, 0.5, offsets, two_pass_e)
+    two_packed, two_scales = kernels.sign_compress_ef(p, e, 0.5, offsets, two_pass_e, 0)
     assert torch.equal(packed, two_packed) and torch.equal(scales, two_scales) and torch.equal(e_out, two_pass_e)
 
 

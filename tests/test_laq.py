@@ -146,6 +146,7 @@ def laq_reference(world, iterations, bits=4, depth=10, xi=None, t_bar=100, lr=0.
     return theta, uploads
 
 
+@pytest.mark.device_branches
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("wire", ["dense", "uploads"])
 def test_agrees_with_single_process_reference_over_50_iterations(world, wire):

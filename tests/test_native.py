@@ -13,7 +13,7 @@ import torch
 from ddp_hooks._ext import cpu as native
 from ddp_hooks.compress import bits as bitpack
 from ddp_hooks.compress import scaled_sign as sign
-from ddp_hooks.compress.error_feedback import ef_input
+from ddp_hooks.compress.error_feedback import Momentum, WorkerBuffers, ef_input
 from ddp_hooks.compress.laq import add_dequantized, apply_codes, pack_codes, quantize_step, unpack_codes
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"fused CPU codec {native.status()}")
@@ -108,20 +108,13 @@ def test_decode_and_accumulate_match_torch_reference(n, threads):
 def test_worker_input_matches_torch_ops(momentum, nesterov, with_error, threads):
     n = native.CHUNK + 1001
     g, m, e = _input(n, 1), _input(n, 2), _input(n, 3)
-    error = e if with_error else torch.zeros_like(g)
+    error = (e, 0.7) if with_error else None
     outs = []
     for off in (False, True):
         m_out, p = torch.full_like(g, float("nan")), torch.full_like(g, float("nan"))
-        kwargs = {
-            "mu": momentum or 0.0,
-            "nesterov": nesterov,
-            "error": error,
-            "rho": 0.7,
-            "momentum_out": m_out,
-            "out": p,
-        }
+        out = WorkerBuffers(p, m_out, torch.empty(0))
         with native.disabled() if off else contextlib.nullcontext():
-            ef_input(g, None if momentum is None else m, **kwargs)
+            ef_input(g, None if momentum is None else m, Momentum(momentum or 0.0, nesterov), error, out)
         outs.append((m_out, p))
     (m_got, p_got), (m_want, p_want) = outs
     # inputs up to ~30 in magnitude: a few float32 roundings in another order

@@ -40,6 +40,7 @@ def _world(rank, world, name):
     return finite, memories
 
 
+@pytest.mark.device_branches
 @pytest.mark.parametrize("name", list(HOOKS))
 def test_non_finite_gradient_reaches_every_rank_and_spares_memory(name):
     for finite, memories in run_world(_world, 2, name):

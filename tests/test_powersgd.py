@@ -121,6 +121,7 @@ def _linearity_world(rank, world, steps, method, dtype=torch.float32):
     return local, outputs, q_init
 
 
+@pytest.mark.device_branches
 @pytest.mark.parametrize("world", [2, 4])
 def test_hook_is_one_power_iteration_step_on_the_mean(world):
     steps = 6

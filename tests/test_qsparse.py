@@ -191,6 +191,7 @@ def qsparse_reference(world, steps, period, k, wipe, mu=0.9):
     return [[p.detach() for p in m.parameters()] for m in models], mem
 
 
+@pytest.mark.device_branches
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("period", [1, 4])
 def test_agrees_with_single_process_reference(world, period):

@@ -174,7 +174,7 @@ def ef_input(
     *,
     mu: float,
     nesterov: bool,
-    error: torch.Tensor,
+    error: torch.Tensor | None,
     rho: float,
 ) -> torch.Tensor:
     """``p`` = the worker's compressor input: ``m' = g + mu m`` into ``momentum_out`` and

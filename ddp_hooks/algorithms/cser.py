@@ -26,11 +26,23 @@ from torch.futures import Future
 
 from ..comm import chain
 from ..compress import grbs
-from ..compress.sparse import KINDS, MessagePlan, subtract_message
-from ..core import Bucket, HookState, as_flag, check_choice, check_float, check_int, check_seed, nonfinite, poison
+from ..compress.sparse import KINDS, subtract_message
+from ..compress.sparse_plan import MessagePlan
+from ..core import (
+    Bucket,
+    Generators,
+    HookState,
+    as_flag,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+    nonfinite,
+    poison,
+)
 from ..core.layouts import LayoutCache
 from .cser_ratio import overall_ratio, propose
-from .local import LocalSteps, check_generators, rank_seed
+from .local import LocalSteps
 
 #: reset compressors besides GRBS (the sparse/quantized codecs; residuals tracked explicitly)
 RESET_CODECS = tuple(k for k in KINDS if k != "grbs")
@@ -84,8 +96,7 @@ class CSER(LocalSteps, HookState):
         self._offsets: dict[int, int] | None = None  # each parameter's start in the model order
         self._total = 0
         self._drawn: tuple[int | None, torch.Tensor | None] = (None, None)
-        self._generator = torch.Generator().manual_seed(self.seed)  # shared by all ranks
-        self._local = torch.Generator()  # this rank's, seeded at bind
+        self.rng = Generators(self.seed)
         keep = 1.0 / self.model_ratio
         self._plans = LayoutCache(
             lambda params: MessagePlan(params, self.model_compressor, keep if keep < 1 else 2**31 - 1, self.levels)
@@ -104,7 +115,7 @@ class CSER(LocalSteps, HookState):
         }
 
     def on_bind(self) -> None:
-        self._local.manual_seed(rank_seed(self.seed, self.rank))
+        self.rng.bind(self.rank)
 
     def on_attach(self) -> None:
         if self.model_compressor != "grbs":
@@ -150,7 +161,7 @@ class CSER(LocalSteps, HookState):
         """
         offsets = self._model_offsets()
         if self._drawn[0] != step:
-            self._drawn = (step, grbs.select(self._total, self.block_size, self.grad_ratio or 1.0, self._generator))
+            self._drawn = (step, grbs.select(self._total, self.block_size, self.grad_ratio or 1.0, self.rng.shared))
         chosen = self._drawn[1]
         assert chosen is not None
         bounds = torch.tensor([[offsets[id(p)], offsets[id(p)] + p.numel()] for p in params])
@@ -191,7 +202,7 @@ class CSER(LocalSteps, HookState):
         params = self.model_view().params
         starts = self._model_offsets()
         offsets = [starts[id(p)] for p in params] + [self._total]
-        idx = grbs.select(self._total, self.block_size, self.model_ratio, self._generator)
+        idx = grbs.select(self._total, self.block_size, self.model_ratio, self.rng.shared)
         bounds = torch.searchsorted(idx, torch.tensor(offsets)).tolist()  # idx is on the CPU
         pieces = []
         with self.time(step, "compress", params[0].device):
@@ -219,7 +230,7 @@ class CSER(LocalSteps, HookState):
             with self.time(step, "compress", device):
                 agreed = [self.memory.get("agreed", p) for p in params]
                 residuals = [p.detach().reshape(-1).float() - a for p, a in zip(params, agreed)]
-                payload, local = plan.encode(residuals, self._local, self._generator)
+                payload, local = plan.encode(residuals, self.rng.rank, self.rng.shared)
             self.count_bits(step, plan.paper_bits)
             gathered = self.transport.all_gather(payload, step).wait()
             with self.time(step, "decompress", device):
@@ -251,14 +262,13 @@ class CSER(LocalSteps, HookState):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"generator": self._generator.get_state(), "local": self._local.get_state(), **self.local_state()}
+        return {"rng": self.rng.state_dict(), **self.local_state()}
 
     def check_extra(self, extra: Any) -> list[str]:
-        return check_generators(extra, ("generator", "local")) + self.check_local_state(extra)
+        return Generators.problems(extra.get("rng")) + self.check_local_state(extra)
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._generator.set_state(state["generator"])
-        self._local.set_state(state["local"])
+        self.rng.load_state_dict(state["rng"])
         self.load_local_state(state)
         self._drawn = (None, None)
         self._offsets = None

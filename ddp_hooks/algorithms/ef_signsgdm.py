@@ -31,7 +31,8 @@ from torch.futures import Future
 
 from ..comm import chain
 from ..compress import scaled_sign as sign
-from ..compress.error_feedback import ef_input
+from ..compress.error_feedback import Momentum, worker_message
+from ..compress.scaled_sign import SignMessage
 from ..core import Bucket, HookState, check_bool, check_choice, check_float, check_int, keep_unless, nonfinite, poison
 from ..core.layouts import LayoutCache
 from .ef_shards import ShardPlan, Workspace
@@ -46,8 +47,8 @@ class _Round:
     plan: ShardPlan
     ws: Workspace
     rho: float | torch.Tensor
-    rows: torch.Tensor  # (n, message bytes): this worker's message for each shard
     out: torch.Tensor  # fp32 destination of Delta (the bucket itself when it is fp32)
+    scales: torch.Tensor | None = None  # the worker's block scales
 
 
 class EFSignSGDM(HookState):
@@ -87,6 +88,7 @@ class EFSignSGDM(HookState):
         self.stages = 2 if topology == "sharded" else 1
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
         self._plans = LayoutCache(self._build_plan)
+        self._how = Momentum(self.momentum, self.nesterov)
         self._lr_prev: dict[int, float] = {}
 
     def config(self) -> dict[str, Any]:
@@ -133,22 +135,21 @@ class EFSignSGDM(HookState):
         return torch.repeat_interleave(torch.tensor(rhos, device=params[0].device), counts)
 
     # ---- the algorithm ------------------------------------------------------------------------
-    def reduce(self, bucket: Bucket, step: int) -> Future:
+    def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         params, buf = bucket.params, bucket.buffer
         plan, ws = self._plans.get(params, step)
         # the same decision on every rank: every rank keeps server error for the whole bucket
         repair = self.topology == "sharded" and self.memory.needs_assembly("server_error", params)
         self.memory.flat("server_error", params)
-        r = _Round(
-            step, bucket, plan, ws, self._rho(params), rows=buf, out=buf if buf.dtype == torch.float32 else ws.out
-        )
+        out = buf if buf.dtype == torch.float32 else ws.out
+        r = _Round(step, bucket, plan, ws, self._rho(params), out)
         with self.time(step, "compress", buf.device):
-            r.rows = self._worker(r)
-        self.count_bits(step, plan.numel + 32 * len(plan.blocks))
+            message = self._worker(r)
+        self.count_bits(step, plan.numel + 32 * len(plan.blocks.blocks))
         if self.topology == "allgather":
-            gathered = self.transport.all_gather(r.rows.view(-1), step)
-            return chain(gathered, lambda g: self._finish(r, self._serve_all(r, g.view(plan.n, plan.n, -1))))
-        received = self.transport.all_to_all(r.rows, step)
+            gathered = self.transport.all_gather(message, step)
+            return chain(gathered, lambda rows: self._finish(r, self._serve_all(r, rows)))
+        received = self.transport.all_to_all(self._rows(r, message), step)
         if repair:
             received = self._repair(r, received)
         replies = self.transport.then(
@@ -157,38 +158,27 @@ class EFSignSGDM(HookState):
         return chain(replies, lambda replies: self._finish(r, replies))
 
     def _worker(self, r: _Round) -> torch.Tensor:
-        """m' = mu m + g; p = g + mu m' (or m') + rho e; this worker's message for every shard
-        (worker block scales, per-shard signs) and its candidate error ``p - C(p)``."""
-        params, ws, plan = r.bucket.params, r.ws, r.plan
+        """m' = mu m + g; v = g + mu m' (or m') + rho e; C(v) over the worker blocks; the new
+        error v - C(v). Returns ``[packed signs of the bucket | block scales | flag]``."""
+        params, plan = r.bucket.params, r.plan
         g = r.bucket.buffer if r.bucket.buffer.dtype == torch.float32 else r.bucket.buffer.float()
         momentum = self.memory.flat("momentum", params) if self.momentum > 0 else None
-        error = self.memory.flat("error", params)
-        p = ef_input(
-            g,
-            momentum,
-            mu=self.momentum,
-            nesterov=self.nesterov,
-            error=error,
-            rho=r.rho,
-            momentum_out=ws.momentum,
-            out=ws.p,
-        )
-        bad = nonfinite(g)
-        scales = sign.block_scales(p, plan.blocks) if plan.blocks else p.new_zeros(0)
-        piece_scales = plan.piece_scales(scales)
-        rows = []
-        for j in range(plan.n):
-            s = plan.shard(j)
-            pieces = plan.pieces[j]
-            packed = (
-                sign.sign_residual(p[s], pieces, piece_scales[j], ws.local[s])
-                if pieces
-                else p.new_zeros(0, dtype=torch.uint8)
-            )
-            rows.append(plan.message.pack(packed, piece_scales[j], bad))
-        return torch.stack(rows)
+        memories = (momentum, self.memory.flat("error", params))
+        packed, scales = worker_message(g, memories, self._how, r.rho, plan.blocks, r.ws.worker)
+        r.scales = scales
+        whole = SignMessage(plan.numel, len(plan.blocks.blocks))
+        return whole.pack(packed, scales, nonfinite(g))
 
-    def _repair(self, r: _Round, received: Future) -> Future:
+    def _rows(self, r: _Round, message: torch.Tensor) -> torch.Tensor:
+        """The worker's row for each shard's owner: the bytes of that shard's signs, one scale per
+        row piece, the flag."""
+        plan = r.plan
+        whole = SignMessage(plan.numel, len(plan.blocks.blocks))
+        packed, bad = whole.signs(message), whole.any_bad(message)
+        piece_scales = plan.piece_scales(r.scales)
+        return torch.stack([plan.message.pack(plan.signs_of(j, packed), piece_scales[j], bad) for j in range(plan.n)])
+
+    def _repair(self, r: _Round, received: Future[Any]) -> Future[Any]:
         """A new bucket layout: this rank's new shard's server error may have been owned by
         another rank; every rank holds zeros outside its old shard, so one sum restores it."""
         server_error = self.memory.flat("server_error", r.bucket.params)
@@ -203,50 +193,55 @@ class EFSignSGDM(HookState):
         return chain(both, lambda f: (f[0].value(), f[1].value())[1])
 
     def _serve(self, r: _Round, j: int, rows: torch.Tensor) -> torch.Tensor:
-        """Server step on shard ``j`` from the workers' ``(n, bytes)`` messages:
-        p = mean_i Delta_i + rho e_srv; Delta = C(p); e_srv = p - Delta. Returns the reply."""
-        plan, ws, msg = r.plan, r.ws, r.plan.message
+        """Server step on shard ``j`` from the workers' rows: p = mean_i Delta_i + rho e_srv;
+        Delta = C(p) over the pieces; e_srv = p - Delta. Returns the reply."""
+        plan, msg = r.plan, r.plan.message
+        off, s = plan.offset(j), plan.shard(j)
+        mean = r.ws.mean[: off + s.stop - s.start]
+        if plan.pieces[j].blocks:
+            sign.average(msg.signs(rows), msg.scales(rows), plan.row_pieces[j], mean)
+        return self._server_step(r, j, mean[off:], msg.any_bad(rows))
+
+    def _server_step(self, r: _Round, j: int, mean: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """``p = mean + rho e_srv`` on shard ``j`` (``mean`` is overwritten), compressed by pieces."""
+        plan, reply = r.plan, r.plan.reply
         s, pieces = plan.shard(j), plan.pieces[j]
-        bad = msg.any_bad(rows)
-        if not pieces:
-            return msg.pack(rows.new_zeros(0), ws.mean.new_zeros(0), bad)
-        mean = ws.mean[: s.stop - s.start]
-        signs, scales = msg.signs(rows), msg.scales(rows)
-        sign.decode(signs[0], scales[0], pieces, mean)
-        for i in range(1, rows.shape[0]):  # rank order: every rank adds the same floats
-            sign.decode(signs[i], scales[i], pieces, mean, accumulate=True)
-        mean.div_(rows.shape[0])
+        if not pieces.blocks:
+            return reply.pack(mean.new_zeros(0, dtype=torch.uint8), mean.new_zeros(0), bad)
         error = self.memory.flat("server_error", r.bucket.params)[s]
-        if torch.is_tensor(r.rho):
-            mean.addcmul_(error, r.rho[s])
-        else:
-            mean.add_(error, alpha=r.rho)
-        packed, out_scales = sign.compress(mean, pieces, ws.server)
-        bad = bad | ~torch.isfinite(out_scales).all()
-        keep_unless(bad, error, ws.server[: s.stop - s.start])
-        return msg.pack(packed, out_scales.masked_fill(bad, float("nan")), bad)
+        rho = r.rho[s] if torch.is_tensor(r.rho) else r.rho
+        residual = r.ws.server[: s.stop - s.start]
+        packed, scales = sign.compress_ef(mean, error, rho, pieces, residual)
+        bad = bad | ~torch.isfinite(scales).all()
+        keep_unless(bad, error, residual)
+        return reply.pack(packed, scales.masked_fill(bad, float("nan")), bad)
 
     def _serve_all(self, r: _Round, gathered: torch.Tensor) -> torch.Tensor:
-        """Every shard's server step on this rank (``gathered``: ``(workers, shards, bytes)``)."""
-        return torch.stack([self._serve(r, j, gathered[:, j]) for j in range(r.plan.n)])
+        """Every shard's server step on this rank, from every worker's whole message."""
+        plan = r.plan
+        whole = SignMessage(plan.numel, len(plan.blocks.blocks))
+        mean = r.ws.mean[: plan.numel]
+        sign.average(whole.signs(gathered), whole.scales(gathered), plan.blocks, mean)
+        bad = whole.any_bad(gathered)
+        return torch.stack([self._server_step(r, j, mean[plan.shard(j)], bad) for j in range(plan.n)])
 
     def _finish(self, r: _Round, replies: torch.Tensor) -> torch.Tensor:
         """Decode every shard's reply into the bucket; the worker memories take the step only
         if every worker's bucket was finite."""
-        plan, msg, params, buf = r.plan, r.plan.message, r.bucket.params, r.bucket.buffer
+        plan, reply, params, buf = r.plan, r.plan.reply, r.bucket.params, r.bucket.buffer
         with self.time(r.step, "decompress", buf.device):
-            signs, scales = msg.signs(replies), msg.scales(replies)
+            signs, scales = reply.signs(replies), reply.scales(replies)
             for j in range(plan.n):
-                if plan.pieces[j]:
-                    sign.decode(signs[j], scales[j], plan.pieces[j], r.out[plan.shard(j)])
-            bad = msg.any_bad(replies)
-            ok = ~bad
-            r.ws.local = self.memory.commit("error", params, r.ws.local, ok)
+                if plan.pieces[j].blocks:
+                    sign.decode(signs[j], scales[j], list(plan.pieces[j].blocks), r.out[plan.shard(j)])
+            ok = ~reply.any_bad(replies)
+            worker = r.ws.worker
+            worker.error = self.memory.commit("error", params, worker.error, ok)
             if self.momentum > 0:
-                r.ws.momentum = self.memory.commit("momentum", params, r.ws.momentum, ok)
+                worker.momentum = self.memory.commit("momentum", params, worker.momentum, ok)
             if r.out is not buf:
                 buf.copy_(r.out)
-            return poison(buf, bad)
+            return poison(buf, ~ok)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .._ext import cpu
+from ..compress.laq import model_change
 
 _SCALARS = ("eps2_last", "clock", "changes", "uploads", "uploads_all")
 
@@ -84,17 +84,7 @@ class LAQMemory:
         """``||theta_new - theta_prev||^2`` into the history, and ``theta_prev = theta_new``."""
         s = self._scalars(theta_prev.device)
         s["changes"] = torch.roll(s["changes"], 1)
-        pieces = theta_prev.split([p.numel() for p in params])
-        if all(p.dtype == torch.float32 and cpu.usable(p) for p in params) and cpu.usable(theta_prev):
-            change = sum(cpu.sqdiff_copy(p.detach().reshape(-1), piece) for p, piece in zip(params, pieces))
-            s["changes"][0] = change
-        else:
-            total = torch.zeros((), dtype=torch.float64, device=theta_prev.device)
-            for p, piece in zip(params, pieces):
-                new = p.detach().reshape(-1).float()
-                total += torch.linalg.vector_norm(piece - new, dtype=torch.float64).square()
-                piece.copy_(new)
-            s["changes"][0] = total
+        s["changes"][0] = model_change(params, theta_prev)
         self.changes = min(self.depth, self.changes + 1)
 
     def upload_counts(self) -> tuple[int, int]:

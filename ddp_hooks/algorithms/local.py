@@ -1,26 +1,7 @@
 """What the algorithms with local steps share: counting the optimizer's steps, synchronizing
-every ``period`` of them, per-rank seeds, and checking their part of a checkpoint."""
+every ``period`` of them, and checking their part of a checkpoint."""
 
 from typing import Any
-
-import torch
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of a rank's own generator (randk, stochastic rounding), derived from ``seed``."""
-    return seed + 1_000_003 * rank
-
-
-def check_generators(extra: Any, names: tuple[str, ...]) -> list[str]:
-    """Problems with generator states saved under ``names`` in ``extra``."""
-    reference = torch.Generator().get_state()
-    return [
-        f"extra[{name!r}] must be a torch.Generator state (uint8 tensor)"
-        for name in names
-        if not torch.is_tensor(extra.get(name))
-        or extra[name].dtype != torch.uint8
-        or extra[name].shape != reference.shape
-    ]
 
 
 class LocalSteps:

@@ -34,6 +34,7 @@ from ..compress.lowrank import LowRankPlan
 from ..compress.orthogonalize import METHODS, orthogonalize
 from ..core import (
     Bucket,
+    Generators,
     HookState,
     as_flag,
     check_bool,
@@ -118,7 +119,7 @@ class PowerSGD(HookState):
         self.orthogonalization = check_choice("orthogonalization", orthogonalization, {"auto", *METHODS})
         self.epsilon = check_float("epsilon", epsilon, 0.0)
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self.rng = Generators(self.seed)
         self._layouts = LayoutCache(lambda params: _Layout(params, self.matrix_rank, self.min_compression_rate))
 
     def config(self) -> dict[str, Any]:
@@ -152,7 +153,7 @@ class PowerSGD(HookState):
         if fresh:
             pieces = flat.split(layout.q_sizes)
             for i in fresh:
-                pieces[i].copy_(torch.randn(layout.q_sizes[i], generator=self._generator))
+                pieces[i].copy_(torch.randn(layout.q_sizes[i], generator=self.rng.shared))
         for qt in layout.plan.q_views(flat):  # (size, rank, m): unit columns of Q
             qt.div_(torch.linalg.vector_norm(qt, dim=-1, keepdim=True).clamp_min_(1e-30))
         return flat
@@ -255,14 +256,11 @@ class PowerSGD(HookState):
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"generator": self._generator.get_state()}
+        return {"rng": self.rng.state_dict()}
 
     def check_extra(self, extra: Any) -> list[str]:
-        state = extra.get("generator")
-        if not torch.is_tensor(state) or state.dtype != torch.uint8 or state.shape != self._generator.get_state().shape:
-            return ["extra['generator'] must be a torch.Generator state (uint8 tensor)"]
-        return []
+        return Generators.problems(extra.get("rng"))
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._generator.set_state(state["generator"])
+        self.rng.load_state_dict(state["rng"])
         self._layouts.clear()

@@ -30,10 +30,11 @@ import torch
 from torch.futures import Future
 
 from ..comm import chain
-from ..compress.sparse import KINDS, MessagePlan, subtract_message
-from ..core import Bucket, HookState, check_bool, check_choice, check_float, check_int, check_seed, poison
+from ..compress.sparse import KINDS
+from ..compress.sparse_plan import MessagePlan
+from ..core import Bucket, Generators, HookState, check_bool, check_choice, check_float, check_int, check_seed, poison
 from ..core.layouts import LayoutCache
-from .local import LocalSteps, check_generators, rank_seed
+from .local import LocalSteps
 
 
 class QsparseLocalSGD(LocalSteps, HookState):
@@ -77,8 +78,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
         self.wipe_memory_on_lr_change = check_bool("wipe_memory_on_lr_change", wipe_memory_on_lr_change)
         self.seed = check_seed("seed", seed)
         super().__init__(process_group=process_group, warmup_steps=warmup_steps)
-        self._generator = torch.Generator()  # this rank's, seeded at bind
-        self._shared = torch.Generator().manual_seed(self.seed)
+        self.rng = Generators(self.seed)
         self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
         # fp32 workspaces of a layout (p = g + e or the progress, the decoded mean): none per step
         self._workspaces = LayoutCache(
@@ -103,7 +103,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
         return self.period if self.period > 1 else 0
 
     def on_bind(self) -> None:
-        self._generator.manual_seed(rank_seed(self.seed, self.rank))
+        self.rng.bind(self.rank)
 
     def on_attach(self) -> None:
         if self.period > 1:
@@ -117,25 +117,22 @@ class QsparseLocalSGD(LocalSteps, HookState):
             return self.keep_local(bucket, step)
         return self._error_compensated(bucket, step)
 
-    def _error_compensated(self, bucket: Bucket, step: int) -> Future:
-        """``period = 1``: p = g + e; q = QComp(p); e = p - q; gradient = mean_j q_j."""
+    def _error_compensated(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
+        """``period = 1``: v = g + e; q = QComp(v); e = v - q; gradient = mean_j q_j."""
         params, buf = bucket.params, bucket.buffer
         plan = self._plans.get(params, step)
         ws = self._workspaces.get(params, step)
-        p, out = ws
-        error = self.memory.flat("error", params)
+        candidate, out = ws
         with self.time(step, "compress", buf.device):
-            torch.add(buf, error, out=p)
-            pieces = p.split(bucket.numels)
-            payload, local = plan.encode(pieces, self._generator, self._shared)
+            candidate.copy_(self.memory.flat("error", params))
+            grads = buf.float().split(bucket.numels) if buf.dtype != torch.float32 else buf.split(bucket.numels)
+            payload, local = plan.encode_ef(grads, candidate.split(bucket.numels), (self.rng.rank, self.rng.shared))
         self.count_bits(step, plan.paper_bits)
 
         def finish(gathered: torch.Tensor) -> torch.Tensor:
             with self.time(step, "decompress", buf.device):
                 bad = plan.mean(gathered, out.split(bucket.numels), local)
-                for piece, (idx, values) in zip(pieces, local):
-                    subtract_message(piece, idx, values)  # p becomes p - q_i
-                ws[0] = self.memory.commit("error", params, p, ~bad)
+                ws[0] = self.memory.commit("error", params, candidate, ~bad)
                 buf.copy_(out)
                 return poison(buf, bad)
 
@@ -147,52 +144,42 @@ class QsparseLocalSGD(LocalSteps, HookState):
         x_i = x_last = x_last - mean_j q_j. Nothing moves if any rank's Delta is not finite."""
         params = self.model_view().params
         plan = self._plans.get(params, step)
-        delta, mean = self._workspaces.get(params, step)
+        candidate, mean = self._workspaces.get(params, step)
         lrs = self.learning_rates(params)
         if self.wipe_memory_on_lr_change and self._lr_at_sync is not None and lrs != self._lr_at_sync:
             self.memory.clear("memory")
         self._lr_at_sync = lrs
         memory = self.memory.flat("memory", params)
         last = self.memory.flat("x_last", params)
+        numels = [p.numel() for p in params]
         with torch.no_grad():
             with self.time(step, "compress", last.device):
-                torch.add(memory, last, out=delta)
-                deltas = delta.split([p.numel() for p in params])
-                for piece, p in zip(deltas, params):
-                    piece.sub_(p.detach().reshape(-1))  # mem + (x_last - x)
-                payload, local = plan.encode(deltas, self._generator, self._shared)
+                progress = [x0 - p.detach().reshape(-1) for x0, p in zip(last.split(numels), params)]  # x_last - x
+                candidate.copy_(memory)
+                payload, local = plan.encode_ef(progress, candidate.split(numels), (self.rng.rank, self.rng.shared))
             self.count_bits(step, plan.paper_bits)
             gathered = self.transport.all_gather(payload, step).wait()
             with self.time(step, "decompress", last.device):
-                bad = bool(plan.mean(gathered, mean.split([p.numel() for p in params]), local))
-                if not bad:
-                    for piece, (idx, values) in zip(deltas, local):
-                        subtract_message(piece, idx, values)  # mem = Delta - q_i
-                    memory.copy_(delta)
+                if not bool(plan.mean(gathered, mean.split(numels), local)):
+                    memory.copy_(candidate)  # mem = Delta - q_i
                     last.sub_(mean)
-                for p, piece in zip(params, last.split([p.numel() for p in params])):
+                for p, piece in zip(params, last.split(numels)):
                     p.copy_(piece.view_as(p))
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {
-            "generator": self._generator.get_state(),
-            "shared": self._shared.get_state(),
-            "lr_at_sync": self._lr_at_sync,
-            **self.local_state(),
-        }
+        return {"rng": self.rng.state_dict(), "lr_at_sync": self._lr_at_sync, **self.local_state()}
 
     def check_extra(self, extra: Any) -> list[str]:
         lrs = extra.get("lr_at_sync")
         ok_lrs = lrs is None or (isinstance(lrs, list) and all(isinstance(v, (int, float)) for v in lrs))
         return (
-            check_generators(extra, ("generator", "shared"))
+            Generators.problems(extra.get("rng"))
             + self.check_local_state(extra)
             + ([] if ok_lrs else ["extra['lr_at_sync'] must be None or a list of floats"])
         )
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._generator.set_state(state["generator"])
-        self._shared.set_state(state["shared"])
+        self.rng.load_state_dict(state["rng"])
         self._lr_at_sync = state["lr_at_sync"]
         self.load_local_state(state)

@@ -13,7 +13,7 @@ with the thread count of the thread that created it (the hook's), on every rank.
 """
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch.futures import Future
@@ -37,20 +37,20 @@ def pinned(fn: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def chain(fut: Future, fn: Callable[[Any], T], what: str | None = None) -> Future:
+def chain(fut: Future[Any], fn: Callable[[Any], T], what: str | None = None) -> Future[T]:
     """When ``fut`` completes, ``fn(value)``; the returned future holds its result.
 
     If ``fut`` failed, ``fn`` does not run and the error is re-raised as a
     :class:`CollectiveError` naming ``what`` (e.g. ``"all_gather (stage 0, step 12)"``)."""
     body = pinned(fn)
 
-    def callback(done: Future) -> T:
+    def callback(done: Future[Any]) -> T:
         return body(value_of(done, what))
 
     return fut.then(callback)
 
 
-def value_of(done: Future, what: str | None = None) -> Any:
+def value_of(done: Future[Any], what: str | None = None) -> Any:
     """The value of a completed future; its error renamed after ``what`` when given."""
     try:
         return done.value()
@@ -62,11 +62,16 @@ def value_of(done: Future, what: str | None = None) -> Any:
         raise CollectiveError(f"ddp_hooks: {what} failed: {_first_line(exc)}") from exc
 
 
-def done(value: Any) -> Future:
+def done(value: T) -> Future[T]:
     """A future that already holds ``value``."""
-    fut: Future = Future()
+    fut: Future[T] = Future()
     fut.set_result(value)
     return fut
+
+
+def fail(fut: Future[Any], error: BaseException) -> None:
+    """Complete ``fut`` with ``error`` (torch's stub types the argument as the result)."""
+    fut.set_exception(cast(Any, error))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,7 +17,8 @@ def timeout_of(group: ProcessGroup) -> timedelta | None:
     """The timeout ``group`` was created with (None where torch does not expose it)."""
     for device in ("cpu", "cuda"):
         try:
-            return group._get_backend(torch.device(device)).options._timeout  # type: ignore[attr-defined]
+            timeout: timedelta = group._get_backend(torch.device(device)).options._timeout
+            return timeout
         except Exception:  # noqa: BLE001 - no backend for that device, or an older torch
             continue
     return None
@@ -27,13 +28,9 @@ def new_group_like(group: ProcessGroup, ranks: list[int] | None = None) -> Proce
     """A new group (all of ``group``'s ranks, or the global ``ranks``) with its backend and
     timeout. Collective over the whole world: every rank must call it, in the same order."""
     members = dist.get_process_group_ranks(group) if ranks is None else ranks
-    kwargs = {"ranks": members, "backend": dist.get_backend(group)}
-    timeout = timeout_of(group)
-    if timeout is not None:
-        kwargs["timeout"] = timeout
-    made = dist.new_group(**kwargs)
-    if made is None:  # pragma: no cover - torch returns a non-member sentinel, not None
-        raise RuntimeError(f"could not create a process group of ranks {members}")
+    made = dist.new_group(ranks=members, backend=dist.get_backend(group), timeout=timeout_of(group))
+    if not isinstance(made, ProcessGroup):  # torch returns a sentinel to non-members
+        raise RuntimeError(f"this rank is not in the new process group of ranks {members}")
     return made
 
 

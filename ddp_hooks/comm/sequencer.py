@@ -11,12 +11,13 @@ order their tickets were taken in the hook.
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from torch.futures import Future
 
-from .futures import value_of
+from .futures import fail, value_of
 
-Thunk = Callable[[], Future]
+Thunk = Callable[[], Future[Any]]
 
 
 class Sequencer:
@@ -32,7 +33,7 @@ class Sequencer:
         self._next_ticket = 0
         self._next_run = 0
         self._draining = False
-        self._ready: dict[int, tuple[Thunk | None, Future, BaseException | None]] = {}
+        self._ready: dict[int, tuple[Thunk | None, Future[Any], BaseException | None]] = {}
 
     def reserve(self) -> int:
         with self._lock:
@@ -40,7 +41,7 @@ class Sequencer:
             self._next_ticket += 1
             return ticket
 
-    def submit(self, ticket: int, thunk: Thunk | None, out: Future, error: BaseException | None = None) -> None:
+    def submit(self, ticket: int, thunk: Thunk | None, out: Future[Any], error: BaseException | None = None) -> None:
         with self._lock:
             self._ready[ticket] = (thunk, out, error)
             if self._draining:
@@ -56,20 +57,20 @@ class Sequencer:
             self._run(*item)
 
     @staticmethod
-    def _run(thunk: Thunk | None, out: Future, error: BaseException | None) -> None:
+    def _run(thunk: Thunk | None, out: Future[Any], error: BaseException | None) -> None:
         if error is not None or thunk is None:
-            out.set_exception(error or RuntimeError("nothing to run"))
+            fail(out, error or RuntimeError("nothing to run"))
             return
         try:
             inner = thunk()
         except BaseException as exc:  # noqa: BLE001 - forwarded to the waiting future
-            out.set_exception(exc)
+            fail(out, exc)
             return
         inner.add_done_callback(lambda f: _forward(f, out))
 
 
-def _forward(source: Future, target: Future) -> None:
+def _forward(source: Future[Any], target: Future[Any]) -> None:
     try:
         target.set_result(value_of(source))
     except BaseException as exc:  # noqa: BLE001
-        target.set_exception(exc)
+        fail(target, exc)

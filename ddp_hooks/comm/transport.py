@@ -53,25 +53,25 @@ class Transport:
         self._groups = [group] + [new_group_like(group) for _ in range(stages - 1)]
         self._sequencers = [Sequencer() for _ in range(stages)]
 
-    def _issue(self, kind: str, step: int, stage: int, work: Any, result: Callable[[], Any]) -> Future:
+    def _issue(self, kind: str, step: int, stage: int, work: Any, result: Callable[[], Any]) -> Future[Any]:
         what = f"{kind} (stage {stage}, step {step})"
         return chain(work.get_future(), lambda _: result(), what)
 
     # ---- collectives (issued now, on the group of ``stage``) ------------------------------
-    def all_reduce(self, tensor: torch.Tensor, step: int, stage: int = 0) -> Future:
+    def all_reduce(self, tensor: torch.Tensor, step: int, stage: int = 0) -> Future[Any]:
         """Sum ``tensor`` in place across ranks; the future holds ``tensor``."""
         self.stats.collective(step, "all_reduce", _nbytes(tensor), _nbytes(tensor))
         work = dist.all_reduce(tensor, group=self._groups[stage], async_op=True)
         return self._issue("all_reduce", step, stage, work, lambda: tensor)
 
-    def all_gather(self, payload: torch.Tensor, step: int, stage: int = 0) -> Future:
+    def all_gather(self, payload: torch.Tensor, step: int, stage: int = 0) -> Future[Any]:
         """Gather a fixed-size 1-D payload from every rank; the future holds ``(n, len)``."""
         out = payload.new_empty(self.world_size * payload.numel())
         self.stats.collective(step, "all_gather", _nbytes(payload), _nbytes(out))
         work = _all_gather_flat(out, payload, group=self._groups[stage], async_op=True)
         return self._issue("all_gather", step, stage, work, lambda: out.view(self.world_size, -1))
 
-    def all_to_all(self, chunks: torch.Tensor, step: int, stage: int = 0) -> Future:
+    def all_to_all(self, chunks: torch.Tensor, step: int, stage: int = 0) -> Future[Any]:
         """Send row ``j`` of ``chunks`` (``(n, len)``) to rank ``j``; the future holds the
         ``(n, len)`` rows received, row ``i`` from rank ``i``."""
         if chunks.dim() != 2 or chunks.shape[0] != self.world_size:
@@ -81,7 +81,7 @@ class Transport:
         work = dist.all_to_all_single(out, chunks, group=self._groups[stage], async_op=True)
         return self._issue("all_to_all", step, stage, work, lambda: out)
 
-    def broadcast(self, tensor: torch.Tensor, src: int, step: int, stage: int = 0) -> Future:
+    def broadcast(self, tensor: torch.Tensor, src: int, step: int, stage: int = 0) -> Future[Any]:
         """``tensor`` of group rank ``src`` into ``tensor`` on every rank; the future holds it."""
         nbytes = _nbytes(tensor)
         self.stats.collective(step, "broadcast", nbytes if src == self.rank else 0, nbytes)
@@ -91,7 +91,7 @@ class Transport:
         return self._issue("broadcast", step, stage, work, lambda: tensor)
 
     # ---- ordered later stages -----------------------------------------------------------
-    def then(self, fut: Future, stage: int, fn: Callable[[Any], Future]) -> Future:
+    def then(self, fut: Future[Any], stage: int, fn: Callable[[Any], Future[Any]]) -> Future[Any]:
         """When ``fut`` completes, run ``fn(value)`` (which issues stage ``stage``
         collectives and returns their future), in the order ``then`` was called for that stage.
 
@@ -100,10 +100,10 @@ class Transport:
         """
         sequencer = self._sequencers[stage]
         ticket = sequencer.reserve()
-        out: Future = Future()
+        out: Future[Any] = Future()
         body = pinned(fn)
 
-        def ready(done: Future) -> None:
+        def ready(done: Future[Any]) -> None:
             try:
                 value = value_of(done)
             except BaseException as exc:  # noqa: BLE001 - forwarded in ticket order

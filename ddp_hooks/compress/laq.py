@@ -110,6 +110,21 @@ def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     return (planes * weights).sum(-1, dtype=torch.uint8)
 
 
+def model_change(params: list[torch.Tensor], previous: torch.Tensor) -> torch.Tensor:
+    """``||theta - previous||^2`` (0-d float64) for the flat ``previous`` copy of ``params``,
+    then ``previous = theta``: one pass per parameter."""
+    pieces = previous.split([p.numel() for p in params])
+    if all(p.dtype == torch.float32 and cpu.usable(p) for p in params) and cpu.usable(previous):
+        total = sum(cpu.sqdiff_copy(p.detach().reshape(-1), piece) for p, piece in zip(params, pieces))
+        return torch.tensor(float(total), dtype=torch.float64)
+    change = torch.zeros((), dtype=torch.float64, device=previous.device)
+    for p, piece in zip(params, pieces):
+        new = p.detach().reshape(-1).float()
+        change += torch.linalg.vector_norm(piece - new, dtype=torch.float64).square()
+        piece.copy_(new)
+    return change
+
+
 @dataclass(frozen=True)
 class UploadMessage:
     """One upload of ``count`` b-bit codes: ``[radius (fp32) | packed codes]`` as uint8 bytes.

@@ -3,19 +3,20 @@
 For each block b of a flat vector p: ``scale_b = ||p_b||_1 / d_b`` and ``C(p)_b = scale_b *
 sgn(p_b)`` with ``sgn(0) = +1``. Signs travel packed (:mod:`.bits`). Block sums are
 accumulated in float64 and rounded once to float32, so the result does not depend on the
-summation order; the fused loops and kernels are tested against this reference.
+summation order; the fused loops and kernels are checked against these references.
 
 Blocks are contiguous ranges ``(lo, hi)`` covering a vector from its start, in order: one per
 parameter tensor, or each tensor cut into ``block_size`` pieces (:func:`block_sizes`).
-On CPU, fp32 inputs go through the fused loops of :mod:`ddp_hooks._ext.cpu` when they are
-available (same signs and packing; ``DDP_HOOKS_NO_NATIVE=1`` keeps the torch operations).
+Dispatch: CUDA tensors run the fused kernels of :mod:`ddp_hooks._ext.cuda` when they are
+loaded and checked; CPU fp32 tensors the fused loops of :mod:`ddp_hooks._ext.cpu`; anything
+else the torch operations below.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from .._ext import cpu
+from .._ext import cpu, cuda
 from .bits import pack_signs, packed_size, unpack_bits
 
 Blocks = list[tuple[int, int]]
@@ -41,6 +42,22 @@ def ranges(sizes: list[int], start: int = 0) -> Blocks:
     return out
 
 
+@dataclass(frozen=True)
+class BlockSet:
+    """Blocks covering ``[0, n]`` from 0, as host ranges and as the kernels' device offsets
+    (built once per layout, so no host-to-device copy happens per step)."""
+
+    blocks: tuple[tuple[int, int], ...]
+    offsets: torch.Tensor  # int64 [lo_0, hi_0, hi_1, ...] on the vectors' device
+    longest: int
+
+    @classmethod
+    def of(cls, blocks: Blocks, device: torch.device) -> "BlockSet":
+        bounds = [blocks[0][0]] + [hi for _, hi in blocks] if blocks else [0, 0]
+        longest = max((hi - lo for lo, hi in blocks), default=0)
+        return cls(tuple(blocks), torch.tensor(bounds, dtype=torch.int64, device=device), longest)
+
+
 def block_scales(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """``||x_b||_1 / d_b`` per block (float32, accumulated in float64)."""
     if x.dtype == torch.float32 and cpu.usable(x):
@@ -61,7 +78,7 @@ def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: Blocks, out: torch.
             out[lo:hi].mul_(2 * s).sub_(s)
         return out
     counts = torch.tensor([hi - lo for lo, hi in blocks], device=out.device)
-    per = torch.repeat_interleave(scales, counts, output_size=n)  # no host synchronization
+    per = torch.repeat_interleave(scales[: len(blocks)], counts, output_size=n)
     torch.where(bits[:n], per, -per, out=out[:n])
     return out
 
@@ -85,12 +102,23 @@ def compress(x: torch.Tensor, blocks: Blocks, residual: torch.Tensor) -> tuple[t
     return sign_residual(x, blocks, scales, residual), scales
 
 
+def compress_ef(
+    x: torch.Tensor, error: torch.Tensor, rho: float | torch.Tensor, blocks: BlockSet, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-compensated: the scaled sign of ``v = x + rho * error`` (blocks covering ``x``;
+    ``rho`` a float or per element), with ``residual = v - C(v)``. One kernel on CUDA; else
+    ``x`` becomes ``v`` first."""
+    if not torch.is_tensor(rho) and cuda.usable("sign_compress_ef", x, error, residual):
+        return cuda.sign_compress_ef(x, error, rho, blocks.offsets, residual, blocks.longest)
+    if torch.is_tensor(rho):
+        x.addcmul_(error, rho)
+    else:
+        x.add_(error, alpha=rho)
+    return compress(x, list(blocks.blocks), residual)
+
+
 def decode(
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    blocks: Blocks,
-    out: torch.Tensor,
-    accumulate: bool = False,
+    packed: torch.Tensor, scales: torch.Tensor, blocks: Blocks, out: torch.Tensor, accumulate: bool = False
 ) -> torch.Tensor:
     """``C(x)`` from its packed signs and scales into ``out`` (``accumulate``: added to it)."""
     if out.dtype == torch.float32 and cpu.usable(packed, scales, out):
@@ -100,6 +128,19 @@ def decode(
         return expand(unpack_bits(packed, n), scales, blocks, out)
     out[:n].add_(expand(unpack_bits(packed, n), scales, blocks, torch.empty(n, device=out.device)))
     return out
+
+
+def average(signs: torch.Tensor, scales: torch.Tensor, blocks: BlockSet, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = the mean of the ``n`` messages ``(signs[i], scales[i])`` (``(n, bytes)`` and
+    ``(n, >= blocks)``), added in row order, then divided by ``n``: the same floats on every
+    rank. One kernel on CUDA."""
+    if cuda.usable("unpack_average", signs, scales, out):
+        return cuda.unpack_average(signs.contiguous(), scales.contiguous(), blocks.offsets, out)
+    listed = list(blocks.blocks)
+    decode(signs[0], scales[0], listed, out)
+    for i in range(1, signs.shape[0]):
+        decode(signs[i], scales[i], listed, out, accumulate=True)
+    return out.div_(signs.shape[0])
 
 
 @dataclass(frozen=True)
@@ -130,8 +171,13 @@ class SignMessage:
 
     def scales(self, rows: torch.Tensor) -> torch.Tensor:
         start = packed_size(self.count)
-        return rows[..., start : start + 4 * self.nscales].contiguous().view(torch.float32)
+        return _as_float(rows[..., start : start + 4 * self.nscales])
 
     def any_bad(self, rows: torch.Tensor) -> torch.Tensor:
         """0-d bool: does any row carry the non-finite flag?"""
-        return rows[..., -4:].contiguous().view(torch.float32).sum() > 0
+        return _as_float(rows[..., -4:]).sum() > 0
+
+
+def _as_float(raw: torch.Tensor) -> torch.Tensor:
+    """Bytes ``(..., 4m)`` read as float32 ``(..., m)`` (copied: a slice may sit unaligned)."""
+    return torch.empty(raw.shape, dtype=torch.uint8, device=raw.device).copy_(raw).view(torch.float32)

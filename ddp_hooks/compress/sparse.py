@@ -25,11 +25,13 @@ import math
 
 import torch
 
-from ..core.flags import nonfinite
+from .._ext import cuda
 from .bits import pack_signs, unpack_signs
 
 KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd")
 _DENSE = ("sign", "qsgd")
+_FUSED = ("topk", "signtopk")  # top-k with error feedback in one CUDA kernel when it is loaded
+Encoded = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # payload, indices or None, values
 
 
 def keep_count(numel: int, k: int | float) -> int:
@@ -42,6 +44,11 @@ def keep_count(numel: int, k: int | float) -> int:
 def top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest magnitudes of a 1-D tensor (exact, as ``torch.topk``)."""
     return torch.topk(v.abs(), k, sorted=False).indices
+
+
+def sign_scale(kept: torch.Tensor, k: int) -> torch.Tensor:
+    """``||kept||_1 / k`` in fp32, summed in fp64 (SignTopK's and EF-signSGD's scale)."""
+    return kept.abs().sum(dtype=torch.float64).div(k).to(torch.float32)
 
 
 def stochastic_levels(magnitude: torch.Tensor, s: int, noise: torch.Tensor) -> torch.Tensor:
@@ -72,8 +79,7 @@ class Codec:
             raise ValueError(f"compressor must be one of {list(KINDS)}, got {kind!r}")
         self.kind, self.numel, self.s = kind, numel, levels
         self.k = numel if kind in _DENSE else keep_count(numel, k)
-        sparse = kind not in _DENSE
-        sizes = {"idx": 4 * self.k} if sparse and kind != "grbs" else {}
+        sizes = {"idx": 4 * self.k} if kind not in _DENSE and kind != "grbs" else {}
         if kind in ("topk", "randk", "grbs"):
             sizes["values"] = 4 * self.k
         if kind in ("signtopk", "qtopk", "sign", "qsgd"):
@@ -99,51 +105,67 @@ class Codec:
             "qsgd": d * (1 + level) + 32,
         }[self.kind]
 
-    # ---- encode / decode ---------------------------------------------------------------------
-    def encode(self, v: torch.Tensor, generator: torch.Generator | None = None):
-        """Compress fp32 ``v`` (``numel``,): returns (payload uint8, indices, values) where
-        ``values`` at ``indices`` is the decompressed message (what the receivers will add).
+    # ---- encode -----------------------------------------------------------------------------
+    def encode(self, v: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
+        """Compress fp32 ``v`` (``numel``,): (payload uint8, indices or None, values), where
+        ``values`` at the indices is the decompressed message (what the receivers will add).
         ``generator`` is this rank's (randk, stochastic rounding) or, for grbs, the shared one."""
-        kind, k = self.kind, self.k
-        device = v.device
-        if kind in _DENSE:
-            idx = None
-            kept = v
-        elif kind in ("randk", "grbs"):
-            idx = torch.randperm(self.numel, generator=generator)[:k].sort().values.to(device)
-            kept = v[idx]
-        else:
-            idx = top_indices(v, k)
-            kept = v[idx]
-        fields = {}
-        if idx is not None:
+        idx = self._select(v, generator)
+        kept = v if idx is None else v[idx]
+        fields, values = self._values(kept, generator)
+        if idx is not None and self.kind != "grbs":
             fields["idx"] = idx.to(torch.int32)
-        if kind in ("topk", "randk", "grbs"):
-            values = kept.clone()
-            fields["values"] = values
-        elif kind in ("signtopk", "sign"):
-            scale = kept.abs().sum(dtype=torch.float64).div(k).to(torch.float32)
-            fields["signs"] = pack_signs(kept)
-            fields["scale"] = scale.view(1)
-            values = torch.where(kept >= 0, scale, -scale)
-        else:  # qtopk, qsgd
-            noise = torch.rand(k, generator=generator).to(device)
-            norm = torch.linalg.vector_norm(kept)
-            safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-            levels = stochastic_levels(kept.abs() / safe, self.s, noise)
-            unit = norm / self.s
-            if kind == "qtopk":
-                unit = unit / (1 + qtopk_beta(k, self.s))
-            fields["signs"] = pack_signs(kept)
-            fields["scale"] = unit.view(1)
-            fields["levels"] = levels.to(torch.uint8)
-            values = torch.where(kept >= 0, 1.0, -1.0) * levels * unit
         payload = torch.cat([fields[name].reshape(-1).view(torch.uint8) for name in self._fields])
         return payload, idx, values
 
-    def decode(self, payload: torch.Tensor, shared_idx: torch.Tensor | None = None):
-        """``(n, nbytes)`` payloads -> (indices ``(n, k)`` int64 or None for dense, values ``(n, k)``).
-        For ``grbs`` the indices are this rank's own (``shared_idx``), the same on every rank."""
+    def encode_ef(self, p: torch.Tensor, e: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
+        """Error-compensated: compress ``v = p + e`` and leave ``e = v - q`` (in place). Top-k
+        and SignTopK of CUDA tensors run as one kernel when the extension is loaded."""
+        if self.kind in _FUSED and cuda.usable("topk_ef", p, e):
+            idx, values = cuda.topk_ef(p, e, self.k, sign=self.kind == "signtopk")
+            fields = {"idx": idx.to(torch.int32), "values": values}
+            if self.kind == "signtopk":
+                fields = {"idx": fields["idx"], "signs": pack_signs(values), "scale": values.abs()[:1]}
+            payload = torch.cat([fields[name].reshape(-1).view(torch.uint8) for name in self._fields])
+            return payload, idx, values
+        e.add_(p)  # v
+        payload, idx, values = self.encode(e, generator)
+        subtract_message(e, idx, values)
+        return payload, idx, values
+
+    def _select(self, v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        if self.kind in _DENSE:
+            return None
+        if self.kind in ("randk", "grbs"):
+            return torch.randperm(self.numel, generator=generator)[: self.k].sort().values.to(v.device)
+        return top_indices(v, self.k)
+
+    def _values(
+        self, kept: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The payload fields of the kept values, and the values the receivers will add."""
+        if self.kind in ("topk", "randk", "grbs"):
+            values = kept.clone()
+            return {"values": values}, values
+        if self.kind in ("signtopk", "sign"):
+            scale = sign_scale(kept, self.k)
+            return {"signs": pack_signs(kept), "scale": scale.view(1)}, torch.where(kept >= 0, scale, -scale)
+        noise = torch.rand(self.k, generator=generator).to(kept.device)  # qtopk, qsgd
+        norm = torch.linalg.vector_norm(kept)
+        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+        levels = stochastic_levels(kept.abs() / safe, self.s, noise)
+        unit = norm / self.s
+        if self.kind == "qtopk":
+            unit = unit / (1 + qtopk_beta(self.k, self.s))
+        fields = {"signs": pack_signs(kept), "scale": unit.view(1), "levels": levels.to(torch.uint8)}
+        return fields, torch.where(kept >= 0, 1.0, -1.0) * levels * unit
+
+    # ---- decode -----------------------------------------------------------------------------
+    def decode(
+        self, payload: torch.Tensor, shared_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(n, nbytes)`` payloads -> (indices ``(n, k)`` int64 or None for dense, values
+        ``(n, k)``). For ``grbs`` the indices are this rank's own (``shared_idx``)."""
         n = payload.shape[0]
         parts, off = {}, 0
         for name, size in self._fields.items():
@@ -153,6 +175,7 @@ class Codec:
         if "idx" in parts:
             idx = parts["idx"].contiguous().view(torch.int32).to(torch.int64).view(n, self.k)
         elif self.kind == "grbs":
+            assert shared_idx is not None, "grbs decodes with the shared indices"
             idx = shared_idx.expand(n, self.k)
         if "values" in parts:
             return idx, parts["values"].contiguous().view(torch.float32).view(n, self.k)
@@ -161,44 +184,6 @@ class Codec:
         if "levels" in parts:
             signs = signs * parts["levels"].to(torch.float32)
         return idx, signs * scale
-
-
-class MessagePlan:
-    """Codecs of a list of tensors (``numel`` each) and where each payload sits in one
-    concatenated message, with a trailing 4-byte non-finite flag."""
-
-    def __init__(self, tensors, kind: str, k: int | float, levels: int) -> None:
-        self.codecs = [Codec(kind, t.numel(), k, levels) for t in tensors]
-        self.offsets = [0]
-        for c in self.codecs:
-            self.offsets.append(self.offsets[-1] + c.nbytes)
-        self.paper_bits = sum(c.paper_bits() for c in self.codecs)
-
-    def encode(self, vectors, generator, shared):
-        """Payload (with a trailing 4-byte non-finite flag) and each tensor's local message."""
-        payloads, local = [], []
-        for codec, v in zip(self.codecs, vectors):
-            payload, idx, values = codec.encode(v, shared if codec.kind == "grbs" else generator)
-            payloads.append(payload)
-            local.append((idx, values))
-        bad = torch.stack([nonfinite(v) for v in vectors]).any().float().view(1)
-        payloads.append(bad.view(torch.uint8))
-        return torch.cat(payloads), local
-
-    def mean(self, gathered: torch.Tensor, outputs, local) -> torch.Tensor:
-        """Write ``mean_j q_j`` of every tensor into ``outputs`` (flat fp32, zeroed here);
-        workers are added in rank order, so every rank computes the same floats."""
-        n = gathered.shape[0]
-        for k, (codec, out) in enumerate(zip(self.codecs, outputs)):
-            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]], local[k][0])
-            out.zero_()
-            for j in range(n):
-                if idx is None:
-                    out.add_(values[j])
-                else:
-                    out.index_add_(0, idx[j], values[j])  # indices unique within a payload
-            out.div_(n)
-        return gathered[:, -4:].contiguous().view(torch.float32).sum() > 0
 
 
 def subtract_message(dense: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> None:

@@ -6,12 +6,14 @@ from .checks import check_bool, check_choice, check_float, check_int, check_seed
 from .flags import any_set, as_flag, keep_unless, nonfinite, poison, reads_flags, sync_free
 from .held import Held
 from .memory import ParameterMemory
+from .rng import Generators
 from .state import HookState, comm_hook
 from .stats import Stats
 
 __all__ = [
     "Bucket",
     "ConfigMismatch",
+    "Generators",
     "Held",
     "HookState",
     "ParameterMemory",

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+from torch._C._distributed_c10d import GradBucket
 
 
 @dataclass
@@ -18,7 +18,7 @@ class Bucket:
     is_last: bool = False
 
     @classmethod
-    def of(cls, bucket: dist.GradBucket) -> "Bucket":
+    def of(cls, bucket: GradBucket) -> "Bucket":
         return cls(bucket.buffer(), list(bucket.parameters()), bucket.is_last())
 
     @property

@@ -9,11 +9,13 @@ futures and completes them together, with the result or with the error.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.futures import Future
 
 from ..comm import chain
+from ..comm.futures import fail
 
 
 @dataclass
@@ -22,7 +24,7 @@ class Held:
 
     buffer: torch.Tensor
     params: list[torch.Tensor]
-    future: Future = field(default_factory=Future)
+    future: Future[torch.Tensor] = field(default_factory=Future)
 
 
 class HeldBuckets:
@@ -31,15 +33,15 @@ class HeldBuckets:
     def __init__(self) -> None:
         self._held: list[Held] = []
 
-    def hold(self, buffer: torch.Tensor, params: list[torch.Tensor]) -> Future:
+    def hold(self, buffer: torch.Tensor, params: list[torch.Tensor]) -> Future[torch.Tensor]:
         """Keep an earlier bucket; its future completes when the step's last bucket is done."""
         entry = Held(buffer, params)
         self._held.append(entry)
         return entry.future
 
     def release(
-        self, buffer: torch.Tensor, params: list[torch.Tensor], decide: Callable[[list[Held]], Future]
-    ) -> Future:
+        self, buffer: torch.Tensor, params: list[torch.Tensor], decide: Callable[[list[Held]], Future[Any]]
+    ) -> Future[torch.Tensor]:
         """At the last bucket: ``decide(all buckets of the step)`` writes every buffer and
         returns a future that completes when they are written; then every held future
         completes with its buffer (or with the error). Returns the last bucket's future."""
@@ -48,7 +50,7 @@ class HeldBuckets:
             written = decide(held)
         except BaseException as exc:
             for entry in held[:-1]:
-                entry.future.set_exception(exc)
+                fail(entry.future, exc)
             raise
 
         def complete(_: object) -> torch.Tensor:
@@ -64,13 +66,13 @@ class HeldBuckets:
         """Fail every held future (the step cannot complete)."""
         held, self._held = self._held, []
         for entry in held:
-            entry.future.set_exception(error)
+            fail(entry.future, error)
 
 
-def _fail_held(out: Future, held: list[Held]) -> None:
+def _fail_held(out: Future[torch.Tensor], held: list[Held]) -> None:
     try:
         out.value()
     except BaseException as exc:  # noqa: BLE001 - every waiting bucket gets the error
         for entry in held:
             if not entry.future.done():
-                entry.future.set_exception(exc)
+                fail(entry.future, exc)

@@ -17,7 +17,7 @@ class LayoutCache(Generic[T]):
 
     def __init__(self, build: Callable[[Sequence[torch.Tensor]], T]) -> None:
         self._build = build
-        self._entries: dict[tuple, tuple[T, int]] = {}
+        self._entries: dict[tuple[int, ...], tuple[T, int]] = {}
 
     def get(self, params: Sequence[torch.Tensor], step: int) -> T:
         key = tuple(id(p) for p in params)

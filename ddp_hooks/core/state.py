@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import GradBucket
 from torch.futures import Future
 
 from .._version import __version__
@@ -36,7 +37,7 @@ PYTHON_REDUCER = (
 )
 
 
-def comm_hook(state: "HookState", bucket: dist.GradBucket) -> Future[torch.Tensor]:
+def comm_hook(state: "HookState", bucket: GradBucket) -> Future[torch.Tensor]:
     """The DDP communication hook of every state in this library.
 
     ``ddp.register_comm_hook(state, ddp_hooks.comm_hook)`` is what :meth:`HookState.register`
@@ -79,7 +80,7 @@ class HookState:
         """The hyper-parameters every rank must share (override; extends the base fields)."""
         return {"warmup_steps": self.warmup_steps}
 
-    def reduce(self, bucket: Bucket, step: int) -> Future:
+    def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         """Compress, communicate and decompress one bucket; the future holds the new gradient."""
         raise NotImplementedError
 
@@ -123,6 +124,7 @@ class HookState:
                 "torch.distributed.init_process_group(...) before register() or the first backward"
             )
         group = self._group_arg if self._group_arg is not None else dist.group.WORLD
+        assert group is not None  # the default group exists once initialized
         self._group = group
         self._stats.world_size = dist.get_world_size(group)
         self.on_bind()
@@ -197,7 +199,7 @@ class HookState:
         """Follow ``optimizer`` (validated first): its learning rates and its steps."""
         self._link.bind(optimizer)
 
-    def register(self, ddp: torch.nn.Module, optimizer: Any = None) -> "HookState":
+    def register(self, ddp: Any, optimizer: Any = None) -> "HookState":
         """Register this state on ``ddp`` in one line; returns the state.
 
         ``optimizer``: the optimizer that steps ``ddp``'s parameters (found automatically at
@@ -214,7 +216,7 @@ class HookState:
         return self
 
     # ---- the hook -----------------------------------------------------------------------------
-    def run(self, bucket: dist.GradBucket) -> Future:
+    def run(self, bucket: GradBucket) -> Future[torch.Tensor]:
         """Hook body: count the step, warm up exactly, else hand over to :meth:`reduce`."""
         if isinstance(bucket, tuple):
             raise RuntimeError(PYTHON_REDUCER)
@@ -233,13 +235,13 @@ class HookState:
             return self.exact_mean(view.buffer, step)
         return self.reduce(view, step)
 
-    def exact_mean(self, buffer: torch.Tensor, step: int, stage: int = 0) -> Future:
+    def exact_mean(self, buffer: torch.Tensor, step: int, stage: int = 0) -> Future[torch.Tensor]:
         """Mean all-reduce exactly as DDP does without a hook (scale by 1/n, then sum)."""
         buffer.mul_(1.0 / self.world_size)
         self._stats.paper_bits(step, 8 * buffer.numel() * buffer.element_size())
         return self.transport.all_reduce(buffer, step, stage)
 
-    def keep_local(self, bucket: Bucket, step: int) -> Future:
+    def keep_local(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         """A local phase: the gradient stays on this rank, but whether the step is finite is
         agreed: one flag per step (all-reduced at the last bucket), so that ``GradScaler``
         skips the same steps on every rank. A rank's non-finite step makes every bucket NaN
@@ -251,7 +253,7 @@ class HookState:
             return self._held.hold(buffer, params)
         flag, self._local_bad = as_flag(self._local_bad), None
 
-        def agree_finite(held: list[Held]) -> Future:
+        def agree_finite(held: list[Held]) -> Future[None]:
             def mark(total: torch.Tensor) -> None:
                 for entry in held:
                     poison(entry.buffer, total[0] > 0)

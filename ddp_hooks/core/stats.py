@@ -16,7 +16,9 @@ known without waiting), attributed to the training step that produced the payloa
 
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -42,7 +44,7 @@ _WIRE = {
 
 def wire_factor(kind: str, world_size: int) -> float:
     """Bytes on the wire per worker per payload byte for collective ``kind``."""
-    return _WIRE[kind](world_size)
+    return float(_WIRE[kind](world_size))
 
 
 class Stats:
@@ -54,7 +56,7 @@ class Stats:
         self._lock = threading.Lock()
         self._steps: dict[int, dict[str, float]] = {}
         self._total = dict.fromkeys(COUNTERS, 0.0)
-        self._pending_events: list[tuple[int, str, object, object]] = []
+        self._pending_events: list[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def _add(self, step: int, key: str, value: float) -> None:
         with self._lock:
@@ -82,7 +84,7 @@ class Stats:
         self._add(step, "paper_bits", bits)
 
     @contextmanager
-    def timer(self, step: int, phase: str, device: torch.device):
+    def timer(self, step: int, phase: str, device: torch.device) -> Iterator[None]:
         """Time a block as ``compress`` or ``decompress`` without synchronizing the device."""
         key = f"{phase}_s"
         if device.type == "cuda":
@@ -109,7 +111,7 @@ class Stats:
                     self._steps[step][key] += seconds
                 self._total[key] += seconds
 
-    def summary(self, completed_steps: int) -> dict:
+    def summary(self, completed_steps: int) -> dict[str, Any]:
         """Counters of the last completed step and the totals, with ratios to fp32 all-reduce."""
         self._resolve_events()
         with self._lock:
@@ -123,11 +125,11 @@ class Stats:
         total["steps"] = completed_steps
         return {"world_size": self.world_size, "last_step": last, "total": total}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         with self._lock:
             return {"total": dict(self._total)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         with self._lock:
             self._total.update({k: float(v) for k, v in state["total"].items()})
 

@@ -77,34 +77,34 @@ def fit(entry, lr, steps, ckpt=None):
     return trainer, module, hook, probe
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--hook", required=True)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    entry = catalog.ENTRIES[args.hook]
-    trainer, module, hook, _ = fit(entry, 0.05, args.steps)
-    ckpt = os.path.join(args.out, "lightning.ckpt")
+def run(name, steps, out):
+    """Fit, checkpoint, resume from the checkpoint in a new Trainer; this rank's findings."""
+    entry = catalog.ENTRIES[name]
+    trainer, module, hook, _ = fit(entry, 0.05, steps)
+    ckpt = os.path.join(out, f"{name}.ckpt")
     trainer.save_checkpoint(ckpt)
     saved = hook.state.state_dict()
     stats = hook.state.stats()["total"]
-    trainer2, module2, hook2, probe2 = fit(entry, 0.05, 2 * args.steps, ckpt=ckpt)
-    rank = trainer.global_rank
-    report(
-        args.out,
-        rank,
-        {
-            "accuracy": accuracy(module.model),
-            "accuracy_resumed": accuracy(module2.model),
-            "steps": stats["steps"],
-            "ratio": stats["ratio"],
-            "elements": stats["elements"],
-            "restored_equal": same(probe2.at_start, saved),
-            "steps_after_resume": hook2.state.step,
-            "params": [p.detach().double().sum().item() for p in module2.model.parameters()],
-        },
-    )
+    _, module2, hook2, probe2 = fit(entry, 0.05, 2 * steps, ckpt=ckpt)
+    return {
+        "accuracy": accuracy(module.model),
+        "accuracy_resumed": accuracy(module2.model),
+        "steps": stats["steps"],
+        "ratio": stats["ratio"],
+        "restored_equal": same(probe2.at_start, saved),
+        "steps_after_resume": hook2.state.step,
+        "params": [p.detach().double().sum().item() for p in module2.model.parameters()],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hooks", required=True, help="comma-separated catalog names, run one after the other")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    results = {name: run(name, args.steps, args.out) for name in args.hooks.split(",")}
+    report(args.out, int(os.environ["RANK"]), results)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""One message of sparse or quantized payloads for a list of tensors, with the non-finite flag.
+
+The one owner of this byte layout: each tensor's fixed-size payload (:class:`~.sparse.Codec`)
+at its offset, then a 4-byte flag (1.0 if any of this rank's tensors is not finite).
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from ..core.flags import nonfinite
+from .sparse import Codec
+
+Message = tuple[torch.Tensor | None, torch.Tensor]  # indices (None: dense), values
+
+
+class MessagePlan:
+    """Codecs of a list of tensors (``numel`` each) and where each payload sits."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], kind: str, k: int | float, levels: int) -> None:
+        self.codecs = [Codec(kind, t.numel(), k, levels) for t in tensors]
+        self.offsets = [0]
+        for c in self.codecs:
+            self.offsets.append(self.offsets[-1] + c.nbytes)
+        self.paper_bits = sum(c.paper_bits() for c in self.codecs)
+
+    def encode(
+        self, vectors: Sequence[torch.Tensor], generator: torch.Generator, shared: torch.Generator
+    ) -> tuple[torch.Tensor, list[Message]]:
+        """The message of ``vectors`` and each tensor's own (indices, values)."""
+        encoded = [c.encode(v, shared if c.kind == "grbs" else generator) for c, v in zip(self.codecs, vectors)]
+        return self._message([e[0] for e in encoded], vectors), [(e[1], e[2]) for e in encoded]
+
+    def encode_ef(
+        self,
+        inputs: Sequence[torch.Tensor],
+        errors: Sequence[torch.Tensor],
+        generators: tuple[torch.Generator, torch.Generator],
+    ) -> tuple[torch.Tensor, list[Message]]:
+        """Error-compensated: the message of ``v = input + error`` per tensor, leaving
+        ``error = v - q`` in place; ``generators`` is (this rank's, the shared one)."""
+        generator, shared = generators
+        encoded = [
+            c.encode_ef(p, e, shared if c.kind == "grbs" else generator) for c, p, e in zip(self.codecs, inputs, errors)
+        ]
+        return self._message([e[0] for e in encoded], inputs), [(e[1], e[2]) for e in encoded]
+
+    @staticmethod
+    def _message(payloads: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        bad = torch.stack([nonfinite(v) for v in inputs]).any().float().view(1)
+        return torch.cat([*payloads, bad.view(torch.uint8)])
+
+    def mean(self, gathered: torch.Tensor, outputs: Sequence[torch.Tensor], local: list[Message]) -> torch.Tensor:
+        """Write ``mean_j q_j`` of every tensor into ``outputs`` (flat fp32, zeroed here);
+        workers are added in rank order, so every rank computes the same floats. Returns the
+        0-d flag: was any rank's message not finite?"""
+        n = gathered.shape[0]
+        for k, (codec, out) in enumerate(zip(self.codecs, outputs)):
+            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]], local[k][0])
+            out.zero_()
+            for j in range(n):
+                if idx is None:
+                    out.add_(values[j])
+                else:
+                    out.index_add_(0, idx[j], values[j])  # indices unique within a payload
+            out.div_(n)
+        return gathered[:, -4:].contiguous().view(torch.float32).sum() > 0
