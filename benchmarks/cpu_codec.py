@@ -8,9 +8,10 @@ bandwidth at the same thread count. Ideal bytes per fp32 element: worker input 2
 e; write m, p), compress 8.125 (read p; write the residual and the packed signs), decode
 4.125, decode-and-add 8.125. "round" is everything one worker of an n-worker sharded exchange
 computes per step (input and compress of its bucket, the average of the n workers' rows for its
-shard, the server step on it, decoding the n replies), without communication. LAQ (4 bits): "laq-quantize" is a worker's quantizer as
-the uploads mode runs it (radius, codes and both norms: read g and q_ref twice, write the
-codes, 17 B), "laq-receive" adds one received upload to the sum (8.5 B).
+shard, the server step on it, decoding the n replies), without communication. LAQ (4 bits):
+"laq-quantize" is a worker's quantizer as the uploads mode runs it (radius, codes and both
+norms: read g and q_ref twice, write the codes, 17 B), "laq-receive" adds one received upload
+to the sum (8.5 B).
 
     python benchmarks/cpu_codec.py                       # resnet50, gpt; 1 thread and all cores
     python benchmarks/cpu_codec.py --models resnet18 --threads 1
@@ -83,8 +84,12 @@ def _steps(numels: list[int], workers: int) -> dict:
     out, residual = torch.empty(n), torch.empty(n)
     packed, scales = sign.compress(g, blocks, residual)
     how = Momentum(0.9, True)
-    rows = torch.stack([plan.message.pack(plan.signs_of(0, packed), plan.piece_scales(scales)[0], torch.tensor(False))
-                        for _ in range(plan.n)])  # the n workers' rows for this rank's shard
+    rows = torch.stack(
+        [
+            plan.message.pack(plan.signs_of(0, packed), plan.piece_scales(scales)[0], torch.tensor(False))
+            for _ in range(plan.n)
+        ]
+    )  # the n workers' rows for this rank's shard
     s0, off = plan.shard(0), plan.offset(0)
     mean, server = torch.empty(plan.message.count), torch.empty(s0.stop - s0.start)
     reply_scales = sign.block_scales(g[s0], list(plan.pieces[0].blocks))
@@ -93,7 +98,7 @@ def _steps(numels: list[int], workers: int) -> dict:
         worker_message(g, (m, e), how, 1.0, plan.blocks, buffers)
         sign.average(plan.message.signs(rows), plan.message.scales(rows), plan.row_pieces[0], mean[: off + len(server)])
         sign.compress_ef(mean[off : off + len(server)], e[s0], 1.0, plan.pieces[0], server)
-        for j in range(plan.n):  # the n servers' replies
+        for _ in range(plan.n):  # the n servers' replies
             sign.decode(packed, reply_scales, list(plan.pieces[0].blocks), out[plan.shard(0)])
 
     codes = torch.empty(n, dtype=torch.uint8)

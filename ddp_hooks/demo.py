@@ -12,6 +12,8 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +64,23 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
-def train(rank: int, world: int, name: str, steps: int, batch: int, lr: float, seed: int, verbose: bool):
+@dataclass(frozen=True)
+class RunConfig:
+    """One demo run: how long, how large, how fast, which seed, and whether to print progress."""
+
+    steps: int = 300
+    batch: int = 32
+    lr: float = 0.05
+    seed: int = 0
+    verbose: bool = True
+
+
+def train(rank: int, world: int, name: str, config: RunConfig) -> tuple[float, float, dict[str, Any], list[float]]:
     """One worker of one run: returns (test loss, test accuracy, stats, step times)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    steps, batch, lr, seed, verbose = config.steps, config.batch, config.lr, config.seed, config.verbose
     x_train, y_train, x_test, y_test = load_digits(seed)
     cuda = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -96,15 +110,18 @@ def train(rank: int, world: int, name: str, steps: int, batch: int, lr: float, s
     return test_loss, accuracy, setup.state.stats(), times
 
 
-def run(hooks, workers: int, steps: int, batch: int, lr: float, seed: int, verbose: bool = True):
-    """Train once per hook; returns one result row per hook."""
+def run(
+    hooks: list[str], workers: int, steps: int, batch: int, lr: float, seed: int, verbose: bool = True
+) -> tuple[list[dict[str, Any]], str]:
+    """Train once per hook; returns one result row per hook, and the backend."""
+    config = RunConfig(steps, batch, lr, seed, verbose)
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= workers else "gloo"
     rows = []
     for i, name in enumerate(hooks, 1):
         if verbose:
             print(f"[{i}/{len(hooks)}] {name}: {catalog.ENTRIES[name].summary}", flush=True)
         t0 = time.perf_counter()
-        results = run_world(train, workers, name, steps, batch, lr, seed, verbose, backend=backend, timeout=900)
+        results = run_world(train, workers, name, config, backend=backend, timeout=900)
         loss, acc, stats, times = results[0]
         total = stats["total"]
         rows.append(
@@ -121,7 +138,7 @@ def run(hooks, workers: int, steps: int, batch: int, lr: float, seed: int, verbo
     return rows, backend
 
 
-def format_table(rows) -> str:
+def format_table(rows: list[dict[str, Any]]) -> str:
     head = f"{'hook':>12} {'test loss':>9} {'accuracy':>8} {'bytes/worker/step':>17} {'vs fp32':>8} {'step ms':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -132,7 +149,7 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ddp-hooks-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
     parser.add_argument(

@@ -25,7 +25,7 @@ try:  # the unified package first, then the standalone one
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # pragma: no cover - depends on what is installed
     try:
-        from pytorch_lightning.callbacks import Callback
+        from pytorch_lightning.callbacks import Callback  # type: ignore[assignment]
     except ImportError as exc:
         raise ImportError("ddp_hooks.lightning needs Lightning: pip install lightning") from exc
 

@@ -57,8 +57,8 @@ class _Spec:
 
     fn: Callable[..., Any]
     size: int
-    args: tuple
-    kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     store: str
     timeout: float
     threads: int | None
@@ -72,6 +72,7 @@ class _Spec:
 def _worker(spec: _Spec, rank: int, results: Any) -> None:
     import torch
     import torch.distributed as dist
+    from torch._C._distributed_c10d import FileStore
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if spec.threads is not None:
@@ -81,7 +82,7 @@ def _worker(spec: _Spec, rank: int, results: Any) -> None:
             torch.cuda.set_device(rank % torch.cuda.device_count())
         if spec.simulate_failed_start and rank == spec.size - 1:
             raise RuntimeError("Gloo connectFullMesh failed (simulated)")
-        store = dist.FileStore(spec.store, spec.size)
+        store = FileStore(spec.store, spec.size)
         timeout = timedelta(seconds=spec.group_timeout or spec.timeout)
         dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.size, timeout=timeout)
     except BaseException:  # noqa: BLE001 - reported to the parent, which starts a new world
@@ -127,14 +128,14 @@ def run_world(
         raise ValueError(f"world_size must be an integer in [1, inf), got {world_size}")
     for attempt in range(_INIT_ATTEMPTS):
         spec = _Spec(
-            fn,
-            world_size,
-            args,
-            kwargs,
-            "",
-            timeout,
-            threads,
-            backend,
+            fn=fn,
+            size=world_size,
+            args=args,
+            kwargs=kwargs,
+            store="",
+            timeout=timeout,
+            threads=threads,
+            backend=backend,
             simulate_failed_start=attempt < _FAILED_STARTS_TO_SIMULATE[0],
             may_die=frozenset(may_die),
             group_timeout=group_timeout,

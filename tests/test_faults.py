@@ -90,7 +90,15 @@ def test_dead_peer_fails_every_survivor_fast(name, point):
 def test_stalled_peer_fails_every_survivor_at_the_process_group_timeout(name):
     timeout_s = 2
     results = run_world(
-        _fault_world, 3, name, "hook", "stall", 2.5 * timeout_s + 1, may_die=(VICTIM,), timeout=120, group_timeout=timeout_s
+        _fault_world,
+        3,
+        name,
+        "hook",
+        "stall",
+        2.5 * timeout_s + 1,
+        may_die=(VICTIM,),
+        timeout=120,
+        group_timeout=timeout_s,
     )
     survivors = _check_survivors(results, limit_s=2.5 * timeout_s)  # the timeout, not the peer's exit
     assert all(r["seconds"] >= 0.8 * timeout_s or r["failed_at"] == AT + 1 for r in survivors)

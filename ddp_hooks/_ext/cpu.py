@@ -39,20 +39,20 @@ CHUNK = 1 << 20  # elements per thread task (a multiple of 8)
 _pool_lock = threading.Lock()
 _pool: dict[str, Any] = {"pool": None, "threads": 0}
 
-_i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_i64, _f32, _int, _vp = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "dh_ef_input": [_i64, _i64, _ptr, _ptr, _ptr, _f32, _int, _ptr, _f32, _ptr],
-    "dh_block_abs_sums": [_i64, _i64, _ptr, _i64, _ptr, _ptr],
-    "dh_pack_signs": [_i64, _i64, _i64, _ptr, _ptr],
-    "dh_sign_decode": [_i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _int],
+    "dh_ef_input": [_i64, _i64, _vp, _vp, _vp, _f32, _int, _vp, _f32, _vp],
+    "dh_block_abs_sums": [_i64, _i64, _vp, _i64, _vp, _vp],
+    "dh_pack_signs": [_i64, _i64, _i64, _vp, _vp],
+    "dh_sign_decode": [_i64, _i64, _vp, _i64, _vp, _vp, _vp, _int],
     "dh_init": [],
-    "dh_pack_residual": [_i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr],
-    "dh_absmax_diff": [_i64, _i64, _ptr, _ptr],
-    "dh_laq_quantize": [_i64, _i64, _ptr, _ptr, _f32, _f32, _f32, _f32, _ptr, _ptr, _ptr, _ptr],
-    "dh_pack_codes": [_i64, _i64, _i64, _ptr, _int, _ptr],
-    "dh_unpack_dequantize": [_i64, _i64, _i64, _ptr, _int, _f32, _f32, _ptr, _int],
-    "dh_sqdiff_copy": [_i64, _i64, _ptr, _ptr],
-    "dh_laq_apply_codes": [_i64, _i64, _ptr, _f32, _f32, _ptr],
+    "dh_pack_residual": [_i64, _i64, _i64, _vp, _i64, _vp, _vp, _vp, _vp],
+    "dh_absmax_diff": [_i64, _i64, _vp, _vp],
+    "dh_laq_quantize": [_i64, _i64, _vp, _vp, _f32, _f32, _f32, _f32, _vp, _vp, _vp, _vp],
+    "dh_pack_codes": [_i64, _i64, _i64, _vp, _int, _vp],
+    "dh_unpack_dequantize": [_i64, _i64, _i64, _vp, _int, _f32, _f32, _vp, _int],
+    "dh_sqdiff_copy": [_i64, _i64, _vp, _vp],
+    "dh_laq_apply_codes": [_i64, _i64, _vp, _f32, _f32, _vp],
 }
 _RESTYPES = {"dh_absmax_diff": ctypes.c_float, "dh_sqdiff_copy": ctypes.c_double}
 
@@ -294,4 +294,4 @@ def unpack_dequantize(
 
 def sqdiff_copy(src: torch.Tensor, dst: torch.Tensor) -> float:
     """``||dst - src||^2`` (float64 sum), then ``dst = src``."""
-    return sum(_run("dh_sqdiff_copy", src.numel(), (src.data_ptr(), dst.data_ptr())))
+    return float(sum(_run("dh_sqdiff_copy", src.numel(), (src.data_ptr(), dst.data_ptr()))))

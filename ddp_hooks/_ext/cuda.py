@@ -156,7 +156,8 @@ def sign_compress_ef(
     ``e_out = v - C(v)``. Blocks of at most :data:`ONE_PASS_MAX_BLOCK` elements take the one-pass
     kernel (one CTA per block), longer ones the two-pass kernel."""
     one_pass = 0 < max_block <= ONE_PASS_MAX_BLOCK
-    packed, scales = _module().sign_compress_ef(p, e, float(rho), offsets, e_out, _stream(p), one_pass)
+    args = (p, e, float(rho), offsets, e_out, _stream(p), one_pass)  # the binding's positional API
+    packed, scales = _module().sign_compress_ef(*args)
     return packed, scales
 
 

@@ -19,7 +19,7 @@ class AllReduce(HookState):
     ``state = ddp_hooks.AllReduce().register(ddp)``
     """
 
-    def reduce(self, bucket: Bucket, step: int) -> Future:
+    def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         return self.exact_mean(bucket.buffer, step)
 
 
@@ -28,7 +28,7 @@ class _CastAllReduce(HookState):
 
     dtype: ClassVar[torch.dtype]
 
-    def reduce(self, bucket: Bucket, step: int) -> Future:
+    def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         buffer = bucket.buffer
         with self.time(step, "compress", buffer.device):
             compressed = buffer.to(self.dtype).div_(self.world_size)

@@ -172,7 +172,7 @@ class CSER(LocalSteps, HookState):
             start += p.numel()
         return torch.cat(pieces)
 
-    def reduce(self, bucket: Bucket, step: int) -> Future:
+    def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         if self.grad_ratio is None:
             return self.keep_local(bucket, step)
         buf = bucket.buffer
@@ -228,7 +228,7 @@ class CSER(LocalSteps, HookState):
         device = params[0].device
         with torch.no_grad():
             with self.time(step, "compress", device):
-                agreed = [self.memory.get("agreed", p) for p in params]
+                agreed = [self._agreed_of(p) for p in params]
                 residuals = [p.detach().reshape(-1).float() - a for p, a in zip(params, agreed)]
                 payload, local = plan.encode(residuals, self.rng.rank, self.rng.shared)
             self.count_bits(step, plan.paper_bits)
@@ -241,6 +241,11 @@ class CSER(LocalSteps, HookState):
                     a.add_(mean)
                     subtract_message(mean, idx, values)  # mean c - c_i
                     p.view(-1).add_(mean.to(p.dtype))
+
+    def _agreed_of(self, param: torch.Tensor) -> torch.Tensor:
+        agreed = self.memory.get("agreed", param)
+        assert agreed is not None  # stored for every parameter at attach
+        return agreed
 
     @contextmanager
     def averaged(self) -> Iterator[None]:

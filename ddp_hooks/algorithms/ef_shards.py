@@ -74,14 +74,14 @@ class ShardPlan:
         spans = [packed_size(bounds[j + 1]) - bounds[j] // 8 for j in range(n)]
         longest = max(b - a for a, b in zip(bounds, bounds[1:]))
         return cls(
-            numel,
-            BlockSet.of(blocks, device),
-            bounds,
-            pieces,
-            rows,
-            piece_block.to(device),
-            SignMessage(8 * max(spans), k),
-            SignMessage(longest, k),
+            numel=numel,
+            blocks=BlockSet.of(blocks, device),
+            bounds=bounds,
+            pieces=pieces,
+            row_pieces=rows,
+            piece_block=piece_block.to(device),
+            message=SignMessage(8 * max(spans), k),
+            reply=SignMessage(longest, k),
         )
 
     @property

@@ -175,6 +175,7 @@ class EFSignSGDM(HookState):
         plan = r.plan
         whole = SignMessage(plan.numel, len(plan.blocks.blocks))
         packed, bad = whole.signs(message), whole.any_bad(message)
+        assert r.scales is not None  # set by _worker
         piece_scales = plan.piece_scales(r.scales)
         return torch.stack([plan.message.pack(plan.signs_of(j, packed), piece_scales[j], bad) for j in range(plan.n)])
 

@@ -153,12 +153,12 @@ class LAQ(HookState):
             self.rule.record_change(self._params, self.memory.flat("theta_prev", self._params))
 
     # ---- the hook -----------------------------------------------------------------------------
-    def reduce(self, bucket: Bucket, step: int) -> Future:
+    def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         if not bucket.is_last:
             return self._held.hold(bucket.buffer, bucket.params)
         return self._held.release(bucket.buffer, bucket.params, lambda held: self._round(held, step))
 
-    def _round(self, held: list[Held], step: int) -> Future:
+    def _round(self, held: list[Held], step: int) -> Future[None]:
         """Decide, communicate, and write ``aggregate / M`` into every bucket of the step."""
         params = [p for h in held for p in h.params]
         if self._params is None or [id(p) for p in params] != [id(p) for p in self._params]:

@@ -71,9 +71,8 @@ class _Round:
     step: int
     bucket: Bucket
     layout: _Layout
+    p_flat: torch.Tensor  # P of every matrix, then the flag
     exact: torch.Tensor | None = None  # exact tensors' mean (+ the flag when nothing is compressed)
-    p_flat: torch.Tensor | None = None  # P of every matrix, then the flag
-    q_flat: torch.Tensor | None = None  # the kept Q (memory)
 
 
 class PowerSGD(HookState):
@@ -159,12 +158,13 @@ class PowerSGD(HookState):
         return flat
 
     # ---- the algorithm ------------------------------------------------------------------------
-    def reduce(self, bucket: Bucket, step: int) -> Future:
+    def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         layout = self._layouts.get(bucket.params, step)
-        r = _Round(step, bucket, layout)
+        r = _Round(step, bucket, layout, torch.empty(layout.plan.p_numel + 1, device=bucket.buffer.device))
         flag = as_flag(nonfinite(bucket.buffer))
         exact_fut = self._send_exact(r, flag if not layout.plan.groups else None)
         if not layout.plan.groups:
+            assert exact_fut is not None  # it carries the flag
             return chain(exact_fut, lambda _: self._finish(r))
         with self.time(step, "compress", bucket.buffer.device):
             self._project_p(r, flag)
@@ -173,7 +173,7 @@ class PowerSGD(HookState):
         waits = [q_fut] if exact_fut is None else [exact_fut, q_fut]
         return chain(collect_all(waits), lambda done: ([f.value() for f in done], self._finish(r))[1])
 
-    def _send_exact(self, r: _Round, flag: torch.Tensor | None) -> Future | None:
+    def _send_exact(self, r: _Round, flag: torch.Tensor | None) -> Future[torch.Tensor] | None:
         """All-reduce the mean of the tensors sent exactly (launched first, to overlap)."""
         plan, grads = r.layout.plan, r.bucket.grads()
         if not plan.exact and flag is None:
@@ -196,14 +196,13 @@ class PowerSGD(HookState):
         else:
             for g, m in zip(local, pieces):
                 m.copy_(g)
-        r.q_flat = self._queries(layout)
+        queries = self._queries(layout)
         plan = layout.plan
-        r.p_flat = torch.empty(plan.p_numel + 1, device=layout.matrices.device)
-        for m, qt, p in zip(plan.m_views(layout.matrices), plan.q_views(r.q_flat), plan.p_views(r.p_flat)):
+        for m, qt, p in zip(plan.m_views(layout.matrices), plan.q_views(queries), plan.p_views(r.p_flat)):
             torch.bmm(m, qt.transpose(1, 2), out=p)
         r.p_flat[-1:].copy_(flag)
 
-    def _project_q(self, r: _Round) -> Future:
+    def _project_q(self, r: _Round) -> Future[torch.Tensor]:
         """P^ = orthogonalize(P); Q^T = P^T M; all-reduce the new Q (stage 1)."""
         plan, device = r.layout.plan, r.layout.matrices.device
         with self.time(r.step, "compress", device):
@@ -220,7 +219,7 @@ class PowerSGD(HookState):
         """Write every gradient; keep Q and the error only if every rank's bucket was finite."""
         layout, buf, grads = r.layout, r.bucket.buffer, r.bucket.grads()
         with self.time(r.step, "decompress", buf.device):
-            flag = r.p_flat[-1] if r.p_flat is not None else r.exact[-1]
+            flag = r.p_flat[-1] if layout.plan.groups or r.exact is None else r.exact[-1]
             bad = ~torch.isfinite(flag) | (flag != 0)
             if r.exact is not None:
                 sizes = [grads[i].numel() for i in layout.plan.exact]

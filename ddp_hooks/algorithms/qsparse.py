@@ -112,7 +112,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
                     self.memory.set("x_last", p, p)
 
     # ---- the hook ---------------------------------------------------------------------------
-    def reduce(self, bucket: Bucket, step: int) -> Future:
+    def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         if self.period > 1:  # local steps: nothing leaves this rank but one finiteness flag
             return self.keep_local(bucket, step)
         return self._error_compensated(bucket, step)

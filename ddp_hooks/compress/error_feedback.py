@@ -41,7 +41,7 @@ def ef_input(
     """``m' = g + mu m`` into ``out.momentum`` (unless ``momentum`` is None) and ``v = (g +
     mu m' or m' or g) (+ rho e)`` into ``out.v``; ``error`` is (``e``, ``rho``) or None."""
     e, rho = error if error is not None else (None, 0.0)
-    if not torch.is_tensor(rho) and g.dtype == torch.float32 and cpu.usable(g, out.v, out.momentum):
+    if not isinstance(rho, torch.Tensor) and g.dtype == torch.float32 and cpu.usable(g, out.v, out.momentum):
         return cpu.ef_input(g, momentum, out.momentum, out.v, mu=how.mu, nesterov=how.nesterov, error=e, rho=float(rho))
     v = out.v
     if momentum is not None:
@@ -52,10 +52,10 @@ def ef_input(
             v.copy_(out.momentum)
     else:
         v.copy_(g)
-    if e is not None and torch.is_tensor(rho):
+    if e is not None and isinstance(rho, torch.Tensor):
         v.addcmul_(e, rho)
     elif e is not None:
-        v.add_(e, alpha=rho)
+        v.add_(e, alpha=float(rho))
     return v
 
 
@@ -70,7 +70,7 @@ def worker_message(
     """(packed signs, block scales) of ``v`` for ``memories`` = (momentum or None, error);
     ``out`` receives ``v``, the new momentum and the new error ``v - C(v)``."""
     momentum, error = memories
-    if not torch.is_tensor(rho) and cuda.usable("sign_compress_ef", g, error, out.v, out.error):
+    if not isinstance(rho, torch.Tensor) and cuda.usable("sign_compress_ef", g, error, out.v, out.error):
         v = ef_input(g, momentum, how, None, out)
         return sign.compress_ef(v, error, float(rho), blocks, out.error)
     v = ef_input(g, momentum, how, (error, rho), out)

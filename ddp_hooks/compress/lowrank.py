@@ -49,7 +49,8 @@ class LowRankPlan:
 
     @classmethod
     def build(cls, shapes: list[torch.Size], rank: int, min_compression_rate: float) -> "LowRankPlan":
-        exact, by_shape = [], {}
+        exact: list[int] = []
+        by_shape: dict[tuple[int, int, int], list[int]] = {}
         for i, shape in enumerate(shapes):
             n, m = matrix_shape(shape)
             r = min(n, m, rank)

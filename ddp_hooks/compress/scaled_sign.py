@@ -108,9 +108,9 @@ def compress_ef(
     """Error-compensated: the scaled sign of ``v = x + rho * error`` (blocks covering ``x``;
     ``rho`` a float or per element), with ``residual = v - C(v)``. One kernel on CUDA; else
     ``x`` becomes ``v`` first."""
-    if not torch.is_tensor(rho) and cuda.usable("sign_compress_ef", x, error, residual):
+    if not isinstance(rho, torch.Tensor) and cuda.usable("sign_compress_ef", x, error, residual):
         return cuda.sign_compress_ef(x, error, rho, blocks.offsets, residual, blocks.longest)
-    if torch.is_tensor(rho):
+    if isinstance(rho, torch.Tensor):
         x.addcmul_(error, rho)
     else:
         x.add_(error, alpha=rho)

@@ -64,7 +64,8 @@ def quantize(v: torch.Tensor, s: int, noise: torch.Tensor) -> torch.Tensor:
     norm = torch.linalg.vector_norm(v)
     safe = torch.where(norm > 0, norm, torch.ones_like(norm))
     levels = stochastic_levels(v.abs() / safe, s, noise)
-    return torch.where(v >= 0, 1.0, -1.0) * levels * (norm / s)
+    quantized: torch.Tensor = torch.where(v >= 0, 1.0, -1.0) * levels * (norm / s)
+    return quantized
 
 
 def qtopk_beta(k: int, s: int) -> float:
@@ -122,12 +123,12 @@ class Codec:
         """Error-compensated: compress ``v = p + e`` and leave ``e = v - q`` (in place). Top-k
         and SignTopK of CUDA tensors run as one kernel when the extension is loaded."""
         if self.kind in _FUSED and cuda.usable("topk_ef", p, e):
-            idx, values = cuda.topk_ef(p, e, self.k, sign=self.kind == "signtopk")
-            fields = {"idx": idx.to(torch.int32), "values": values}
+            top, kept = cuda.topk_ef(p, e, self.k, sign=self.kind == "signtopk")
+            fields = {"idx": top.to(torch.int32), "values": kept}
             if self.kind == "signtopk":
-                fields = {"idx": fields["idx"], "signs": pack_signs(values), "scale": values.abs()[:1]}
+                fields = {"idx": fields["idx"], "signs": pack_signs(kept), "scale": kept.abs()[:1]}
             payload = torch.cat([fields[name].reshape(-1).view(torch.uint8) for name in self._fields])
-            return payload, idx, values
+            return payload, top, kept
         e.add_(p)  # v
         payload, idx, values = self.encode(e, generator)
         subtract_message(e, idx, values)

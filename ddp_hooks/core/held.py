@@ -16,6 +16,7 @@ from torch.futures import Future
 
 from ..comm import chain
 from ..comm.futures import fail
+from .flags import as_flag, nonfinite, poison
 
 
 @dataclass
@@ -76,3 +77,36 @@ def _fail_held(out: Future[torch.Tensor], held: list[Held]) -> None:
         for entry in held:
             if not entry.future.done():
                 fail(entry.future, exc)
+
+
+class LocalPhase:
+    """Steps whose gradients stay on their rank (local SGD phases) still agree on finiteness:
+    each bucket's non-finite flag is kept, and at the step's last bucket one flag is
+    all-reduced; if any rank's step was not finite, every bucket becomes NaN on every rank."""
+
+    def __init__(self) -> None:
+        self._held = HeldBuckets()
+        self._bad: torch.Tensor | None = None
+
+    def keep(
+        self,
+        buffer: torch.Tensor,
+        params: list[torch.Tensor],
+        last: bool,
+        agree: Callable[[torch.Tensor], Future[torch.Tensor]],
+    ) -> Future[torch.Tensor]:
+        """Hold this bucket; at the last one, ``agree(flag)`` all-reduces the step's flag."""
+        bad = nonfinite(buffer)
+        self._bad = bad if self._bad is None else self._bad | bad
+        if not last:
+            return self._held.hold(buffer, params)
+        flag, self._bad = as_flag(self._bad), None
+
+        def decide(held: list[Held]) -> Future[None]:
+            def mark(total: torch.Tensor) -> None:
+                for entry in held:
+                    poison(entry.buffer, total[0] > 0)
+
+            return chain(agree(flag), mark)
+
+        return self._held.release(buffer, params, decide)

@@ -15,7 +15,7 @@ T = TypeVar("T")
 class LayoutCache(Generic[T]):
     """``get(params, step)`` returns ``build(params)``, built on the first call for a layout."""
 
-    def __init__(self, build: Callable[[Sequence[torch.Tensor]], T]) -> None:
+    def __init__(self, build: Callable[[list[torch.Tensor]], T]) -> None:
         self._build = build
         self._entries: dict[tuple[int, ...], tuple[T, int]] = {}
 
@@ -25,7 +25,7 @@ class LayoutCache(Generic[T]):
         if entry is None:
             # a new layout: forget layouts unused for a whole step (DDP has rebuilt its buckets)
             self._entries = {k: v for k, v in self._entries.items() if v[1] >= step - 1}
-            entry = (self._build(params), step)
+            entry = (self._build(list(params)), step)
         self._entries[key] = (entry[0], step)
         return entry[0]
 

@@ -10,7 +10,7 @@ configured alike (:mod:`.agree`) and makes all of it checkpointable (:mod:`.chec
 An algorithm subclasses it and implements :meth:`HookState.reduce`.
 """
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,13 +18,12 @@ from torch._C._distributed_c10d import GradBucket
 from torch.futures import Future
 
 from .._version import __version__
-from ..comm import Transport, chain, is_alive
+from ..comm import Transport, is_alive
 from . import checkpoint
 from .agree import agree
 from .bucket import Bucket
 from .checks import check_int
-from .flags import as_flag, nonfinite, poison
-from .held import Held, HeldBuckets
+from .held import HeldBuckets, LocalPhase
 from .memory import ParameterMemory
 from .model import ModelView, SeenParameters
 from .optimizer import OptimizerLink
@@ -56,9 +55,9 @@ class HookState:
     """
 
     #: dependent collective rounds per bucket (each later round gets its own process group)
-    stages: ClassVar[int] = 1
+    stages: int = 1
     #: memory slots whose pieces have the size of their parameter
-    memory_slots: ClassVar[tuple[str, ...]] = ()
+    memory_slots: tuple[str, ...] = ()
 
     def __init__(self, *, process_group: dist.ProcessGroup | None = None, warmup_steps: int = 0) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0, 2**62)
@@ -72,7 +71,7 @@ class HookState:
         self._model: ModelView | None = None
         self._seen = SeenParameters()
         self._held = HeldBuckets()
-        self._local_bad: torch.Tensor | None = None
+        self._local = LocalPhase()
         self._link = OptimizerLink(self.check_optimizer, self.after_step, self._param_ids)
 
     # ---- what an algorithm defines ----------------------------------------------------------
@@ -246,21 +245,9 @@ class HookState:
         agreed: one flag per step (all-reduced at the last bucket), so that ``GradScaler``
         skips the same steps on every rank. A rank's non-finite step makes every bucket NaN
         on every rank."""
-        buffer, params = bucket.buffer, bucket.params
-        bad = nonfinite(buffer)
-        self._local_bad = bad if self._local_bad is None else self._local_bad | bad
-        if not bucket.is_last:
-            return self._held.hold(buffer, params)
-        flag, self._local_bad = as_flag(self._local_bad), None
-
-        def agree_finite(held: list[Held]) -> Future[None]:
-            def mark(total: torch.Tensor) -> None:
-                for entry in held:
-                    poison(entry.buffer, total[0] > 0)
-
-            return chain(self.transport.all_reduce(flag, step), mark)
-
-        return self._held.release(buffer, params, agree_finite)
+        return self._local.keep(
+            bucket.buffer, bucket.params, bucket.is_last, lambda flag: self.transport.all_reduce(flag, step)
+        )
 
     # ---- helpers for algorithms ----------------------------------------------------------------
     def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
