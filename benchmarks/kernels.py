@@ -6,7 +6,11 @@ bandwidth, and the speedup over the same math written with torch ops. Ideal byte
 element: fused sign + EF 20.1 (two passes: the per-block scale must be known before the
 signs) and 12.1 for one pass; unpack-average of n messages 4 + n/8; top-k + EF one-pass
 floor 12 (read p and e, write e). The one-pass sign kernel (blocks of at most 4096 elements,
-one per CTA) moves 12.25 (12.1 plus zeroing the packed words).
+one per CTA) moves 12.25 (12.1 plus zeroing the packed words). Every ratio is taken against
+the device-to-device copy bandwidth measured in the same run; each row names its goal (G1:
+sign + EF at >= 80% of copy and >= 4x the torch ops; G2: unpack-average at >= 75% of copy;
+G3: exact top-k + EF <= 2x its one-pass floor and >= 4x the torch recipe; G3a: the
+threshold variant <= 1.3x the floor) and whether this run met it.
 
     python benchmarks/kernels.py
 """
@@ -26,7 +30,7 @@ from ddp_hooks.compress.bits import pack_signs  # noqa: E402
 from ddp_hooks.compress.scaled_sign import block_scales, decode  # noqa: E402
 
 
-def _time(fn, repeats: int, warmup: int = 10) -> float:
+def _time(fn, repeats: int, warmup: int = 20) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -59,9 +63,9 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
             packed = pack_signs(v)
             return v - decode(packed, scales, blocks, torch.empty_like(v))
 
-        ref = _time(reference, max(3, repeats // 10))
-        rows.append(_row("sign+EF (fused, 2 passes)", n, fused, ref, 20.1, copy_bw, floor_bytes=12.1))
-        rows.append(_row("sign+EF (fused, 1 pass, 4096-blocks)", n, one_pass, ref, 12.25, copy_bw, floor_bytes=12.1))
+        ref = _time(reference, 3, warmup=1)
+        rows.append(_row("sign+EF (fused, 2 passes)", n, fused, ref, 20.1, copy_bw, floor_bytes=12.1, goal="G1"))
+        rows.append(_row("sign+EF (fused, 1 pass, 4096-blocks)", n, one_pass, ref, 12.25, copy_bw, 12.1, "G1"))
         for m in (8, 64):
             packed_rows = torch.randint(0, 256, (m, (n + 7) // 8), dtype=torch.uint8, device="cuda")
             scales = torch.rand(m, len(blocks), device="cuda")
@@ -71,9 +75,10 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
                 lambda: (
                     sum(decode(packed_rows[r], scales[r], blocks, torch.empty(n, device="cuda")) for r in range(m)) / m
                 ),
-                max(3, repeats // 10),
+                3,
+                warmup=1,
             )
-            rows.append(_row(f"unpack-average n={m}", n, t, ref_t, 4 + m / 8, copy_bw))
+            rows.append(_row(f"unpack-average n={m}", n, t, ref_t, 4 + m / 8, copy_bw, goal="G2"))
     for frac in fractions:
         n, k = topk_n, max(1, int(topk_n * frac))
         p, e = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
@@ -94,15 +99,21 @@ def run(sizes, repeats, topk_n, fractions) -> list[dict]:
             acc[idx] = 0
             return idx, values
 
-        ref = _time(lambda: (e.copy_(e0), recipe()), max(3, repeats // 10))
-        rows.append(_row(f"top-k {frac:.1%} exact", n, exact - reset, ref - reset, 12.0, copy_bw))
-        rows.append(_row(f"top-k {frac:.1%} threshold", n, approx - reset, ref - reset, 12.0, copy_bw))
+        ref = _time(lambda: (e.copy_(e0), recipe()), 5, warmup=2)
+        rows.append(_row(f"top-k {frac:.1%} exact", n, exact - reset, ref - reset, 12.0, copy_bw, 12.0, "G3"))
+        rows.append(_row(f"top-k {frac:.1%} threshold", n, approx - reset, ref - reset, 12.0, copy_bw, 12.0, "G3a"))
     return rows
 
 
-def _row(kernel, n, seconds, ref_seconds, ideal, copy_bw, floor_bytes=None):
+# the goals, as ratios to what this run measured: (min fraction of copy bandwidth, max time
+# over the one-pass floor at copy bandwidth, min speed-up over the torch recipe)
+GOALS = {"G1": (0.8, None, 4.0), "G2": (0.75, None, None), "G3": (None, 2.0, 4.0), "G3a": (None, 1.3, None)}
+
+
+def _row(kernel, n, seconds, ref_seconds, ideal, copy_bw, floor_bytes=None, goal=None):  # noqa: PLR0913
     eff = ideal * n / seconds
-    return {
+    floor = (seconds / (floor_bytes * n / copy_bw)) if floor_bytes else None
+    row = {
         "kernel": kernel,
         "n": n,
         "us": 1e6 * seconds,
@@ -111,13 +122,22 @@ def _row(kernel, n, seconds, ref_seconds, ideal, copy_bw, floor_bytes=None):
         "of_copy": eff / copy_bw,
         "copy_GBps": copy_bw / 1e9,
         "speedup_vs_torch": ref_seconds / seconds,
-        "vs_one_pass_floor": (seconds / (floor_bytes * n / copy_bw)) if floor_bytes else None,
+        "vs_one_pass_floor": floor,
+        "goal": goal,
     }
+    if goal is not None:
+        min_copy, max_floor, min_speedup = GOALS[goal]
+        row["goal_met"] = (
+            (min_copy is None or row["of_copy"] >= min_copy)
+            and (max_floor is None or (floor is not None and floor <= max_floor))
+            and (min_speedup is None or row["speedup_vs_torch"] >= min_speedup)
+        )
+    return row
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default=",".join(str(2**k) for k in (20, 24, 26)))
+    parser.add_argument("--sizes", default=f"{2**24},{10**8}")
     parser.add_argument("--topk-n", type=int, default=100_000_000)
     parser.add_argument("--fractions", default="0.001,0.01")
     parser.add_argument("--repeats", type=int, default=100)
@@ -143,6 +163,8 @@ def main(argv=None) -> list[dict]:
                 ("of_copy", "of copy", ".0%"),
                 ("speedup_vs_torch", "vs torch", ".1f"),
                 ("vs_one_pass_floor", "vs 1-pass floor", ".2f"),
+                ("goal", "goal", ""),
+                ("goal_met", "met", ""),
             ],
         )
     )

@@ -91,6 +91,45 @@ ENTRIES: dict[str, Entry] = {
 }
 
 
+def _qsparse(kind: str) -> Callable[[], HookState]:
+    return lambda: QsparseLocalSGD(kind, k=0.1, period=2)
+
+
+# one state per code path, with periods short enough that a few steps run every branch (the
+# synchronizations and resets of the local-step algorithms included): what the host-read test
+# and the GPU check (benchmarks/sync_check.py) exercise
+PATHS: dict[str, Entry] = {
+    e.name: e
+    for e in [
+        ENTRIES["fp32"],
+        ENTRIES["fp16"],
+        ENTRIES["bf16"],
+        ENTRIES["ef-sgdm"],
+        Entry(
+            "ef-sgdm-allgather",
+            "dist-EF-SGDM, server replicated, blocks of 100",
+            lambda: EFSignSGDM(momentum=0.9, topology="allgather", block_size=100),
+            _sgd,
+        ),
+        Entry("powersgd", "PowerSGD rank 2", lambda: PowerSGD(rank=2)),
+        Entry("cser", "CSER, GRBS reset every 2 steps", lambda: CSER(grad_ratio=4, model_ratio=2, period=2)),
+        Entry(
+            "cser-topk-reset",
+            "CSER, top-k reset every 2 steps",
+            lambda: CSER(grad_ratio=4, model_ratio=2, period=2, model_compressor="topk"),
+        ),
+        *(
+            Entry(f"qsparse-{kind}", f"Qsparse, {kind}, sync every 2 steps", _qsparse(kind))
+            for kind in ("signtopk", "qtopk", "randk", "sign", "qsgd")
+        ),
+        Entry("qsparse-topk-p1", "Qsparse, top-k every step", lambda: QsparseLocalSGD("topk", k=0.1, period=1)),
+        Entry("laq-dense", "LAQ, dense wire", lambda: LAQ(bits=4, wire="dense"), _sgd),
+        Entry("laq-uploads", "LAQ, uploads wire (reads its flags on the host)", lambda: LAQ(bits=4), _sgd),
+    ]
+}
+HOST_READS_BY_DESIGN = ("laq-uploads",)
+
+
 def build(name: str, ddp: torch.nn.Module, lr: float) -> Setup:
     """Build entry ``name`` on ``ddp``; raises ValueError for an unknown name."""
     if name not in ENTRIES:

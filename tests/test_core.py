@@ -196,9 +196,9 @@ def test_state_is_built_before_the_process_group_and_binds_at_first_use():
 
 
 def _branch_world(rank, world):
-    from ddp_hooks.core import reads_flags
+    from ddp_hooks.core import may_read_host
 
-    return reads_flags(torch.device("cpu"))
+    return may_read_host(torch.device("cpu"))
 
 
 def test_the_sync_free_switch_reaches_every_rank(monkeypatch):

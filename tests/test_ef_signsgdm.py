@@ -133,7 +133,7 @@ def ef_sgdm_reference(local_grads, lrs, layouts, mu, nesterov, block_size):
     e = [list(zeros) for _ in range(n)]
     e_server, lr_prev, outputs = list(zeros), None, []
     for t, grads in enumerate(local_grads):
-        rho = lr_prev / lrs[t] if lr_prev is not None else 1.0
+        rho = _rho(lr_prev, lrs[t])
         total = list(zeros)
         for i in range(n):
             p = []
@@ -167,8 +167,12 @@ def _model():
     return nn.Sequential(nn.Linear(11, 13), nn.Tanh(), nn.Linear(13, 7), nn.Tanh(), nn.Linear(7, 3))
 
 
-def _lr(t):  # warm-up ramp, then a /10 decay at step 12: rho changes every early step
-    return 0.1 * min(1.0, (t + 1) / 5) * (0.1 if t >= 12 else 1.0)
+def _lr(t):  # warm-up ramp, a paused step (lr 0) at 6, a /10 decay at 12: rho changes often
+    return 0.0 if t == 6 else 0.1 * min(1.0, (t + 1) / 5) * (0.1 if t >= 12 else 1.0)
+
+
+def _rho(lr_prev, lr):  # lr_{t-1} / lr_t; 1 before the first step and while lr is 0
+    return lr_prev / lr if lr_prev is not None and lr > 0 else 1.0
 
 
 def _reference_world(rank, world, steps, momentum, nesterov, topology, block_size, dtype=torch.float32, cap=25):
@@ -250,7 +254,7 @@ def test_momentum_zero_is_dist_ef_sgd():
     e = [[torch.zeros_like(g) for g in results[0][0][0]] for _ in range(world)]
     e_server, lr_prev = [torch.zeros_like(g) for g in results[0][0][0]], None
     for t in range(steps):
-        rho = lr_prev / _lr(t) if lr_prev else 1.0
+        rho = _rho(lr_prev, _lr(t))
         total = [0.0] * params
         for i in range(world):
             p = [results[i][0][t][k] + rho * e[i][k] for k in range(params)]

@@ -32,11 +32,13 @@ from ..core import (
     Bucket,
     Generators,
     HookState,
+    add_unless,
     as_flag,
     check_choice,
     check_float,
     check_int,
     check_seed,
+    keep_unless,
     nonfinite,
     poison,
 )
@@ -164,8 +166,7 @@ class CSER(LocalSteps, HookState):
             self._drawn = (step, grbs.select(self._total, self.block_size, self.grad_ratio or 1.0, self.rng.shared))
         chosen = self._drawn[1]
         assert chosen is not None
-        bounds = torch.tensor([[offsets[id(p)], offsets[id(p)] + p.numel()] for p in params])
-        cuts = torch.searchsorted(chosen, bounds.view(-1)).tolist()  # one call; CPU tensors
+        cuts = grbs.cuts(chosen, [b for p in params for b in (offsets[id(p)], offsets[id(p)] + p.numel())])
         pieces, start = [], 0
         for k, p in enumerate(params):
             pieces.append(chosen[cuts[2 * k] : cuts[2 * k + 1]] - offsets[id(p)] + start)
@@ -177,7 +178,7 @@ class CSER(LocalSteps, HookState):
             return self.keep_local(bucket, step)
         buf = bucket.buffer
         with self.time(step, "compress", buf.device):
-            idx = self.selection(bucket.params, step).to(buf.device)
+            idx = self.selection(bucket.params, step).to(buf.device, non_blocking=True)  # no sync
             flag = as_flag(nonfinite(buf), buf.dtype)
             payload = torch.cat([grbs.gather(buf, idx), flag]).mul_(1.0 / self.world_size)
         self.count_bits(step, 8 * buf.element_size() * idx.numel())
@@ -203,23 +204,22 @@ class CSER(LocalSteps, HookState):
         starts = self._model_offsets()
         offsets = [starts[id(p)] for p in params] + [self._total]
         idx = grbs.select(self._total, self.block_size, self.model_ratio, self.rng.shared)
-        bounds = torch.searchsorted(idx, torch.tensor(offsets)).tolist()  # idx is on the CPU
+        bounds = grbs.cuts(idx, offsets)
         pieces = []
         with self.time(step, "compress", params[0].device):
             for k, p in enumerate(params):
                 sel = idx[bounds[k] : bounds[k + 1]] - offsets[k]
                 if sel.numel():
-                    sel = sel.to(p.device)
+                    sel = sel.to(p.device, non_blocking=True)
                     pieces.append((p, sel, grbs.gather(p.detach().view(-1), sel).float()))
             values = torch.cat([v for *_, v in pieces])
             payload = torch.cat([values, as_flag(nonfinite(values))]).mul_(1.0 / self.world_size)
         self.count_bits(step, 32 * values.numel())
         mean = self.transport.all_reduce(payload, step).wait()
-        if not bool(torch.isfinite(mean[-1])) or float(mean[-1]) != 0:
-            return  # some rank's model is not finite: no reset anywhere
+        bad = ~torch.isfinite(mean[-1]) | (mean[-1] != 0)  # some rank's model is not finite
         with torch.no_grad(), self.time(step, "decompress", params[0].device):
-            for (p, sel, _), piece in zip(pieces, mean[:-1].split([s.numel() for _, s, _ in pieces])):
-                grbs.scatter(p.view(-1), sel, piece)
+            for (p, sel, current), piece in zip(pieces, mean[:-1].split([s.numel() for _, s, _ in pieces])):
+                grbs.scatter(p.view(-1), sel, keep_unless(bad, current, piece))  # no reset anywhere if bad
 
     def _reset_with_codec(self, step: int) -> None:
         """``c_i = C(x_i - x^)``; ``x_i <- x_i - c_i + mean_j c_j``; ``x^ <- x^ + mean_j c_j``."""
@@ -235,12 +235,11 @@ class CSER(LocalSteps, HookState):
             gathered = self.transport.all_gather(payload, step).wait()
             with self.time(step, "decompress", device):
                 means = [torch.empty_like(r) for r in residuals]
-                if bool(plan.mean(gathered, means, local)):
-                    return  # some rank's model is not finite: no reset anywhere
+                bad = plan.mean(gathered, means, local)  # some rank's model is not finite: no reset
                 for p, a, mean, (idx, values) in zip(params, agreed, means, local):
-                    a.add_(mean)
+                    add_unless(bad, a, mean)
                     subtract_message(mean, idx, values)  # mean c - c_i
-                    p.view(-1).add_(mean.to(p.dtype))
+                    add_unless(bad, p.view(-1), mean.to(p.dtype))
 
     def _agreed_of(self, param: torch.Tensor) -> torch.Tensor:
         agreed = self.memory.get("agreed", param)

@@ -128,11 +128,13 @@ class EFSignSGDM(HookState):
         rhos = []
         for p, lr in zip(params, self.learning_rates(params)):
             prev = self._lr_prev.get(id(p))
-            rhos.append(prev / lr if prev is not None and prev > 0 and lr > 0 else 1.0)
+            # after a step at lr 0 the error is 0 in parameter units, so rho = 0; at lr 0 now
+            # nothing moves whatever rho is, so keep the memory as it is (1)
+            rhos.append(prev / lr if prev is not None and lr > 0 else 1.0)
         if all(r == rhos[0] for r in rhos):
             return rhos[0]
-        counts = torch.tensor([p.numel() for p in params], device=params[0].device)
-        return torch.repeat_interleave(torch.tensor(rhos, device=params[0].device), counts)
+        device = params[0].device  # filled on the device: no host-to-device copy, no sync
+        return torch.cat([torch.full((p.numel(),), r, device=device) for p, r in zip(params, rhos)])
 
     # ---- the algorithm ------------------------------------------------------------------------
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:

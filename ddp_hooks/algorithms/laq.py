@@ -204,11 +204,7 @@ class LAQ(HookState):
             ws["q_new"].copy_(g)
             torch.sub(g, q_ref, out=ws["innovation"])
             quantized = None
-        error2 = (
-            quantized.error2.to(g.device)
-            if quantized is not None
-            else torch.zeros((), dtype=torch.float64, device=g.device)
-        )
+        error2 = quantized.error2 if quantized is not None else torch.zeros((), dtype=torch.float64, device=g.device)
         if not self.skip:
             return _Decision(bad, torch.ones((), dtype=torch.bool, device=g.device), error2, quantized)
         lr = self.learning_rates(params)[0] if self.rule.changes else 1.0
@@ -218,7 +214,7 @@ class LAQ(HookState):
             else torch.linalg.vector_norm(ws["innovation"], dtype=torch.float64).square()
         )
         threshold = self.rule.threshold(self.xi, lr, self.error_weight * (error2 + self.rule.eps2_last))
-        upload = (innovation2.to(g.device) >= threshold + self.threshold_offset) | self.rule.stale()
+        upload = (innovation2 >= threshold + self.threshold_offset) | self.rule.stale()
         return _Decision(bad, upload, error2, quantized)
 
     def _uploads(

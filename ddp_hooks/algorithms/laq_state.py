@@ -71,14 +71,14 @@ class LAQMemory:
         """An uploader's clock restarts and its error is remembered; others age by one round."""
         s = self.scalars
         assert s is not None
-        s["eps2_last"] = torch.where(uploaded, error2.to(s["eps2_last"]), s["eps2_last"])
+        s["eps2_last"] = torch.where(uploaded, error2.to(s["eps2_last"].dtype), s["eps2_last"])
         s["clock"] = torch.where(uploaded, torch.zeros_like(s["clock"]), s["clock"] + 1)
 
     def count(self, uploaded: torch.Tensor, everyone: torch.Tensor, bad: torch.Tensor) -> None:
         s = self.scalars
         assert s is not None
-        s["uploads"] += (uploaded & ~bad).to(s["uploads"])
-        s["uploads_all"] += torch.where(bad, 0, everyone.to(torch.float64).sum()).to(s["uploads_all"])
+        s["uploads"] += (uploaded & ~bad).to(s["uploads"].dtype)
+        s["uploads_all"] += torch.where(bad, 0, everyone.to(torch.float64).sum()).to(s["uploads_all"].dtype)
 
     def record_change(self, params: list[torch.Tensor], theta_prev: torch.Tensor) -> None:
         """``||theta_new - theta_prev||^2`` into the history, and ``theta_prev = theta_new``."""

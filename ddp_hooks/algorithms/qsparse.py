@@ -32,7 +32,19 @@ from torch.futures import Future
 from ..comm import chain
 from ..compress.sparse import KINDS
 from ..compress.sparse_plan import MessagePlan
-from ..core import Bucket, Generators, HookState, check_bool, check_choice, check_float, check_int, check_seed, poison
+from ..core import (
+    Bucket,
+    Generators,
+    HookState,
+    add_unless,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+    keep_unless,
+    poison,
+)
 from ..core.layouts import LayoutCache
 from .local import LocalSteps
 
@@ -160,9 +172,9 @@ class QsparseLocalSGD(LocalSteps, HookState):
             self.count_bits(step, plan.paper_bits)
             gathered = self.transport.all_gather(payload, step).wait()
             with self.time(step, "decompress", last.device):
-                if not bool(plan.mean(gathered, mean.split(numels), local)):
-                    memory.copy_(candidate)  # mem = Delta - q_i
-                    last.sub_(mean)
+                bad = plan.mean(gathered, mean.split(numels), local)
+                keep_unless(bad, memory, candidate)  # mem = Delta - q_i
+                add_unless(bad, last, mean, alpha=-1.0)
                 for p, piece in zip(params, last.split(numels)):
                     p.copy_(piece.view_as(p))
 

@@ -5,6 +5,10 @@ A flat vector of ``numel`` elements is cut into blocks of ``block_size`` consecu
 replacement from a generator that every rank seeds and advances identically, so every rank
 selects the same blocks and the selected values are summable: the payload is a plain
 contiguous buffer, no indices travel. ``E ||C(v) - v||^2 = (1 - 1/ratio) ||v||^2`` for full blocks.
+
+The selection is host-side: drawn on the CPU (int64 CPU tensors) whatever the device of the
+vectors, so its index math (:func:`block_elements`, :func:`cuts`) reads no device memory; only
+the final positions are copied to the device, without waiting.
 """
 
 import math
@@ -30,6 +34,12 @@ def select(numel: int, block_size: int, ratio: float, generator: torch.Generator
     """Element indices of one GRBS draw over a flat vector of ``numel`` elements."""
     nblocks = -(-numel // block_size)
     return block_elements(selected_blocks(nblocks, ratio, generator), block_size, numel)
+
+
+def cuts(idx: torch.Tensor, bounds: list[int]) -> list[int]:
+    """Positions in the sorted selection ``idx`` where each of ``bounds`` falls, as host ints
+    (``idx`` is a CPU tensor on any device, so this reads no device memory)."""
+    return torch.searchsorted(idx, torch.tensor(bounds)).tolist()
 
 
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._ext import cpu, cuda
+from ..core.flags import may_read_host
 from .bits import pack_signs, packed_size, unpack_bits
 
 Blocks = list[tuple[int, int]]
@@ -55,7 +56,8 @@ class BlockSet:
     def of(cls, blocks: Blocks, device: torch.device) -> "BlockSet":
         bounds = [blocks[0][0]] + [hi for _, hi in blocks] if blocks else [0, 0]
         longest = max((hi - lo for lo, hi in blocks), default=0)
-        return cls(tuple(blocks), torch.tensor(bounds, dtype=torch.int64, device=device), longest)
+        offsets = torch.tensor(bounds, dtype=torch.int64).to(device, non_blocking=True)  # no sync
+        return cls(tuple(blocks), offsets, longest)
 
 
 def block_scales(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
@@ -64,7 +66,7 @@ def block_scales(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
         return cpu.block_scales(x, cpu.bounds_of(blocks))
     magnitude = x.abs()
     sums = torch.stack([magnitude[lo:hi].sum(dtype=torch.float64) for lo, hi in blocks])
-    sizes = torch.tensor([hi - lo for lo, hi in blocks], dtype=torch.float64, device=x.device)
+    sizes = torch.tensor([hi - lo for lo, hi in blocks], dtype=torch.float64).to(x.device, non_blocking=True)
     return (sums / sizes).to(torch.float32)
 
 
@@ -72,12 +74,12 @@ def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: Blocks, out: torch.
     """``out[i] = +scale or -scale`` of ``i``'s block, by the sign bit ``bits[i]`` (exactly:
     ``bit * 2s - s``)."""
     n = blocks[-1][1]
-    if out.device.type == "cpu":
+    if may_read_host(out.device):
         out[:n].copy_(bits[:n])  # 0 / 1
         for (lo, hi), s in zip(blocks, scales.tolist()):  # reading CPU scales costs nothing
             out[lo:hi].mul_(2 * s).sub_(s)
         return out
-    counts = torch.tensor([hi - lo for lo, hi in blocks], device=out.device)
+    counts = torch.tensor([hi - lo for lo, hi in blocks]).to(out.device, non_blocking=True)
     per = torch.repeat_interleave(scales[: len(blocks)], counts, output_size=n)
     torch.where(bits[:n], per, -per, out=out[:n])
     return out

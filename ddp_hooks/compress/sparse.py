@@ -138,7 +138,8 @@ class Codec:
         if self.kind in _DENSE:
             return None
         if self.kind in ("randk", "grbs"):
-            return torch.randperm(self.numel, generator=generator)[: self.k].sort().values.to(v.device)
+            drawn = torch.randperm(self.numel, generator=generator)[: self.k].sort().values
+            return drawn.to(v.device, non_blocking=True)  # drawn on the host; no sync
         return top_indices(v, self.k)
 
     def _values(
@@ -151,7 +152,7 @@ class Codec:
         if self.kind in ("signtopk", "sign"):
             scale = sign_scale(kept, self.k)
             return {"signs": pack_signs(kept), "scale": scale.view(1)}, torch.where(kept >= 0, scale, -scale)
-        noise = torch.rand(self.k, generator=generator).to(kept.device)  # qtopk, qsgd
+        noise = torch.rand(self.k, generator=generator).to(kept.device, non_blocking=True)  # qtopk, qsgd
         norm = torch.linalg.vector_norm(kept)
         safe = torch.where(norm > 0, norm, torch.ones_like(norm))
         levels = stochastic_levels(kept.abs() / safe, self.s, noise)

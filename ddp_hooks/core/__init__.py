@@ -3,7 +3,7 @@
 from .agree import ConfigMismatch
 from .bucket import Bucket
 from .checks import check_bool, check_choice, check_float, check_int, check_seed
-from .flags import any_set, as_flag, keep_unless, nonfinite, poison, reads_flags, sync_free
+from .flags import add_unless, any_set, as_flag, keep_unless, may_read_host, nonfinite, poison, sync_free
 from .held import Held
 from .memory import ParameterMemory
 from .rng import Generators
@@ -18,6 +18,7 @@ __all__ = [
     "HookState",
     "ParameterMemory",
     "Stats",
+    "add_unless",
     "any_set",
     "as_flag",
     "check_bool",
@@ -29,6 +30,6 @@ __all__ = [
     "keep_unless",
     "nonfinite",
     "poison",
-    "reads_flags",
+    "may_read_host",
     "sync_free",
 ]

@@ -42,14 +42,15 @@ def any_set(flags: torch.Tensor) -> torch.Tensor:
     return flags.float().sum() > 0
 
 
-def reads_flags(device: torch.device) -> bool:
-    """Whether code on ``device`` may read a flag on the host (CPU, unless switched off)."""
+def may_read_host(device: torch.device) -> bool:
+    """Whether code on ``device`` may read a tensor's value on the host, e.g. a flag (on a CPU,
+    unless :func:`sync_free` is on; never on a GPU, where the read would wait for the device)."""
     return device.type == "cpu" and not _FORCE_SYNC_FREE[0]
 
 
 def poison(buffer: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
     """NaN in every element of ``buffer`` if ``bad``; returns ``buffer``."""
-    if reads_flags(buffer.device):
+    if may_read_host(buffer.device):
         if bool(bad):
             buffer.fill_(float("nan"))
         return buffer
@@ -58,11 +59,20 @@ def poison(buffer: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
 
 def keep_unless(bad: torch.Tensor, target: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
     """``target = candidate`` unless ``bad``: a memory slice takes a step only if it was finite."""
-    if reads_flags(target.device):
+    if may_read_host(target.device):
         if not bool(bad):
             target.copy_(candidate)
         return target
     return torch.where(bad, target, candidate, out=target)
+
+
+def add_unless(bad: torch.Tensor, target: torch.Tensor, delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``target += alpha * delta`` unless ``bad`` (``delta`` may hold NaN when ``bad``)."""
+    if may_read_host(target.device):
+        if not bool(bad):
+            target.add_(delta, alpha=alpha)
+        return target
+    return target.add_(torch.where(bad, 0.0, delta), alpha=alpha)
 
 
 @contextmanager

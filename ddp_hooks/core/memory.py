@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .flags import reads_flags
+from .flags import may_read_host
 
 Params = Sequence[torch.Tensor]
 
@@ -63,7 +63,7 @@ class ParameterMemory:
         caller may reuse as its next candidate: on a CPU the buffers are swapped (no copy),
         elsewhere the old memory is overwritten with ``torch.where`` (no host sync)."""
         current = self._flats[_key(slot, params)]  # the caller read it with flat() this step
-        if reads_flags(candidate.device):
+        if may_read_host(candidate.device):
             return self._swap(slot, params, candidate) if bool(ok) else candidate
         torch.where(ok, candidate, current, out=current)
         return candidate
