@@ -46,14 +46,15 @@ def _sgd(params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
 class Entry:
     name: str
     summary: str
-    state: Callable[[], HookState]
+    state: Callable[..., HookState]  # keyword options of every state: node_size, process_group
     optimizer: Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer] = _sgdm
     lr_scale: float = 1.0
 
-    def build(self, ddp: torch.nn.Module, lr: float) -> Setup:
-        """The state registered on ``ddp`` with its optimizer at ``lr`` (times ``lr_scale``)."""
+    def build(self, ddp: torch.nn.Module, lr: float, **options: Any) -> Setup:
+        """The state registered on ``ddp`` with its optimizer at ``lr`` (times ``lr_scale``);
+        ``options`` go to the state (e.g. ``node_size=8``)."""
         opt = self.optimizer(ddp.parameters(), lr * self.lr_scale)
-        state = self.state().register(ddp, opt)
+        state = self.state(**options).register(ddp, opt)
         evaluation = getattr(state, "averaged", nullcontext)
         return Setup(opt, state, evaluation)
 
@@ -64,16 +65,21 @@ ENTRIES: dict[str, Entry] = {
         Entry("fp32", "exact fp32 all-reduce (DDP's default)", AllReduce),
         Entry("fp16", "fp16 all-reduce", FP16Compress),
         Entry("bf16", "bf16 all-reduce", BF16Compress),
-        Entry("ef-sgdm", "dist-EF-SGDM: 1-bit scaled sign both ways, sharded", lambda: EFSignSGDM(momentum=0.9), _sgd),
+        Entry(
+            "ef-sgdm",
+            "dist-EF-SGDM: 1-bit scaled sign both ways, sharded",
+            lambda **kw: EFSignSGDM(momentum=0.9, **kw),
+            _sgd,
+        ),
         Entry(
             "cser",
             "CSER: GRBS 1/64 gradient sync + 1/4 error reset every 16 steps (RC 32)",
-            lambda: CSER(grad_ratio=64, model_ratio=4, period=16),
+            lambda **kw: CSER(grad_ratio=64, model_ratio=4, period=16, **kw),
         ),
         Entry(
             "qsparse",
             "Qsparse-local-SGD: SignTopK 1% per tensor, sync every 4 steps",
-            lambda: QsparseLocalSGD("signtopk", k=0.01, period=4),
+            lambda **kw: QsparseLocalSGD("signtopk", k=0.01, period=4, **kw),
         ),
         # minibatch gradients: SLAQ's threshold, and an upload forced after 10 silent rounds (a
         # minibatch gradient 100 rounds old, the paper's bound for full gradients, can stall a
@@ -82,17 +88,17 @@ ENTRIES: dict[str, Entry] = {
         Entry(
             "laq",
             "SLAQ: 4-bit innovations, uploads skipped while small (at most 10 rounds)",
-            lambda: LAQ.slaq(bits=4, max_staleness=10),
+            lambda **kw: LAQ.slaq(bits=4, max_staleness=10, **kw),
             _sgd,
             lr_scale=2.0,
         ),
-        Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", lambda: PowerSGD(rank=4)),
+        Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", lambda **kw: PowerSGD(rank=4, **kw)),
     ]
 }
 
 
-def _qsparse(kind: str) -> Callable[[], HookState]:
-    return lambda: QsparseLocalSGD(kind, k=0.1, period=2)
+def _qsparse(kind: str) -> Callable[..., HookState]:
+    return lambda **kw: QsparseLocalSGD(kind, k=0.1, period=2, **kw)
 
 
 # one state per code path, with periods short enough that a few steps run every branch (the
@@ -108,30 +114,33 @@ PATHS: dict[str, Entry] = {
         Entry(
             "ef-sgdm-allgather",
             "dist-EF-SGDM, server replicated, blocks of 100",
-            lambda: EFSignSGDM(momentum=0.9, topology="allgather", block_size=100),
+            lambda **kw: EFSignSGDM(momentum=0.9, topology="allgather", block_size=100, **kw),
             _sgd,
         ),
-        Entry("powersgd", "PowerSGD rank 2", lambda: PowerSGD(rank=2)),
-        Entry("cser", "CSER, GRBS reset every 2 steps", lambda: CSER(grad_ratio=4, model_ratio=2, period=2)),
+        Entry("powersgd", "PowerSGD rank 2", lambda **kw: PowerSGD(rank=2, **kw)),
+        Entry("cser", "CSER, GRBS reset every 2 steps", lambda **kw: CSER(grad_ratio=4, model_ratio=2, period=2, **kw)),
         Entry(
             "cser-topk-reset",
             "CSER, top-k reset every 2 steps",
-            lambda: CSER(grad_ratio=4, model_ratio=2, period=2, model_compressor="topk"),
+            lambda **kw: CSER(grad_ratio=4, model_ratio=2, period=2, model_compressor="topk", **kw),
         ),
         *(
             Entry(f"qsparse-{kind}", f"Qsparse, {kind}, sync every 2 steps", _qsparse(kind))
             for kind in ("signtopk", "qtopk", "randk", "sign", "qsgd")
         ),
-        Entry("qsparse-topk-p1", "Qsparse, top-k every step", lambda: QsparseLocalSGD("topk", k=0.1, period=1)),
-        Entry("laq-dense", "LAQ, dense wire", lambda: LAQ(bits=4, wire="dense"), _sgd),
-        Entry("laq-uploads", "LAQ, uploads wire (reads its flags on the host)", lambda: LAQ(bits=4), _sgd),
+        Entry(
+            "qsparse-topk-p1", "Qsparse, top-k every step", lambda **kw: QsparseLocalSGD("topk", k=0.1, period=1, **kw)
+        ),
+        Entry("laq-dense", "LAQ, dense wire", lambda **kw: LAQ(bits=4, wire="dense", **kw), _sgd),
+        Entry("laq-uploads", "LAQ, uploads wire (reads its flags on the host)", lambda **kw: LAQ(bits=4, **kw), _sgd),
     ]
 }
 HOST_READS_BY_DESIGN = ("laq-uploads",)
 
 
-def build(name: str, ddp: torch.nn.Module, lr: float) -> Setup:
-    """Build entry ``name`` on ``ddp``; raises ValueError for an unknown name."""
+def build(name: str, ddp: torch.nn.Module, lr: float, **options: Any) -> Setup:
+    """Build entry ``name`` on ``ddp`` (``options``: to the state, e.g. ``node_size``); raises
+    ValueError for an unknown name."""
     if name not in ENTRIES:
         raise ValueError(f"hook must be one of {sorted(ENTRIES)}, got {name!r}")
-    return ENTRIES[name].build(ddp, lr)
+    return ENTRIES[name].build(ddp, lr, **options)

@@ -33,10 +33,10 @@ class _Net(nn.Module):
         return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-def _setup(name):
+def _setup(name, node_size=None):
     model = _Net()
     ddp = DDP(model, bucket_cap_mb=0.005)
-    return model, ddp, catalog.build(name, ddp, 0.05)
+    return model, ddp, catalog.build(name, ddp, 0.05, node_size=node_size)
 
 
 def _train(ddp, setup, data):
@@ -70,15 +70,15 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _world(rank, world, name, split, total):
+def _world(rank, world, name, split, total, node_size=None):
     data = batches(rank, total, features=16)
-    model, ddp, setup = _setup(name)
+    model, ddp, setup = _setup(name, node_size)
     _train(ddp, setup, data[:split])
     saved = _save(model, setup)
     _train(ddp, setup, data[split:])
     straight = params_of(model)
 
-    model2, ddp2, setup2 = _setup(name)
+    model2, ddp2, setup2 = _setup(name, node_size)
     _load(model2, setup2, saved)
     round_trip = _same(_save(model2, setup2), saved)
     _train(ddp2, setup2, data[split:])

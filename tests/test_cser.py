@@ -139,8 +139,9 @@ def _reference_world(rank, world, steps, config):
     return params_of(model), state.log
 
 
-def cser_reference(world, steps, log, lr=0.1, mu=0.9):
-    """CSER for n simulated workers, written plainly with flat parameter vectors."""
+def cser_reference(world, steps, log, lr=0.1, mu=0.9, node_size=1):
+    """CSER for n simulated workers, written plainly with flat parameter vectors. With
+    ``node_size`` L, worker i is a node: its gradient is the mean of ranks i L ... i L + L - 1's."""
     models = [_Net() for _ in range(world)]
     shapes = [p.shape for p in models[0].parameters()]
     numels = [s.numel() for s in shapes]
@@ -148,7 +149,7 @@ def cser_reference(world, steps, log, lr=0.1, mu=0.9):
     x = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models]
     agreed = x[0].clone()
     momentum = [torch.zeros_like(x[0]) for _ in range(world)]
-    data = [batches(i, steps) for i in range(world)]
+    data = [batches(r, steps) for r in range(world * node_size)]
     events = iter(log)
     for t in range(steps):
         grads = []
@@ -156,9 +157,13 @@ def cser_reference(world, steps, log, lr=0.1, mu=0.9):
             with torch.no_grad():
                 for p, piece in zip(m.parameters(), x[i].split(numels)):
                     p.copy_(piece.view_as(p))
-            m.zero_grad()
-            nn.functional.cross_entropy(m(data[i][t][0]), data[i][t][1]).backward()
-            grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+            total = None
+            for r in range(i * node_size, (i + 1) * node_size):
+                m.zero_grad()
+                nn.functional.cross_entropy(m(data[r][t][0]), data[r][t][1]).backward()
+                g = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+                total = g if total is None else total + g
+            grads.append(total * (1.0 / node_size) if node_size > 1 else total)
         # partial gradient sync, bucket by bucket
         synced = [g.clone() for g in grads]
         event = next(events)

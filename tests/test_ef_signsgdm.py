@@ -175,11 +175,13 @@ def _rho(lr_prev, lr):  # lr_{t-1} / lr_t; 1 before the first step and while lr 
     return lr_prev / lr if lr_prev is not None and lr > 0 else 1.0
 
 
-def _reference_world(rank, world, steps, momentum, nesterov, topology, block_size, dtype=torch.float32, cap=25):
+def _reference_world(
+    rank, world, steps, momentum, nesterov, topology, block_size, dtype=torch.float32, cap=25, node_size=None
+):
     model = _model().to(dtype)
     ddp = DDP(model, bucket_cap_mb=cap)
     opt = torch.optim.SGD(ddp.parameters(), lr=_lr(0))
-    state = _Recording(momentum, nesterov=nesterov, topology=topology, block_size=block_size)
+    state = _Recording(momentum, nesterov=nesterov, topology=topology, block_size=block_size, node_size=node_size)
     state.layouts = {}
     state.register(ddp, opt)
     g = torch.Generator().manual_seed(rank)

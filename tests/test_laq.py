@@ -96,8 +96,11 @@ def _world(rank, world, iterations, settings, lr=0.5):
     return [p.detach().clone() for p in model.parameters()], stats["uploads"], stats["uploads_all_ranks"]
 
 
-def laq_reference(world, iterations, bits=4, depth=10, xi=None, t_bar=100, lr=0.5, error_weight=3.0, offset=0.0):
-    """LAQ written plainly (mean convention: gradient = aggregate / M, threshold / lr^2)."""
+def laq_reference(
+    world, iterations, bits=4, depth=10, xi=None, t_bar=100, lr=0.5, error_weight=3.0, offset=0.0, node_size=1
+):
+    """LAQ written plainly (mean convention: gradient = aggregate / M, threshold / lr^2). With
+    ``node_size`` L, worker m is a node: its gradient is the mean of ranks m L ... m L + L - 1's."""
     xi = 0.8 / depth if xi is None else xi
     model = _model()
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -108,7 +111,7 @@ def laq_reference(world, iterations, bits=4, depth=10, xi=None, t_bar=100, lr=0.
     uploads = [0] * world
     aggregate = torch.zeros_like(theta)
     changes = []  # most recent first
-    data = [_data(m) for m in range(world)]
+    data = [_data(r) for r in range(world * node_size)]
     levels = 2**bits - 1
     for _ in range(iterations):
         grads = []
@@ -116,9 +119,13 @@ def laq_reference(world, iterations, bits=4, depth=10, xi=None, t_bar=100, lr=0.
             with torch.no_grad():
                 for p, piece in zip(model.parameters(), theta.split([s.numel() for s in shapes])):
                     p.copy_(piece.view_as(p))
-            model.zero_grad()
-            _loss(model, *data[m]).backward()
-            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+            total = None
+            for r in range(m * node_size, (m + 1) * node_size):
+                model.zero_grad()
+                _loss(model, *data[r]).backward()
+                g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+                total = g if total is None else total + g
+            grads.append(total * (1.0 / node_size) if node_size > 1 else total)
         history = (xi * depth / max(1, len(changes))) * sum(changes) / lr**2 if changes else 0.0
         delta_sum = torch.zeros_like(theta)
         for m in range(world):

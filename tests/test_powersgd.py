@@ -97,10 +97,10 @@ class _Net(nn.Module):
         return self.head(torch.tanh(self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))))
 
 
-def _linearity_world(rank, world, steps, method, dtype=torch.float32):
+def _linearity_world(rank, world, steps, method, dtype=torch.float32, node_size=None):
     model = _Net().to(dtype)
     ddp = DDP(model, bucket_cap_mb=0.01)
-    state = _Recording(rank=2, orthogonalization=method)
+    state = _Recording(rank=2, orthogonalization=method, node_size=node_size)
     state.first_q = {}
     state.register(ddp)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)

@@ -120,11 +120,12 @@ def _lr(t):
     return 0.1 if t < 6 else 0.02
 
 
-def _world(rank, world, steps, period, k, wipe):
+def _world(rank, world, steps, period, k, wipe, node_size=None):
     model = _Net()
     ddp = DDP(model, bucket_cap_mb=0.001)
     opt = torch.optim.SGD(ddp.parameters(), lr=_lr(0), momentum=0.9)
-    state = dh.QsparseLocalSGD("signtopk", k=k, period=period, wipe_memory_on_lr_change=wipe).register(ddp, opt)
+    state = dh.QsparseLocalSGD("signtopk", k=k, period=period, wipe_memory_on_lr_change=wipe, node_size=node_size)
+    state.register(ddp, opt)
     for t, (x, y) in enumerate(batches(rank, steps)):
         for group in opt.param_groups:
             group["lr"] = _lr(t)
@@ -143,21 +144,29 @@ def _signtopk(v, k):
     return out
 
 
-def qsparse_reference(world, steps, period, k, wipe, mu=0.9):
+def qsparse_reference(world, steps, period, k, wipe, mu=0.9, node_size=1):
     """Qsparse-local-SGD (synchronous, SignTopK per tensor) for n simulated workers; H = 1 is
-    error-compensated SignTopK SGD with momentum after aggregation."""
+    error-compensated SignTopK SGD with momentum after aggregation. With ``node_size`` L, worker
+    i is a node: its gradient is the mean of the gradients of ranks i L ... i L + L - 1."""
     models = [_Net() for _ in range(world)]
     moms = [[torch.zeros_like(p) for p in models[0].parameters()] for _ in range(world)]
     mem = [[torch.zeros_like(p) for p in models[0].parameters()] for _ in range(world)]
     x_last = [p.detach().clone() for p in models[0].parameters()]
-    data = [batches(i, steps) for i in range(world)]
+    data = [batches(r, steps) for r in range(world * node_size)]
     lr_at_sync = None
     for t in range(steps):
         grads = []
         for i, m in enumerate(models):
-            m.zero_grad()
-            nn.functional.cross_entropy(m(data[i][t][0]), data[i][t][1]).backward()
-            grads.append([p.grad.clone() for p in m.parameters()])
+            total = None
+            for r in range(i * node_size, (i + 1) * node_size):
+                m.zero_grad()
+                nn.functional.cross_entropy(m(data[r][t][0]), data[r][t][1]).backward()
+                total = (
+                    [p.grad.clone() for p in m.parameters()]
+                    if total is None
+                    else [a + p.grad for a, p in zip(total, m.parameters())]
+                )
+            grads.append([g * (1.0 / node_size) if node_size > 1 else g for g in total])
         if period == 1:  # error-compensated compressed gradients, mean, then momentum SGD
             for kk in range(len(x_last)):
                 qs = []

@@ -72,6 +72,8 @@ class CSER(LocalSteps, HookState):
         seed: seed of the generator shared by all ranks (independent of the global RNG).
         warmup_steps: first steps reduced by an exact fp32 all-reduce.
         process_group: the group to reduce over (default: the default group).
+        node_size: ranks per node for the node-aware mode (exact inside a node, this
+            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class CSER(LocalSteps, HookState):
         seed: int = 0,
         warmup_steps: int = 0,
         process_group: Any = None,
+        node_size: int | str | None = None,
     ) -> None:
         self.grad_ratio = None if grad_ratio is None else check_float("grad_ratio", grad_ratio, 1.0)
         self.model_ratio = check_float("model_ratio", model_ratio, 1.0)
@@ -94,7 +97,7 @@ class CSER(LocalSteps, HookState):
         self.model_compressor = check_choice("model_compressor", model_compressor, {"grbs", *RESET_CODECS})
         self.levels = check_int("levels", levels, 1, 255)
         self.seed = check_seed("seed", seed)
-        super().__init__(process_group=process_group, warmup_steps=warmup_steps)
+        super().__init__(process_group=process_group, warmup_steps=warmup_steps, node_size=node_size)
         self._offsets: dict[int, int] | None = None  # each parameter's start in the model order
         self._total = 0
         self._drawn: tuple[int | None, torch.Tensor | None] = (None, None)
@@ -116,12 +119,15 @@ class CSER(LocalSteps, HookState):
             "seed": self.seed,
         }
 
+    def needs_last_bucket(self) -> bool:
+        return self.grad_ratio is None  # local phases agree on finiteness at the last bucket
+
     def on_bind(self) -> None:
         self.rng.bind(self.rank)
 
     def on_attach(self) -> None:
         if self.model_compressor != "grbs":
-            for p in self.model_view().params:  # x^ starts as the common initial model
+            for p in self.served_params():  # x^ starts as the common initial model
                 if self.memory.get("agreed", p) is None:
                     self.memory.set("agreed", p, p)
 
@@ -200,15 +206,14 @@ class CSER(LocalSteps, HookState):
         """
         if self.model_compressor != "grbs":
             return self._reset_with_codec(step)
-        params = self.model_view().params
+        params = self.served_params()
         starts = self._model_offsets()
-        offsets = [starts[id(p)] for p in params] + [self._total]
         idx = grbs.select(self._total, self.block_size, self.model_ratio, self.rng.shared)
-        bounds = grbs.cuts(idx, offsets)
+        bounds = grbs.cuts(idx, [b for p in params for b in (starts[id(p)], starts[id(p)] + p.numel())])
         pieces = []
         with self.time(step, "compress", params[0].device):
             for k, p in enumerate(params):
-                sel = idx[bounds[k] : bounds[k + 1]] - offsets[k]
+                sel = idx[bounds[2 * k] : bounds[2 * k + 1]] - starts[id(p)]
                 if sel.numel():
                     sel = sel.to(p.device, non_blocking=True)
                     pieces.append((p, sel, grbs.gather(p.detach().view(-1), sel).float()))
@@ -223,7 +228,7 @@ class CSER(LocalSteps, HookState):
 
     def _reset_with_codec(self, step: int) -> None:
         """``c_i = C(x_i - x^)``; ``x_i <- x_i - c_i + mean_j c_j``; ``x^ <- x^ + mean_j c_j``."""
-        params = self.model_view().params
+        params = self.served_params()
         plan = self._plans.get(params, step)
         device = params[0].device
         with torch.no_grad():

@@ -64,6 +64,8 @@ class EFSignSGDM(HookState):
         topology: ``"sharded"`` or ``"allgather"`` (see the module docstring).
         warmup_steps: first steps reduced by an exact fp32 all-reduce.
         process_group: the group to reduce over (default: the default group).
+        node_size: ranks per node for the node-aware mode (exact inside a node, this
+            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
 
     The learning rate is read from the optimizer it follows (warm-up schedules included); that
     optimizer must not apply momentum itself.
@@ -80,13 +82,14 @@ class EFSignSGDM(HookState):
         topology: str = "sharded",
         warmup_steps: int = 0,
         process_group: Any = None,
+        node_size: int | str | None = None,
     ) -> None:
         self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
         self.nesterov = check_bool("nesterov", nesterov)
         self.block_size = None if block_size is None else check_int("block_size", block_size, 1)
         self.topology = check_choice("topology", topology, {"sharded", "allgather"})
         self.stages = 2 if topology == "sharded" else 1
-        super().__init__(process_group=process_group, warmup_steps=warmup_steps)
+        super().__init__(process_group=process_group, warmup_steps=warmup_steps, node_size=node_size)
         self._plans = LayoutCache(self._build_plan)
         self._how = Momentum(self.momentum, self.nesterov)
         self._lr_prev: dict[int, float] = {}

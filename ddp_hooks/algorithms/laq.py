@@ -36,9 +36,9 @@ import torch
 from torch.futures import Future
 
 from ..comm import done
-from ..compress.laq import Quantized, UploadMessage, apply_codes, quantize_step
-from ..core import Bucket, Held, HookState, check_bool, check_choice, check_float, check_int, nonfinite, poison
-from .laq_state import LAQMemory
+from ..compress.laq import Quantized, UploadMessage, apply_codes, grid_radius, quantize_step
+from ..core import Bucket, Held, HookState, check_bool, check_choice, check_float, check_int, nonfinite
+from .laq_state import LAQMemory, write_mean
 
 
 @dataclass
@@ -71,6 +71,8 @@ class LAQ(HookState):
         threshold_offset: constant added to the threshold (0 for LAQ, 0.2 for SLAQ).
         wire: ``"uploads"`` or ``"dense"`` (see the module docstring).
         process_group: the group to reduce over (default: the default group).
+        node_size: ranks per node for the node-aware mode (exact inside a node, this
+            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
 
     The optimizer must be ``torch.optim.SGD`` with one learning rate: the rule compares the
     gradient's innovation with the model's movement divided by the learning rate, which is
@@ -92,6 +94,7 @@ class LAQ(HookState):
         threshold_offset: float = 0.0,
         wire: str = "uploads",
         process_group: Any = None,
+        node_size: int | str | None = None,
     ) -> None:
         self.bits = check_int("bits", bits, 1, 8)
         self.memory_depth = check_int("memory_depth", memory_depth, 1, 10_000)
@@ -102,7 +105,7 @@ class LAQ(HookState):
         self.error_weight = check_float("error_weight", error_weight, 0.0)
         self.threshold_offset = check_float("threshold_offset", threshold_offset, 0.0)
         self.wire = check_choice("wire", wire, {"dense", "uploads"})
-        super().__init__(process_group=process_group)
+        super().__init__(process_group=process_group, node_size=node_size)
         self.rule = LAQMemory(self.memory_depth, self.max_staleness)
         self._params: list[torch.Tensor] | None = None
 
@@ -147,10 +150,15 @@ class LAQ(HookState):
         if any(g.get("momentum", 0) for g in optimizer.param_groups):
             warnings.warn("LAQ with momentum: stale gradients are amplified (the paper uses plain SGD)", stacklevel=3)
 
+    def needs_last_bucket(self) -> bool:
+        return True  # the rule decides at the step's last bucket
+
     def after_step(self) -> None:
         """Remember ``||theta^{k+1} - theta^k||^2`` (the last D of them)."""
         if self._params is not None:
-            self.rule.record_change(self._params, self.memory.flat("theta_prev", self._params))
+            step = max(0, self.step - 1)
+            theta_prev = self.memory.flat("theta_prev", self._params)
+            self.rule.record_change(self._params, theta_prev, lambda change: self.node_combine(change, step))
 
     # ---- the hook -----------------------------------------------------------------------------
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
@@ -174,7 +182,7 @@ class LAQ(HookState):
         q_ref = self.memory.flat("q_ref", params)
         aggregate = self.memory.flat("aggregate", params)
         with self.time(step, "compress", q_ref.device):
-            d = self._decide(ws, q_ref, params)
+            d = self._decide(ws, q_ref, params, step)
         flags = self.transport.all_gather(torch.stack([d.upload, d.bad]).to(torch.uint8), step).wait()
         any_bad = flags[:, 1].bool().any()
         if self.wire == "dense":
@@ -189,30 +197,39 @@ class LAQ(HookState):
             self._move_reference(ws, keep, d.quantized, q_ref)
             self.rule.after_round(keep, d.error2)
             self.rule.count(d.upload, flags[:, 0], any_bad)
-            self._write(held, aggregate, any_bad)
+            write_mean(held, aggregate, self.world_size, any_bad)
         return done(None)
 
-    def _decide(self, ws: dict[str, torch.Tensor], q_ref: torch.Tensor, params: list[torch.Tensor]) -> _Decision:
-        """This worker's round: quantize, then the skip rule."""
+    def _decide(
+        self, ws: dict[str, torch.Tensor], q_ref: torch.Tensor, params: list[torch.Tensor], step: int
+    ) -> _Decision:
+        """This worker's round: quantize, then the skip rule. Node-aware, the worker is the
+        node: one grid radius, and the rule's norms and finiteness, over the node's gradient."""
         g = ws["g"]
         bad = nonfinite(g)
+        radius = self.node_combine(grid_radius(g, q_ref), step, largest=True) if self.node_aware else None
         if self.wire == "uploads" and self.quantize:
-            quantized = quantize_step(g, q_ref, self.bits, codes=ws["codes"])
+            quantized = quantize_step(g, q_ref, self.bits, codes=ws["codes"], radius=radius)
         elif self.quantize:
-            quantized = quantize_step(g, q_ref, self.bits, q_new=ws["q_new"], innovation=ws["innovation"])
+            quantized = quantize_step(
+                g, q_ref, self.bits, q_new=ws["q_new"], innovation=ws["innovation"], radius=radius
+            )
         else:
             ws["q_new"].copy_(g)
             torch.sub(g, q_ref, out=ws["innovation"])
             quantized = None
         error2 = quantized.error2 if quantized is not None else torch.zeros((), dtype=torch.float64, device=g.device)
-        if not self.skip:
-            return _Decision(bad, torch.ones((), dtype=torch.bool, device=g.device), error2, quantized)
-        lr = self.learning_rates(params)[0] if self.rule.changes else 1.0
         innovation2 = (
             quantized.innovation2
             if quantized is not None
             else torch.linalg.vector_norm(ws["innovation"], dtype=torch.float64).square()
         )
+        if self.node_aware:
+            node = self.node_combine(torch.stack([error2, innovation2, bad.to(torch.float64)]), step)
+            error2, innovation2, bad = node[0], node[1], node[2] > 0
+        if not self.skip:
+            return _Decision(bad, torch.ones((), dtype=torch.bool, device=g.device), error2, quantized)
+        lr = self.learning_rates(params)[0] if self.rule.changes else 1.0
         threshold = self.rule.threshold(self.xi, lr, self.error_weight * (error2 + self.rule.eps2_last))
         upload = (innovation2 >= threshold + self.threshold_offset) | self.rule.stale()
         return _Decision(bad, upload, error2, quantized)
@@ -251,18 +268,6 @@ class LAQ(HookState):
                 apply_codes(q_ref, ws["codes"], quantized.radius, self.bits)
         else:
             torch.where(keep, ws["q_new"], q_ref, out=q_ref)
-
-    def _write(self, held: list[Held], aggregate: torch.Tensor, bad: torch.Tensor) -> None:
-        """Every bucket of the step becomes its part of ``aggregate / M`` (NaN if ``bad``)."""
-        start = 0
-        for h in held:
-            piece = aggregate[start : start + h.buffer.numel()]
-            start += h.buffer.numel()
-            if h.buffer.dtype == torch.float32:
-                torch.div(piece, self.world_size, out=h.buffer)
-            else:
-                h.buffer.copy_(piece.div(self.world_size))
-            poison(h.buffer, bad)
 
     # ---- reporting and checkpoints -------------------------------------------------------------
     def upload_bits(self, numel: int) -> int:

@@ -4,11 +4,13 @@ Norms and the history are kept in float64: a very large gradient or model change
 overflow the rule's arithmetic (squares of fp32 values reach past fp32's range).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..compress.laq import model_change
+from ..core import Held, poison
 
 _SCALARS = ("eps2_last", "clock", "changes", "uploads", "uploads_all")
 
@@ -80,11 +82,17 @@ class LAQMemory:
         s["uploads"] += (uploaded & ~bad).to(s["uploads"].dtype)
         s["uploads_all"] += torch.where(bad, 0, everyone.to(torch.float64).sum()).to(s["uploads_all"].dtype)
 
-    def record_change(self, params: list[torch.Tensor], theta_prev: torch.Tensor) -> None:
-        """``||theta_new - theta_prev||^2`` into the history, and ``theta_prev = theta_new``."""
+    def record_change(
+        self,
+        params: list[torch.Tensor],
+        theta_prev: torch.Tensor,
+        combine: Callable[[torch.Tensor], torch.Tensor] = lambda change: change,
+    ) -> None:
+        """``||theta_new - theta_prev||^2`` into the history, and ``theta_prev = theta_new``;
+        ``combine`` sums the parts of a model served by several ranks (node-aware mode)."""
         s = self._scalars(theta_prev.device)
         s["changes"] = torch.roll(s["changes"], 1)
-        s["changes"][0] = model_change(params, theta_prev)
+        s["changes"][0] = combine(model_change(params, theta_prev))
         self.changes = min(self.depth, self.changes + 1)
 
     def upload_counts(self) -> tuple[int, int]:
@@ -116,3 +124,16 @@ class LAQMemory:
         scalars = state["scalars"]
         self.scalars = None if scalars is None else {k: v.clone().to(torch.float64) for k, v in scalars.items()}
         self.changes = int(state["changes"])
+
+
+def write_mean(held: list[Held], aggregate: torch.Tensor, workers: int, bad: torch.Tensor) -> None:
+    """Every held bucket of the step becomes its part of ``aggregate / workers`` (NaN if ``bad``)."""
+    start = 0
+    for h in held:
+        piece = aggregate[start : start + h.buffer.numel()]
+        start += h.buffer.numel()
+        if h.buffer.dtype == torch.float32:
+            torch.div(piece, workers, out=h.buffer)
+        else:
+            h.buffer.copy_(piece.div(workers))
+        poison(h.buffer, bad)

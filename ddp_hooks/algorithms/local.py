@@ -1,6 +1,7 @@
 """What the algorithms with local steps share: counting the optimizer's steps, synchronizing
 every ``period`` of them, and checking their part of a checkpoint."""
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -13,6 +14,8 @@ class LocalSteps:
     step: int
     local_steps: int = 0
 
+    share_served: Callable[[int], None]  # HookState's
+
     @property
     def sync_every(self) -> int:
         """Optimizer steps between synchronizations (0: never)."""
@@ -21,7 +24,9 @@ class LocalSteps:
     def after_step(self) -> None:
         self.local_steps += 1
         if self.sync_every and self.local_steps % self.sync_every == 0:
-            self.synchronize(max(0, self.step - 1))
+            step = max(0, self.step - 1)
+            self.synchronize(step)
+            self.share_served(step)  # node-aware: every rank of a node takes the owners' values
 
     def synchronize(self, step: int) -> None:
         """The algorithm's periodic synchronization, attributed to training step ``step``."""

@@ -92,6 +92,8 @@ class PowerSGD(HookState):
             ``"gram_schmidt"`` on GPUs.
         epsilon: added to column norms so that all-zero matrices give zeros, not NaN.
         process_group: the group to reduce over (default: the default group).
+        node_size: ranks per node for the node-aware mode (exact inside a node, this
+            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
     """
 
     stages = 2
@@ -109,6 +111,7 @@ class PowerSGD(HookState):
         orthogonalization: str = "auto",
         epsilon: float = 1e-8,
         process_group: Any = None,
+        node_size: int | str | None = None,
     ) -> None:
         self.matrix_rank = check_int("rank", rank, 1, 1024)
         self.warm_start = check_bool("warm_start", warm_start)
@@ -117,7 +120,7 @@ class PowerSGD(HookState):
         self.seed = check_seed("seed", seed)
         self.orthogonalization = check_choice("orthogonalization", orthogonalization, {"auto", *METHODS})
         self.epsilon = check_float("epsilon", epsilon, 0.0)
-        super().__init__(process_group=process_group, warmup_steps=warmup_steps)
+        super().__init__(process_group=process_group, warmup_steps=warmup_steps, node_size=node_size)
         self.rng = Generators(self.seed)
         self._layouts = LayoutCache(lambda params: _Layout(params, self.matrix_rank, self.min_compression_rate))
 

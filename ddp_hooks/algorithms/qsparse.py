@@ -66,6 +66,8 @@ class QsparseLocalSGD(LocalSteps, HookState):
             and the generator all ranks share for grbs.
         warmup_steps: first steps reduced by an exact fp32 all-reduce.
         process_group: the group to reduce over (default: the default group).
+        node_size: ranks per node for the node-aware mode (exact inside a node, this
+            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
         seed: int = 0,
         warmup_steps: int = 0,
         process_group: Any = None,
+        node_size: int | str | None = None,
     ) -> None:
         self.compressor = check_choice("compressor", compressor, set(KINDS))
         if isinstance(k, float) and k < 1:
@@ -89,7 +92,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
         self.levels = check_int("levels", levels, 1, 255)
         self.wipe_memory_on_lr_change = check_bool("wipe_memory_on_lr_change", wipe_memory_on_lr_change)
         self.seed = check_seed("seed", seed)
-        super().__init__(process_group=process_group, warmup_steps=warmup_steps)
+        super().__init__(process_group=process_group, warmup_steps=warmup_steps, node_size=node_size)
         self.rng = Generators(self.seed)
         self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
         # fp32 workspaces of a layout (p = g + e or the progress, the decoded mean): none per step
@@ -114,12 +117,15 @@ class QsparseLocalSGD(LocalSteps, HookState):
     def sync_every(self) -> int:
         return self.period if self.period > 1 else 0
 
+    def needs_last_bucket(self) -> bool:
+        return self.period > 1  # local phases agree on finiteness at the step's last bucket
+
     def on_bind(self) -> None:
         self.rng.bind(self.rank)
 
     def on_attach(self) -> None:
         if self.period > 1:
-            for p in self.model_view().params:
+            for p in self.served_params():
                 if self.memory.get("x_last", p) is None:
                     self.memory.set("x_last", p, p)
 
@@ -154,7 +160,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
     def synchronize(self, step: int) -> None:
         """Delta_i = mem_i + (x_last - x_i); q_i = QComp(Delta_i); mem_i = Delta_i - q_i;
         x_i = x_last = x_last - mean_j q_j. Nothing moves if any rank's Delta is not finite."""
-        params = self.model_view().params
+        params = self.served_params()
         plan = self._plans.get(params, step)
         candidate, mean = self._workspaces.get(params, step)
         lrs = self.learning_rates(params)

@@ -34,6 +34,25 @@ def new_group_like(group: ProcessGroup, ranks: list[int] | None = None) -> Proce
     return made
 
 
+def partition(group: ProcessGroup, blocks: list[list[int]], copies: int = 1) -> list[ProcessGroup]:
+    """For each of ``copies``: one new group per block of ``group``'s ranks (global ranks), with
+    ``group``'s backend and timeout; returns this rank's group of each copy. Collective over the
+    whole world: every rank must call it with the same blocks, in the same order."""
+    me = dist.get_rank()
+    backend, timeout = dist.get_backend(group), timeout_of(group)
+    mine: list[ProcessGroup] = []
+    for _ in range(copies):
+        for block in blocks:
+            made = dist.new_group(ranks=block, backend=backend, timeout=timeout)
+            if me in block:
+                if not isinstance(made, ProcessGroup):
+                    raise RuntimeError(f"rank {me} did not get its process group of ranks {block}")
+                mine.append(made)
+    if len(mine) != copies:
+        raise RuntimeError(f"rank {me} is in {len(mine)} of the blocks {blocks} x {copies}; expected one per copy")
+    return mine
+
+
 def is_alive(group: ProcessGroup) -> bool:
     """False once ``group`` (or the default group) was destroyed."""
     if not dist.is_available() or not dist.is_initialized():

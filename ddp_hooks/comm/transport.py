@@ -42,15 +42,25 @@ class Transport:
 
     ``stages`` is the number of dependent collective rounds an algorithm chains; stage
     ``k > 0`` gets its own process group, created here with the served group's backend and
-    timeout (collectively: construct on every rank). ``stats`` counts the bytes.
+    timeout (collectively: construct on every rank), unless ``side_groups`` gives them (groups
+    of the same ranks). ``stats`` counts the bytes.
     """
 
-    def __init__(self, group: ProcessGroup, stats: ByteCounter, stages: int = 1) -> None:
+    def __init__(
+        self,
+        group: ProcessGroup,
+        stats: ByteCounter,
+        stages: int = 1,
+        side_groups: list[ProcessGroup] | None = None,
+    ) -> None:
         self.group = group
         self.stats = stats
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._groups = [group] + [new_group_like(group) for _ in range(stages - 1)]
+        side = side_groups if side_groups is not None else [new_group_like(group) for _ in range(stages - 1)]
+        if len(side) != stages - 1:
+            raise ValueError(f"side_groups must hold {stages - 1} groups, got {len(side)}")
+        self._groups = [group, *side]
         self._sequencers = [Sequencer() for _ in range(stages)]
 
     def _issue(self, kind: str, step: int, stage: int, work: Any, result: Callable[[], Any]) -> Future[Any]:
@@ -58,10 +68,12 @@ class Transport:
         return chain(work.get_future(), lambda _: result(), what)
 
     # ---- collectives (issued now, on the group of ``stage``) ------------------------------
-    def all_reduce(self, tensor: torch.Tensor, step: int, stage: int = 0) -> Future[Any]:
-        """Sum ``tensor`` in place across ranks; the future holds ``tensor``."""
+    def all_reduce(self, tensor: torch.Tensor, step: int, stage: int = 0, largest: bool = False) -> Future[Any]:
+        """Sum ``tensor`` in place across ranks (``largest``: the maximum); the future holds
+        ``tensor``."""
         self.stats.collective(step, "all_reduce", _nbytes(tensor), _nbytes(tensor))
-        work = dist.all_reduce(tensor, group=self._groups[stage], async_op=True)
+        op = dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM
+        work = dist.all_reduce(tensor, op=op, group=self._groups[stage], async_op=True)
         return self._issue("all_reduce", step, stage, work, lambda: tensor)
 
     def all_gather(self, payload: torch.Tensor, step: int, stage: int = 0) -> Future[Any]:

@@ -44,20 +44,24 @@ def quantize_step(
     q_new: torch.Tensor | None = None,
     innovation: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
+    radius: torch.Tensor | None = None,
 ) -> Quantized:
     """Quantize ``g`` against ``q_ref``: writes ``q_new = Q(g)``, ``innovation = q_new - q_ref``
     and the uint8 ``codes``, each only if given. With only the codes, :func:`apply_codes`
-    gives ``Q(g)`` later, for the rounds that need it."""
+    gives ``Q(g)`` later, for the rounds that need it. ``radius``: the grid's radius when ``g``
+    is part of a longer vector (:func:`grid_radius` of the whole); default ``g``'s own."""
     levels = (1 << bits) - 1
     if g.dtype == torch.float32 and cpu.usable(g, q_ref, *(t for t in (q_new, innovation, codes) if t is not None)):
-        radius = torch.tensor(cpu.absmax_diff(g, q_ref) if g.numel() else 0.0)
+        if radius is None:
+            radius = torch.tensor(cpu.absmax_diff(g, q_ref) if g.numel() else 0.0)
         step, unit = _grid(radius, bits)
         eps2, inno2 = cpu.laq_quantize(
             g, q_ref, (radius.item(), step.item(), unit.item(), levels), q_new, innovation, codes
         )
         return Quantized(radius, torch.tensor(eps2, dtype=torch.float64), torch.tensor(inno2, dtype=torch.float64))
     diff = g - q_ref
-    radius = torch.linalg.vector_norm(diff, float("inf")) if diff.numel() else diff.new_zeros(())
+    if radius is None:
+        radius = torch.linalg.vector_norm(diff, float("inf")) if diff.numel() else diff.new_zeros(())
     step, unit = _grid(radius, bits)
     grid = torch.add(diff, radius).div_(step).add_(0.5).floor_().clamp_(0, levels).mul_(radius > 0)
     if codes is not None:
@@ -70,6 +74,16 @@ def quantize_step(
     if innovation is not None:
         innovation.copy_(diff)
     return Quantized(radius, eps2, torch.linalg.vector_norm(diff, dtype=torch.float64).square())
+
+
+def grid_radius(g: torch.Tensor, q_ref: torch.Tensor) -> torch.Tensor:
+    """``||g - q_ref||_inf`` (0-d fp32): the radius of the grid :func:`quantize_step` uses."""
+    if not g.numel():
+        return torch.zeros((), dtype=torch.float32, device=g.device)
+    if g.dtype == torch.float32 and cpu.usable(g, q_ref):
+        return torch.tensor(cpu.absmax_diff(g, q_ref))
+    radius: torch.Tensor = torch.linalg.vector_norm(g - q_ref, float("inf")).float()
+    return radius
 
 
 def apply_codes(q_ref: torch.Tensor, codes: torch.Tensor, radius: torch.Tensor, bits: int) -> torch.Tensor:

@@ -25,8 +25,8 @@ def export(state: "HookState") -> dict[str, Any]:
         "format": FORMAT,
         "algorithm": type(state).__name__,
         "config": state.config(),
-        "world_size": state.world_size,
-        "rank": state.rank,
+        "world_size": state.group_size,
+        "rank": state.group_rank,
         "step": state.step,
         "layout": model.layout(),
         "memory": state.memory.export(model.names),
@@ -48,7 +48,7 @@ def problems(state: "HookState", saved: Any) -> list[str]:
     if saved["algorithm"] != name:
         return [f"algorithm: saved {saved['algorithm']}, this is {name}"]
     out = _config_problems(saved["config"], state.config())
-    for key, now in (("world_size", state.world_size), ("rank", state.rank)):
+    for key, now in (("world_size", state.group_size), ("rank", state.group_rank)):
         if saved[key] != now:
             out.append(f"{key.replace('_', ' ')}: saved {saved[key]}, now {now}")
     step = saved["step"]

@@ -17,15 +17,15 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import GradBucket
 from torch.futures import Future
 
-from .._version import __version__
-from ..comm import Transport, is_alive
+from ..comm import Transport
 from . import checkpoint
-from .agree import agree
+from .binding import Binding
 from .bucket import Bucket
 from .checks import check_int
 from .held import HeldBuckets, LocalPhase
 from .memory import ParameterMemory
 from .model import ModelView, SeenParameters
+from .node import NodeAware, NodeSize, check_node_size
 from .optimizer import OptimizerLink
 from .stats import Stats
 
@@ -45,13 +45,17 @@ def comm_hook(state: "HookState", bucket: GradBucket) -> Future[torch.Tensor]:
     return state.run(bucket)
 
 
-class HookState:
+class HookState(Binding):
     """Shared machinery of a compression hook.
 
     Args:
         process_group: the group to reduce over (default: the default group, at first use).
         warmup_steps: number of first training steps reduced by an exact fp32 all-reduce,
             bit-identical to DDP without a hook.
+        node_size: ranks per node for the node-aware mode (:mod:`.node`): exact mean inside
+            each node, the algorithm between nodes, each local rank serving a fixed share of
+            the parameters. ``"auto"`` reads torchrun's ``LOCAL_WORLD_SIZE``; None (default)
+            or 1: every rank is a worker.
     """
 
     #: dependent collective rounds per bucket (each later round gets its own process group)
@@ -59,8 +63,17 @@ class HookState:
     #: memory slots whose pieces have the size of their parameter
     memory_slots: tuple[str, ...] = ()
 
-    def __init__(self, *, process_group: dist.ProcessGroup | None = None, warmup_steps: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        warmup_steps: int = 0,
+        node_size: NodeSize = None,
+    ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0, 2**62)
+        self._node_spec = check_node_size(node_size)
+        self._node: NodeAware | None = None
+        self._on_attach_done = False
         self.step = 0
         self.memory = ParameterMemory()
         self._group_arg = process_group
@@ -77,11 +90,19 @@ class HookState:
     # ---- what an algorithm defines ----------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The hyper-parameters every rank must share (override; extends the base fields)."""
-        return {"warmup_steps": self.warmup_steps}
+        fields: dict[str, Any] = {"warmup_steps": self.warmup_steps}
+        if self._node_spec is not None:
+            fields["node_size"] = self._node.size if self._node is not None else self._node_spec
+        return fields
 
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         """Compress, communicate and decompress one bucket; the future holds the new gradient."""
         raise NotImplementedError
+
+    def needs_last_bucket(self) -> bool:
+        """Whether :meth:`reduce` must see the step's last bucket even when it holds none of
+        this rank's parameters (node-aware mode): algorithms that hold buckets until the last."""
+        return False
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise ValueError if ``optimizer`` cannot be combined with this algorithm."""
@@ -107,66 +128,6 @@ class HookState:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned (override)."""
 
-    # ---- binding (lazy) -----------------------------------------------------------------------
-    def _bind(self) -> dist.ProcessGroup:
-        """The process group, resolved on first use (and checked alive every time)."""
-        if self._group is not None:
-            if not is_alive(self._group):
-                raise RuntimeError(
-                    f"the process group {type(self).__name__} was bound to has been destroyed; "
-                    "create a new state after init_process_group"
-                )
-            return self._group
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                f"{type(self).__name__} needs an initialized default process group: call "
-                "torch.distributed.init_process_group(...) before register() or the first backward"
-            )
-        group = self._group_arg if self._group_arg is not None else dist.group.WORLD
-        assert group is not None  # the default group exists once initialized
-        self._group = group
-        self._stats.world_size = dist.get_world_size(group)
-        self.on_bind()
-        return group
-
-    def on_bind(self) -> None:
-        """Called once the process group is known (override: per-rank generators)."""
-
-    def _ready(self) -> Transport:
-        """Bound, agreed with every rank, and with its transport (side groups are created only
-        after the agreement: ranks configured differently would create different groups)."""
-        group = self._bind()
-        if not self._agreed:
-            fields = {"algorithm": type(self).__name__, "version": __version__, **self.config()}
-            if self._model is not None:
-                fields["parameters"] = self._model.digest()
-            agree(group, fields, type(self).__name__)
-            self._agreed = True
-        if self._transport is None:
-            self._transport = Transport(group, self._stats, self.stages)
-        return self._transport
-
-    @property
-    def bound(self) -> bool:
-        """Whether the state has resolved its process group (at register or first use)."""
-        return self._group is not None
-
-    @property
-    def transport(self) -> Transport:
-        return self._ready()
-
-    @property
-    def process_group(self) -> dist.ProcessGroup:
-        return self._bind()
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self._bind())
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size(self._bind())
-
     # ---- wiring -----------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> "HookState":
         """Learn the parameters of ``model`` (a DDP model or its module). One state, one model."""
@@ -177,7 +138,7 @@ class HookState:
         self._model = ModelView(model)
         if not self._model.named:
             raise ValueError("the model has no trainable parameters")
-        self.on_attach()
+        self._model_and_group()
         return self
 
     def model_view(self) -> ModelView:
@@ -223,16 +184,23 @@ class HookState:
         view = Bucket.of(bucket)
         step = self.step
         if self._model is None:
+            if self._node is not None:
+                raise RuntimeError("node_size needs the model: use state.register(ddp) or call state.attach(ddp)")
             self._seen.check(view.params, step)
             self._link.discover()
         elif id(view.params[0]) not in self._model.names:
             raise RuntimeError("this state serves another model: one state per DDP model")
         if view.is_last:
             self.step += 1
-        self._stats.elements(step, view.buffer.numel())
+        if self._node is not None:
+            return self._node.reduce(view, step, self._reduce_counted, self.needs_last_bucket())
+        return self._reduce_counted(view, step)
+
+    def _reduce_counted(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
+        self._stats.elements(step, bucket.buffer.numel())
         if step < self.warmup_steps:
-            return self.exact_mean(view.buffer, step)
-        return self.reduce(view, step)
+            return self.exact_mean(bucket.buffer, step)
+        return self.reduce(bucket, step)
 
     def exact_mean(self, buffer: torch.Tensor, step: int, stage: int = 0) -> Future[torch.Tensor]:
         """Mean all-reduce exactly as DDP does without a hook (scale by 1/n, then sum)."""
@@ -244,12 +212,31 @@ class HookState:
         """A local phase: the gradient stays on this rank, but whether the step is finite is
         agreed: one flag per step (all-reduced at the last bucket), so that ``GradScaler``
         skips the same steps on every rank. A rank's non-finite step makes every bucket NaN
-        on every rank."""
+        on every rank (node-aware: the flag is summed over the node first)."""
         return self._local.keep(
-            bucket.buffer, bucket.params, bucket.is_last, lambda flag: self.transport.all_reduce(flag, step)
+            bucket.buffer,
+            bucket.params,
+            bucket.is_last,
+            lambda flag: self.transport.all_reduce(self.node_combine(flag, step), step),
         )
 
     # ---- helpers for algorithms ----------------------------------------------------------------
+    def served_params(self) -> list[torch.Tensor]:
+        """The model's parameters the algorithm serves on this rank (node-aware: its share)."""
+        params = self.model_view().params
+        return self._node.owned(params) if self._node is not None else params
+
+    def node_combine(self, tensor: torch.Tensor, step: int, largest: bool = False) -> torch.Tensor:
+        """Node-aware: the sum (``largest``: maximum) of ``tensor`` over the ranks of the node,
+        for quantities of the node's whole gradient; flat: ``tensor``."""
+        return self._node.combine(tensor, step, largest) if self._node is not None else tensor
+
+    def share_served(self, step: int) -> None:
+        """Node-aware: every rank of the node takes the values of the parameters their owners
+        just synchronized; flat: nothing."""
+        if self._node is not None:
+            self._node.share(self.model_view().params, step)
+
     def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
         """The current learning rate of each parameter, read from the followed optimizer."""
         optimizer = self._link.optimizer
@@ -274,6 +261,10 @@ class HookState:
         """Bytes, paper bits, ratio to fp32 all-reduce and codec time: last step and total."""
         out = self._stats.summary(self.step)
         out["algorithm"] = type(self).__name__
+        if self._node is not None:
+            intra = self._node.stats.summary(self.step)
+            out["node_size"] = self._node.size
+            out["intra_node"] = {k: intra[k] for k in ("last_step", "total")}
         return out
 
     def state_dict(self) -> dict[str, Any]:

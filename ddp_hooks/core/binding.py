@@ -1,0 +1,131 @@
+"""Lazy binding of a state: its process group, the node layer, the configuration agreement and
+the transport are resolved at ``register()`` or at the first hook call, not at construction
+(Lightning users build states before the workers exist)."""
+
+from typing import Any
+
+import torch.distributed as dist
+
+from .._version import __version__
+from ..comm import Transport, is_alive
+from .agree import agree
+from .model import ModelView
+from .node import NodeAware, NodeSize, resolve_node_size
+from .stats import Stats
+
+
+class Binding:
+    """The group-facing half of :class:`~ddp_hooks.core.HookState`."""
+
+    stages: int
+    _group_arg: dist.ProcessGroup | None
+    _group: dist.ProcessGroup | None
+    _node_spec: NodeSize
+    _node: NodeAware | None
+    _stats: Stats
+    _agreed: bool
+    _model: ModelView | None
+    _transport: Transport | None
+    _on_attach_done: bool
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def on_attach(self) -> None:
+        """Called once the model and the group are known, before the first step (override)."""
+
+    def _bind(self) -> dist.ProcessGroup:
+        """The process group, resolved on first use (and checked alive every time)."""
+        if self._group is not None:
+            if not is_alive(self._group):
+                raise RuntimeError(
+                    f"the process group {type(self).__name__} was bound to has been destroyed; "
+                    "create a new state after init_process_group"
+                )
+            return self._group
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                f"{type(self).__name__} needs an initialized default process group: call "
+                "torch.distributed.init_process_group(...) before register() or the first backward"
+            )
+        group = self._group_arg if self._group_arg is not None else dist.group.WORLD
+        assert group is not None  # the default group exists once initialized
+        size = resolve_node_size(self._node_spec, dist.get_world_size(group), dist.get_rank(group))
+        self._node = NodeAware(group, size) if size is not None else None
+        self._group = group
+        self._stats.world_size = self.world_size
+        self.on_bind()
+        self._model_and_group()
+        return group
+
+    def _model_and_group(self) -> None:
+        """Once both the model and the group are known: the node layer's ownership, then the
+        algorithm's :meth:`on_attach`."""
+        if self._on_attach_done or self._model is None or self._group is None:
+            return
+        if self._node is not None:
+            self._node.own(self._model.params)
+        self._on_attach_done = True
+        self.on_attach()
+
+    def on_bind(self) -> None:
+        """Called once the process group is known (override: per-rank generators)."""
+
+    def _ready(self) -> Transport:
+        """Bound, agreed with every rank, and with its transport (side groups are created only
+        after the agreement: ranks configured differently would create different groups)."""
+        group = self._bind()
+        if not self._agreed:
+            fields = {"algorithm": type(self).__name__, "version": __version__, **self.config()}
+            if self._model is not None:
+                fields["parameters"] = self._model.digest()
+            agree(group, fields, type(self).__name__)
+            self._agreed = True
+        if self._transport is None:
+            if self._node is not None:
+                cross = self._node.make_groups(group, self.stages)
+                self._transport = Transport(cross[0], self._stats, self.stages, side_groups=cross[1:])
+            else:
+                self._transport = Transport(group, self._stats, self.stages)
+        return self._transport
+
+    @property
+    def node_aware(self) -> bool:
+        """Whether the node-aware mode is on (known once bound)."""
+        self._bind()
+        return self._node is not None
+
+    @property
+    def bound(self) -> bool:
+        """Whether the state has resolved its process group (at register or first use)."""
+        return self._group is not None
+
+    @property
+    def transport(self) -> Transport:
+        return self._ready()
+
+    @property
+    def process_group(self) -> dist.ProcessGroup:
+        """The group the algorithm runs over (node-aware: the ranks of this local rank)."""
+        return self.transport.group if self._node_spec is not None else self._bind()
+
+    @property
+    def rank(self) -> int:
+        """The algorithm's worker index (node-aware: the node)."""
+        group = self._bind()
+        return self._node.node if self._node is not None else dist.get_rank(group)
+
+    @property
+    def world_size(self) -> int:
+        """The algorithm's number of workers (node-aware: of nodes)."""
+        group = self._bind()
+        return self._node.nodes if self._node is not None else dist.get_world_size(group)
+
+    @property
+    def group_rank(self) -> int:
+        """This process's rank in the state's whole group."""
+        return dist.get_rank(self._bind())
+
+    @property
+    def group_size(self) -> int:
+        return dist.get_world_size(self._bind())
