@@ -19,6 +19,18 @@ Communication is otherwise assumed not to overlap with backward.
     python benchmarks/advisor.py --measured benchmarks/results/step_time_gloo.json --model resnet18 --bandwidth 100mbit
     python benchmarks/advisor.py --validate benchmarks/results/emulate_*.json
 
+Two-level clusters (``--nodes N --per-node L``): ``N`` nodes of ``L`` workers, a fast network
+inside a node (``--intra-bandwidth``, e.g. NVLink) and the slow one between nodes, one NIC per
+node that its ``L`` workers share. Flat, each of the ``n = N L`` workers runs the hook over all
+of them: a ring (all-reduce, all-gather) crosses each node's NIC once, while for an
+all-to-all the share ``(n - L)/(n - 1)`` of every worker's bytes leaves the node, ``L`` workers'
+worth through one NIC. Node-aware (``node_size=L``), a bucket costs two fp32
+all-reduces on ``L`` ranks inside the node (the exact mean and the gather), and between the
+nodes the hook runs on ``N`` workers per share, the ``L`` shares through the one NIC: the
+whole model's message, once per node. Each worker's codec time drops to ``1/L``.
+
+    python benchmarks/advisor.py --model resnet50 --compute-ms 150 --nodes 4 --per-node 8 --bandwidth 10gbit
+
 It predicts speed only: check what a hook does to accuracy with benchmarks/convergence.py.
 """
 
@@ -104,6 +116,65 @@ def network_time(hook: str, shapes: list[tuple[int, ...]], world: int, bandwidth
         wire += payload * f
         seconds += payload * f / bandwidth + buckets * steps * latency
     return seconds, wire
+
+
+def _kinds(hook: str, shapes: list[tuple[int, ...]]) -> list[tuple[str, float]]:
+    """(collective, payload bytes) per step for ``hook`` on a model of ``shapes``."""
+    numel = sum(math.prod(s) for s in shapes)
+    if hook in ("powersgd", "torch-powersgd"):
+        plan = LowRankPlan.build(shapes, 4, 2.0)
+        exact = sum(math.prod(shapes[i]) for i in plan.exact)
+        return [("all_reduce", 4.0 * (plan.p_numel + plan.q_numel + exact))]
+    if hook not in _COSTS:
+        raise ValueError(f"hook {hook!r} is not modelled: {_NOT_MODELLED.get(hook, 'unknown hook')}")
+    return [
+        (kind, per_element * numel + (4 * len(shapes) if hook == "ef-sgdm" else 0))
+        for kind, per_element in _COSTS[hook]
+    ]
+
+
+def two_level_time(hook: str, shapes, nodes: int, per_node: int, inter: float, intra: float, node_aware: bool):
+    """(seconds, inter-node bytes per node) per step of ``hook`` on ``nodes`` nodes of
+    ``per_node`` workers sharing one NIC of ``inter`` bytes/s, ``intra`` bytes/s inside a node."""
+    n = nodes * per_node
+    numel = sum(math.prod(s) for s in shapes)
+    seconds = node_bytes = 0.0
+    if node_aware and per_node > 1:
+        f, _ = _factor("all_reduce", per_node)
+        seconds += 2 * 4 * numel * f / intra  # the exact mean and the gather inside the node
+    for kind, payload in _kinds(hook, shapes):
+        if node_aware:  # N workers per share, every share through the node's one NIC
+            f, _ = _factor(kind, nodes)
+            out = payload * f
+        elif kind == "all_to_all":  # direct sends: what leaves the node of each of its L workers
+            f, _ = _factor(kind, n)
+            out = per_node * payload * f * (n - per_node) / (n - 1)
+        else:  # rings (all-reduce, all-gather) cross each node's NIC once
+            f, _ = _factor(kind, n)
+            out = payload * f
+        node_bytes += out
+        seconds += out / inter
+    return seconds, node_bytes
+
+
+def predict_nodes(shapes, nodes: int, per_node: int, compute_s: float, inter: float, intra: float, codec=None):
+    """Rows of (hook, flat step, node-aware step, inter-node bytes per node flat and node-aware);
+    ``codec``: seconds of codec per hook for the whole model (node-aware: divided by L)."""
+    rows = []
+    for hook in hooks():
+        c = (codec or {}).get(hook, 0.0)
+        flat, flat_bytes = two_level_time(hook, shapes, nodes, per_node, inter, intra, False)
+        node, node_bytes = two_level_time(hook, shapes, nodes, per_node, inter, intra, True)
+        rows.append(
+            {
+                "hook": hook,
+                "flat_ms": 1000 * (compute_s + c + flat),
+                "node_ms": 1000 * (compute_s + c / per_node + node),
+                "flat_mb": flat_bytes / 2**20,
+                "node_mb": node_bytes / 2**20,
+            }
+        )
+    return sorted(rows, key=lambda r: min(r["flat_ms"], r["node_ms"]))
 
 
 def hooks() -> list[str]:
@@ -228,7 +299,13 @@ def main(argv=None) -> None:
     parser.add_argument("--bandwidth", default="10gbit", help="e.g. 100mbit, 1gbit, 25gbit")
     parser.add_argument("--latency-ms", type=float, default=0.05)
     parser.add_argument("--validate", nargs="+", default=None, help="emulate.py JSON files")
+    parser.add_argument("--nodes", type=int, default=0, help="a two-level cluster of this many nodes")
+    parser.add_argument("--per-node", type=int, default=8, help="workers per node (with --nodes)")
+    parser.add_argument("--intra-bandwidth", default="1.6tbit", help="inside a node (e.g. NVLink), with --nodes")
     args = parser.parse_args(argv)
+    if args.nodes:
+        _two_level(args, parser)
+        return
     if args.validate:
         rows = validate(args.validate, shapes_of)
         print(f"{'model':>9} {'rate':>14} {'hook':>15} {'measured ms':>12} {'predicted ms':>13} {'error':>7}")
@@ -267,6 +344,23 @@ def main(argv=None) -> None:
     print("\n" + advise(preds))
     for hook, why in _NOT_MODELLED.items():
         print(f"({hook} is not predicted: {why})")
+
+
+def _two_level(args, parser) -> None:
+    if args.nodes < 2 or args.per_node < 1:
+        parser.error("--nodes must be at least 2 and --per-node at least 1")
+    if args.compute_ms is None:
+        parser.error("give --compute-ms (a measured step under no_sync)")
+    shapes = _shapes_for(args)
+    inter, intra = parse_rate(args.bandwidth), parse_rate(args.intra_bandwidth)
+    rows = predict_nodes(shapes, args.nodes, args.per_node, args.compute_ms / 1000, inter, intra)
+    print(f"{args.nodes} nodes x {args.per_node} workers, {args.bandwidth} per node, {args.intra_bandwidth} inside\n")
+    print(f"{'hook':>15} {'flat ms':>9} {'node ms':>9} {'flat MB/node':>13} {'node MB/node':>13}")
+    for r in rows:
+        print(f"{r['hook']:>15} {r['flat_ms']:9.1f} {r['node_ms']:9.1f} {r['flat_mb']:13.2f} {r['node_mb']:13.2f}")
+    best = rows[0]
+    mode = f"node_size={args.per_node}" if best["node_ms"] < best["flat_ms"] else "flat"
+    print(f"\nfastest: {best['hook']} ({mode}); speed only: check accuracy with benchmarks/convergence.py")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ Suites:
            uncompressed SGD, at overall ratios 32, 256 and 1024 (the CSER paper's comparison)
   qsparse  bits to reach a target accuracy: SignTopK with H in {1, 4, 8}, TopK-SGD, EF-signSGD
            and SGD (the Qsparse paper's Fig. 1c comparison)
+  nodes    every hook of the catalog flat and node-aware (``--node-size``, default 2: with the
+           default 4 workers, 2 nodes of 2); node-aware wire bytes are the bytes between nodes
 
     python benchmarks/convergence.py --suite hooks
     python benchmarks/convergence.py --suite cser --steps 600
+    python benchmarks/convergence.py --suite nodes --workers 4 --node-size 2
 """
 
 import argparse
@@ -73,7 +76,7 @@ def build(ddp, lr, spec: dict) -> Setup:
     """A configuration from its description (picklable, so ranks can rebuild it)."""
     kind = spec["kind"]
     if kind == "catalog":
-        return catalog.build(spec["name"], ddp, lr)
+        return catalog.build(spec["name"], ddp, lr, **spec.get("options", {}))
     if kind == "cser":
         opt = _sgdm(ddp, lr * spec.get("lr_scale", 1.0))
         return Setup(opt, dh.CSER(**spec["args"]).register(ddp, opt))
@@ -86,9 +89,15 @@ def build(ddp, lr, spec: dict) -> Setup:
     raise ValueError(f"unknown configuration kind {kind!r}")
 
 
-def suite(name: str) -> list[dict]:
+def suite(name: str, node_size: int = 2) -> list[dict]:
     if name == "hooks":
         return [{"label": n, "kind": "catalog", "name": n} for n in catalog.ENTRIES]
+    if name == "nodes":
+        out = []
+        for n in catalog.ENTRIES:
+            out.append({"label": f"{n} flat", "kind": "catalog", "name": n})
+            out.append({"label": f"{n} node", "kind": "catalog", "name": n, "options": {"node_size": node_size}})
+        return out
     if name == "cser":
         out = [{"label": "SGD", "rc": 1, "kind": "catalog", "name": "fp32"}]
         for rc in (32, 256, 1024):
@@ -133,7 +142,7 @@ def suite(name: str) -> list[dict]:
         out.append({"label": "TopK-SGD", "kind": "qsparse", "args": {"compressor": "topk", "k": 0.01, "period": 1}})
         out.append({"label": "EF-signSGD", "kind": "qsparse", "args": {"compressor": "sign", "period": 1}})
         return out
-    raise ValueError(f"suite must be one of hooks, cser, qsparse; got {name!r}")
+    raise ValueError(f"suite must be one of hooks, cser, qsparse, nodes; got {name!r}")
 
 
 # ---------------------------------------------------------------- one run
@@ -229,7 +238,8 @@ def plot(runs: list[dict], path: Path, title: str) -> Path | None:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="hooks", choices=["hooks", "cser", "qsparse"])
+    parser.add_argument("--suite", default="hooks", choices=["hooks", "cser", "qsparse", "nodes"])
+    parser.add_argument("--node-size", type=int, default=2, help="ranks per node (suite nodes)")
     parser.add_argument("--only", default=None, help="comma-separated labels to run (default: the whole suite)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=400)
@@ -242,7 +252,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
 
-    specs = suite(args.suite)
+    if args.suite == "nodes" and (
+        args.node_size < 2 or args.workers % args.node_size or args.workers == args.node_size
+    ):
+        parser.error("--suite nodes needs --node-size >= 2 dividing --workers into at least 2 nodes")
+    specs = suite(args.suite, args.node_size)
     if args.only:
         wanted = {s.strip() for s in args.only.split(",")}
         specs = [s for s in specs if s["label"] in wanted]

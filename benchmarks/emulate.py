@@ -12,6 +12,13 @@ throughput actually achieved between two namespaces and prints it. Everything it
 needs root (network namespaces and tc) and says so otherwise.
 
     sudo python benchmarks/emulate.py --workers 4 --rates 100mbit,1gbit,unshaped --models resnet18
+
+With ``--nodes N --workers-per-node L`` each namespace is a node of L workers instead (they talk
+over the node's loopback, unshaped; the links join the nodes), and every hook runs flat and
+node-aware side by side, its inter-node bytes per node counted by the node's shaper (see
+``benchmarks/nodes.py``):
+
+    sudo python benchmarks/emulate.py --nodes 2 --workers-per-node 2 --rates 1gbit,100mbit --size cifar
 """
 
 import argparse
@@ -34,7 +41,7 @@ class Topology:
     """``n`` namespaces on one bridge, optionally shaped; a context manager that cleans up."""
 
     def __init__(self, n: int, rate: str | None, delay_ms: float = 0.0, shared: bool = False) -> None:
-        tag = f"dh{os.getpid() % 100000}"
+        self.tag = tag = tag_of(os.getpid())
         self.n, self.rate, self.delay_ms, self.shared = n, rate, delay_ms, shared
         self.bridge = f"{tag}br"
         self.ifb = f"{tag}ifb"
@@ -153,8 +160,28 @@ class Topology:
             out[name] = int(sent.group(1)) if sent else 0
         return out
 
-    def run(self, i: int, argv: list[str], env: dict) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.ns[i], *argv], env=env)
+    def run(self, i: int, argv: list[str], env: dict, **popen) -> subprocess.Popen:
+        """Start ``argv`` inside namespace ``i`` (``popen``: more arguments of Popen)."""
+        return subprocess.Popen(["ip", "netns", "exec", self.ns[i], *argv], env=env, **popen)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float, what: str) -> None:
+    """Wait for every worker (``timeout`` seconds in all), kill what is left, raise if any failed."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a worker failed {what} (exit codes {[p.returncode for p in procs]})")
+
+
+def tag_of(pid: int) -> str:
+    """The prefix of every name a process's topology creates (namespaces, links, bridge)."""
+    return f"dh{pid % 100000}"
 
 
 def _tc(*args: str) -> None:
@@ -290,16 +317,7 @@ def run_rate(rate: str, args, hooks: list[str]) -> dict:
                         args.size,
                     ]
                     procs.append(topo.run(i, argv, env))
-                deadline = time.monotonic() + args.timeout
-                try:
-                    for p in procs:
-                        p.wait(timeout=max(1.0, deadline - time.monotonic()))
-                finally:
-                    for p in procs:
-                        if p.poll() is None:
-                            p.kill()
-                if any(p.returncode for p in procs):
-                    raise RuntimeError(f"a worker failed at {rate} (exit codes {[p.returncode for p in procs]})")
+                wait_all(procs, args.timeout, f"at {rate}")
                 results = [json.loads(Path(f"{tmp}/r{i}.json").read_text()) for i in range(args.workers)]
             # a shared link carries every worker's bytes: each gets 1/n of it when all send
             per_worker = achieved / args.workers if shared and shaped else achieved
@@ -317,6 +335,42 @@ def run_rate(rate: str, args, hooks: list[str]) -> dict:
         "size": args.size,
         "rows": rows,
     }
+
+
+def run_nodes(rate: str, args, hooks: list[str]) -> dict:
+    """``args.nodes`` namespaces of ``args.workers_per_node`` workers: flat vs node-aware."""
+    from benchmarks import nodes
+
+    shaped = None if rate == "unshaped" else rate
+    with Topology(args.nodes, shaped, args.delay_ms, args.link == "shared") as topo:
+        achieved = measure_throughput(topo, megabytes=4 if shaped and "m" in shaped.lower() else 32)
+        print(f"  {rate}: measured TCP throughput {achieved / 1e6:,.0f} Mb/s between two nodes", flush=True)
+        rows = []
+        for model in args.models.split(","):
+            rows += nodes.summarize(model, nodes.launch(topo, args, model, hooks), args.nodes, args.workers_per_node)
+    return {
+        "rate": rate,
+        "link": args.link,
+        "delay_ms": args.delay_ms,
+        "measured_rate": f"{achieved:.0f}",
+        "nodes": args.nodes,
+        "workers_per_node": args.workers_per_node,
+        "size": args.size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "rows": rows,
+        "goals": nodes.goals(rows, rate, args.workers_per_node),
+    }
+
+
+def _report_nodes(result: dict, args) -> None:
+    from benchmarks import nodes
+    from benchmarks.common import table
+
+    print(table(result["rows"], nodes.COLUMNS))
+    print("MB: per node per step; link = the node's shaper counter, stats = the library's own count")
+    for g in result["goals"]:
+        print(f"  {'met ' if g['met'] else 'MISS'} {g['hook']:>8}: {g['goal']} (measured {g['value']:.3f})")
 
 
 def main(argv=None) -> list[dict]:
@@ -341,6 +395,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per rate and model")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--nodes", type=int, default=0, help="emulate this many nodes (each a namespace)")
+    parser.add_argument("--workers-per-node", type=int, default=2, help="workers inside each node (with --nodes)")
     # internal: one worker inside its namespace
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -348,10 +404,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--node-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
         return []
+    if args.node_worker:
+        from benchmarks import nodes
+
+        nodes.worker(args)
+        return []
+    if args.nodes and (args.nodes < 2 or args.workers_per_node < 1):
+        parser.error("--nodes must be at least 2 and --workers-per-node at least 1")
     why = check_privileges()
     if why:
         print(why, file=sys.stderr)
@@ -360,6 +424,15 @@ def main(argv=None) -> list[dict]:
     hooks = [h for h in args.hooks.split(",") if h]
     out = []
     for rate in [r.strip() for r in args.rates.split(",") if r.strip()]:
+        if args.nodes:
+            print(f"{rate}: {args.nodes} nodes x {args.workers_per_node} workers, {args.models} ...", flush=True)
+            result = run_nodes(rate, args, hooks)
+            _report_nodes(result, args)
+            name = f"emulate_nodes{args.nodes}x{args.workers_per_node}_{rate}"
+            path = write_json(name + ("_shared" if args.link == "shared" else ""), result, args.out)
+            print(f"wrote {path}\n")
+            out.append(result)
+            continue
         print(f"{rate}: {args.workers} workers, {args.models}, {len(hooks)} hooks ...", flush=True)
         result = run_rate(rate, args, hooks)
         print(

@@ -75,11 +75,18 @@ def _step(ddp, opt, x, y, loss_fn, dev):
     return time.perf_counter() - t0
 
 
-def _measure(rank, world, model_name, names, batch, steps, warmup, size, lr):
+def _measure(rank, world, model_name, names, batch, steps, warmup, size, lr, options=None, counter=None, compute=True):
+    """Per hook: the timed steps' times, bytes per step and codec time on this rank.
+
+    ``options`` go to every catalog state (e.g. ``{"node_size": 2}``); ``counter``, when given,
+    is read after a barrier before and after the timed steps (an independent byte counter,
+    e.g. a link's): its difference per step is reported as ``counted_bytes``. ``compute``:
+    also time the compute-only step (the same step under ``no_sync``).
+    """
     dev = launch.device()
     out = {}
     gloo = dist.get_backend() == "gloo"
-    for name in ["compute-only"] + names:
+    for name in (["compute-only"] if compute else []) + names:
         torch.manual_seed(0)
         model, x, y, loss_fn = build_model(model_name, batch, size)
         model, x, y = model.to(dev), x.to(dev), y.to(dev)
@@ -96,18 +103,22 @@ def _measure(rank, world, model_name, names, batch, steps, warmup, size, lr):
         elif name in TORCH_HOOKS:
             opt = _torch_hook(name, ddp, lr)
         else:
-            setup = catalog.build(name, ddp, lr)
+            setup = catalog.build(name, ddp, lr, **(options or {}))
             opt, state = setup.optimizer, setup.state
-        times, before = [], None
+        times, before, counted = [], None, None
         for i in range(warmup + steps):
-            if i == warmup and state is not None:
-                before = state.stats()["total"]  # count the timed steps only
+            if i == warmup:
+                counted = _count(counter)
+                if state is not None:
+                    before = state.stats()["total"]  # count the timed steps only
             if name == "compute-only":
                 with ddp.no_sync():
                     t = _step(ddp, opt, x, y, loss_fn, dev)
             else:
                 t = _step(ddp, opt, x, y, loss_fn, dev)
             times.append(t)
+        if counted is not None:
+            counted = (_count(counter) - counted) / steps
         delta = None
         if state is not None:
             after = state.stats()["total"]
@@ -119,11 +130,20 @@ def _measure(rank, world, model_name, names, batch, steps, warmup, size, lr):
                 delta["wire_bytes"] if delta else torch_wire_bytes(name, shapes, world) if name in TORCH_HOOKS else 0.0
             ),
             "codec_s": delta["compress_s"] + delta["decompress_s"] if delta else None,
+            "counted_bytes": counted,
             "one_bucket": one_bucket,
             "params": sum(p.numel() for p in model.parameters()),
         }
         del ddp, opt, model
     return out
+
+
+def _count(counter):
+    """The counter's value once every rank has finished the steps before (None without one)."""
+    if counter is None:
+        return None
+    dist.barrier()
+    return counter()
 
 
 def summarize(model_name: str, results: list[dict]) -> list[dict]:
