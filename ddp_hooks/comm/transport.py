@@ -29,8 +29,11 @@ from .sequencer import Sequencer
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+Splits = tuple[list[int], list[int]]  # elements sent to each rank, received from each rank
+
+
 class ByteCounter(Protocol):
-    def collective(self, step: int, kind: str, sent: int, received: int) -> None: ...
+    def collective(self, step: int, kind: str, sent: int, received: int, wire: float | None = None) -> None: ...
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -91,6 +94,17 @@ class Transport:
         out = torch.empty_like(chunks)
         self.stats.collective(step, "all_to_all", _nbytes(chunks), _nbytes(out))
         work = dist.all_to_all_single(out, chunks, group=self._groups[stage], async_op=True)
+        return self._issue("all_to_all", step, stage, work, lambda: out)
+
+    def exchange(self, send: torch.Tensor, splits: Splits, step: int, stage: int = 0) -> Future[Any]:
+        """All-to-all of uneven pieces: ``send`` (1-D) is cut by ``splits[0]``, piece ``j`` to
+        rank ``j``; the future holds what arrives, the piece of rank ``i`` (``splits[1][i]``
+        elements) at position ``i``. Wire bytes: what leaves for other ranks, exactly."""
+        out_splits, in_splits = splits
+        out = send.new_empty(sum(in_splits))
+        wire = (send.numel() - out_splits[self.rank]) * send.element_size()
+        self.stats.collective(step, "all_to_all", _nbytes(send), _nbytes(out), wire=wire)
+        work = dist.all_to_all_single(out, send, in_splits, out_splits, group=self._groups[stage], async_op=True)
         return self._issue("all_to_all", step, stage, work, lambda: out)
 
     def broadcast(self, tensor: torch.Tensor, src: int, step: int, stage: int = 0) -> Future[Any]:

@@ -5,15 +5,19 @@ The ranks of the state's group form nodes of ``L`` consecutive ranks (torchrun n
 parameters: whole tensors, balanced by size, decided once from the model's parameter list (so
 it does not move when DDP rebuilds its buckets). Per bucket:
 
-1. the exact mean inside the node (fp32 all-reduce on the node's group, then ``1/L``), with
-   one flag element: if any rank of the node had a non-finite bucket, the whole bucket becomes
-   NaN on every rank of the node, so each owner's algorithm sees it and the library's
-   non-finite contract carries across nodes;
-2. the algorithm reduces the part of the bucket this local rank owns, between the nodes: its
-   process group is the ranks of the same local rank, one per node, and its memory (errors,
-   momentum, warm starts) exists only for the parameters it owns;
-3. an intra-node gather gives every rank the whole result (an all-reduce of the bucket with
-   zeros outside each rank's parameters, which adds nothing but zeros: exact).
+1. the exact mean of each share on its owner: every rank sends each owner that owner's share of
+   its gradient (fp32) and its non-finite flag, in one all-to-all on the node's group; the owner
+   sums the ranks' pieces in rank order and scales by ``1/L``. If any rank of the node had a
+   non-finite bucket, every owner's share becomes NaN, so each owner's algorithm sees it and
+   the library's non-finite contract carries across nodes;
+2. the algorithm reduces the share this local rank owns, between the nodes: its process group
+   is the ranks of the same local rank, one per node, and its memory (errors, momentum, warm
+   starts) exists only for the parameters it owns;
+3. an intra-node gather gives every rank the whole result: each owner sends its reduced share
+   to every rank of the node (a second all-to-all).
+
+Each rank sends about ``(L - 1)/L`` of the bucket in each of the two exchanges: half of what two
+all-reduces would send.
 
 Algorithms with local steps synchronize the parameters they own between nodes, then
 :meth:`NodeAware.share` gives every rank of the node the owners' new values. Intra-node bytes
@@ -97,6 +101,7 @@ class NodeAware:
         self._members = members
         self.stats = Stats(world_size=size)
         self._owner: dict[int, int] = {}
+        self._plans: dict[tuple[int, ...], _Plan] = {}
         self._transport: Transport | None = None
 
     def make_groups(self, group: dist.ProcessGroup, inner_stages: int) -> list[dist.ProcessGroup]:
@@ -132,48 +137,54 @@ class NodeAware:
 
     # ---- the three steps of a bucket --------------------------------------------------------------
     def reduce(self, bucket: Bucket, step: int, inner: Reduce, needs_last: bool) -> Future[torch.Tensor]:
-        """Intra-node mean, the algorithm on this rank's share, intra-node gather."""
-        buf, n = bucket.buffer, bucket.buffer.numel()
-        payload = torch.empty(n + 1, dtype=torch.float32, device=buf.device)
-        payload[:n].copy_(buf.reshape(-1))
-        payload[n:].copy_(as_flag(nonfinite(buf)))
-        mean = self.transport.all_reduce(payload, step).wait()  # a failure raises here, named
-        values = poison(mean[:n].mul_(1.0 / self.size), ~torch.isfinite(mean[n]) | (mean[n] != 0))
-        spans, owned = self._spans(bucket)
+        """Intra-node mean of each share on its owner, the algorithm on this rank's share, and
+        an intra-node gather of the shares."""
+        buf, plan = bucket.buffer, self._plan(bucket)
+        mine = plan.sizes[self.local]
+        # the exact mean: every rank sends each owner its share (and its flag); the owner sums
+        received = self.transport.exchange(self._pieces(buf, plan), plan.scatter, step)
+        rows = received.wait().view(self.size, mine + 1)  # a failure raises here, named
+        total = rows[0].clone()
+        for r in range(1, self.size):
+            total += rows[r]
+        share = poison(total[:mine].mul_(1.0 / self.size), ~torch.isfinite(total[mine]) | (total[mine] != 0))
+        share = share.to(buf.dtype) if buf.dtype != torch.float32 else share
+        owned = plan.owned[self.local]
         if not owned and not (bucket.is_last and needs_last):
-            result: Future[torch.Tensor] = done(values.new_empty(0))
+            result: Future[torch.Tensor] = done(share)
         else:
-            pieces = [values[a:b] for a, b in spans]
-            share = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else values.new_empty(0)
-            share = share.to(buf.dtype) if buf.dtype != torch.float32 else share
             result = inner(Bucket(share, owned, bucket.is_last), step)
 
         def gather(reduced: torch.Tensor) -> Future[torch.Tensor]:
-            full = torch.zeros(n, dtype=buf.dtype, device=buf.device)
-            start = 0
-            for a, b in spans:
-                full[a:b].copy_(reduced[start : start + b - a])
-                start += b - a
-            return self.transport.all_reduce(full, step, stage=1)
+            send = reduced.reshape(-1).repeat(self.size)
+            return self.transport.exchange(send, plan.gather, step, stage=1)
 
-        def write(full: torch.Tensor) -> torch.Tensor:
-            return buf.copy_(full.view_as(buf))
+        def write(shares: torch.Tensor) -> torch.Tensor:
+            flat, start = buf.view(-1), 0
+            for spans in plan.spans:
+                for a, b in spans:
+                    flat[a:b].copy_(shares[start : start + b - a])
+                    start += b - a
+            return buf
 
         return chain(self.transport.then(result, 1, gather), write)
 
-    def _spans(self, bucket: Bucket) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
-        spans: list[tuple[int, int]] = []
-        owned: list[torch.Tensor] = []
-        start = 0
-        for p in bucket.params:
-            if self._owner[id(p)] == self.local:
-                if spans and spans[-1][1] == start:
-                    spans[-1] = (spans[-1][0], start + p.numel())
-                else:
-                    spans.append((start, start + p.numel()))
-                owned.append(p)
-            start += p.numel()
-        return spans, owned
+    def _pieces(self, buf: torch.Tensor, plan: "_Plan") -> torch.Tensor:
+        """The bucket in owner order, fp32, each owner's share followed by this rank's flag."""
+        flat, flag = buf.view(-1), as_flag(nonfinite(buf))
+        pieces: list[torch.Tensor] = []
+        for spans in plan.spans:
+            pieces += [flat[a:b] for a, b in spans]
+            pieces.append(flag)
+        return torch.cat([x.float() for x in pieces])
+
+    def _plan(self, bucket: Bucket) -> "_Plan":
+        key = tuple(id(p) for p in bucket.params)
+        plan = self._plans.get(key)
+        if plan is None:
+            owners = [self._owner[id(p)] for p in bucket.params]
+            plan = self._plans[key] = _Plan(owners, bucket.params, self.size, self.local)
+        return plan
 
     # ---- helpers for algorithms ---------------------------------------------------------------
     def combine(self, tensor: torch.Tensor, step: int, largest: bool = False) -> torch.Tensor:
@@ -194,3 +205,27 @@ class NodeAware:
             for p, piece in zip(params, flat.split(numels)):
                 if self._owner[id(p)] != self.local:
                     p.copy_(piece.view_as(p))
+
+
+class _Plan:
+    """Who owns what in one bucket layout: each local rank's spans of the bucket (merged where
+    adjacent), its parameters and its share size; and this rank's split sizes of the two
+    exchanges (out, in): ``scatter`` sends each owner its share plus a flag, ``gather`` sends
+    this rank's reduced share to every rank."""
+
+    def __init__(self, owners: list[int], params: list[torch.Tensor], size: int, local: int) -> None:
+        self.spans: list[list[tuple[int, int]]] = [[] for _ in range(size)]
+        self.owned: list[list[torch.Tensor]] = [[] for _ in range(size)]
+        start = 0
+        for p, j in zip(params, owners):
+            spans, stop = self.spans[j], start + p.numel()
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], stop)
+            else:
+                spans.append((start, stop))
+            self.owned[j].append(p)
+            start = stop
+        self.sizes = [sum(b - a for a, b in spans) for spans in self.spans]
+        mine = self.sizes[local]
+        self.scatter = ([n + 1 for n in self.sizes], [mine + 1] * size)
+        self.gather = ([mine] * size, list(self.sizes))

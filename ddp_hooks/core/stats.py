@@ -68,11 +68,12 @@ class Stats:
             record[key] += value
             self._total[key] += value
 
-    def collective(self, step: int, kind: str, sent: int, received: int) -> None:
-        """Record one collective of ``kind`` with input ``sent`` and output ``received`` bytes."""
+    def collective(self, step: int, kind: str, sent: int, received: int, wire: float | None = None) -> None:
+        """Record one collective of ``kind`` with input ``sent`` and output ``received`` bytes;
+        ``wire``: its wire bytes when known exactly (else from the cost model of ``kind``)."""
         self._add(step, "sent_bytes", sent)
         self._add(step, "received_bytes", received)
-        self._add(step, "wire_bytes", sent * wire_factor(kind, self.world_size))
+        self._add(step, "wire_bytes", sent * wire_factor(kind, self.world_size) if wire is None else wire)
 
     def elements(self, step: int, numel: int) -> None:
         """Record ``numel`` gradient elements reduced (defines the fp32 all-reduce baseline)."""
