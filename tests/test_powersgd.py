@@ -264,3 +264,18 @@ def test_bad_arguments_raise_value_error_naming_them():
     assert len(msgs) == 4
     for msg, name in zip(msgs, ["rank", "min_compression_rate", "orthogonalization", "epsilon"]):
         assert name in msg, msg
+
+
+def _bits_world(rank, world):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.Linear(32, 8, bias=False))
+    ddp = DDP(model, bucket_cap_mb=0.001)  # buckets of matrices only: nothing sent exactly
+    state = dh.PowerSGD(rank=2).register(ddp)
+    model(torch.randn(4, 16)).sum().backward()
+    ddp(torch.randn(4, 16)).sum().backward()
+    return state.stats()["total"]["paper_bits"]
+
+
+def test_paper_bits_count_buckets_without_exact_tensors():
+    want = 32 * 2 * ((32 + 16) + (8 + 32))  # P and Q of rank 2 per matrix, fp32
+    assert run_world(_bits_world, 2) == [want, want]

@@ -165,7 +165,10 @@ class PowerSGD(HookState):
         layout = self._layouts.get(bucket.params, step)
         r = _Round(step, bucket, layout, torch.empty(layout.plan.p_numel + 1, device=bucket.buffer.device))
         flag = as_flag(nonfinite(bucket.buffer))
-        exact_fut = self._send_exact(r, flag if not layout.plan.groups else None)
+        plan = layout.plan
+        exact_bits = 32 * sum(bucket.params[i].numel() for i in plan.exact)
+        self.count_bits(step, exact_bits + 32 * sum(g.size * (g.n + g.m) * g.rank for g in plan.groups))
+        exact_fut = self._send_exact(r, flag if not plan.groups else None)
         if not layout.plan.groups:
             assert exact_fut is not None  # it carries the flag
             return chain(exact_fut, lambda _: self._finish(r))
@@ -183,8 +186,6 @@ class PowerSGD(HookState):
             return None
         pieces = [grads[i].reshape(-1).float() for i in plan.exact] + ([flag] if flag is not None else [])
         r.exact = torch.cat(pieces).mul_(1.0 / self.world_size)
-        bits = 32 * sum(grads[i].numel() for i in plan.exact)
-        self.count_bits(r.step, bits + 32 * sum(g.size * (g.n + g.m) * g.rank for g in plan.groups))
         return self.transport.all_reduce(r.exact, r.step)
 
     def _project_p(self, r: _Round, flag: torch.Tensor) -> None:
