@@ -35,12 +35,14 @@ WARMUP, WATCHED = 3, 5
 Watch = Callable[[], AbstractContextManager[list[str]]]
 
 
-def train(name: str, rank: int, world: int, device: torch.device, watch: Watch) -> tuple[list[str], int]:
+def train(
+    name: str, rank: int, world: int, device: torch.device, watch: Watch, options: dict | None = None
+) -> tuple[list[str], int]:
     """``catalog.PATHS[name]`` on a DDP model on ``device``: WARMUP steps (binding and the
     configuration agreement read the host by design), then WATCHED steps, each inside
     ``watch()``, whose list collects what it saw; the last has an inf on the last rank.
     Returns what was seen (stopping at the first watched step that saw anything) and the
-    state's step count."""
+    state's step count. ``options`` go to the state (e.g. ``node_size``)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(24, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 6)
@@ -53,7 +55,7 @@ def train(name: str, rank: int, world: int, device: torch.device, watch: Watch) 
     opt = entry.optimizer(groups, 0.05)  # type: ignore[arg-type]
     decays = [lambda t: 1.0, lambda t: 0.9**t][: len(groups)]  # differ per group: per-element rates
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, decays)
-    state = entry.state().register(ddp, opt)
+    state = entry.state(**(options or {})).register(ddp, opt)
     g = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(16, 24, generator=g), torch.randint(0, 6, (16,), generator=g)) for _ in range(8)]
     for step in range(WARMUP + WATCHED):

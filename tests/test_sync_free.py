@@ -37,14 +37,14 @@ def _device_reads():
         reads[:] = [r for r in reads if _on_device(r)]
 
 
-def _world(rank, world, name):
+def _world(rank, world, name, options=None):
     import cuda_standin
 
     from ddp_hooks._ext import cpu, cuda
 
     cuda.install(cuda_standin, "cpu")
     with cpu.EXTENSION.disabled():
-        return train(name, rank, world, torch.device("cpu"), _device_reads)
+        return train(name, rank, world, torch.device("cpu"), _device_reads, options)
 
 
 @pytest.mark.parametrize("name", sorted(set(catalog.PATHS) - set(catalog.HOST_READS_BY_DESIGN)))
@@ -60,3 +60,13 @@ def test_the_recorder_sees_the_reads_made_by_design(name, monkeypatch):
     monkeypatch.setenv("DDP_HOOKS_SYNC_FREE", "1")
     for reads, _ in run_world(_world, 2, name):
         assert reads and all("ddp_hooks/" in r for r in reads), reads
+
+
+@pytest.mark.parametrize("name", ["ef-sgdm", "powersgd", "qsparse-signtopk", "laq-dense"])
+def test_node_aware_gpu_branches_make_no_host_read(name, monkeypatch):
+    """The node layer (intra-node exchanges, node flags, sharing after synchronizations) on 2
+    nodes of 2 ranks."""
+    monkeypatch.setenv("DDP_HOOKS_SYNC_FREE", "1")
+    for reads, steps in run_world(_world, 4, name, {"node_size": 2}):
+        assert reads == [], f"{name} (node-aware) read tensors on the host in its GPU branches: {reads}"
+        assert steps == WARMUP + WATCHED
