@@ -269,6 +269,7 @@ def _worker(args) -> None:
         args.rank, args.world, args.model, names, args.batch, args.steps, args.warmup, args.size, 0.01
     )
     Path(args.result).write_text(json.dumps(result))
+    dist.barrier()  # no rank tears its connections down while another still reads from them
     dist.destroy_process_group()
 
 

@@ -65,6 +65,7 @@ def worker(args) -> None:
     ours = [h for h in hooks if h in catalog.ENTRIES]
     node = step_time._measure(*common, ours, *rest, options={"node_size": "auto"}, counter=counter, compute=False)
     Path(args.result).write_text(json.dumps({"flat": flat, "node": node}))
+    dist.barrier()  # no rank tears its connections down while another still reads from them
     dist.destroy_process_group()
 
 

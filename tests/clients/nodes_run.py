@@ -55,6 +55,7 @@ def main() -> None:
             runs[f"{name}/{mode}"] = train(name, node_size, args.steps)
     info = {k: int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
     report(args.out, dist.get_rank(), {**info, "world": dist.get_world_size(), "runs": runs})
+    dist.barrier()  # no rank tears its connections down while another still reads from them
     dist.destroy_process_group()
 
 

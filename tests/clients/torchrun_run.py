@@ -46,6 +46,7 @@ def main():
             "world": world,
         },
     )
+    dist.barrier()  # no rank tears its connections down while another still reads from them
     dist.destroy_process_group()
 
 
