@@ -3,8 +3,11 @@ link, torchrun in each with c10d rendezvous (2 ranks per node, gloo over the nod
 every algorithm trained flat and node-aware (``node_size="auto"``). Needs root and iproute2;
 skips with the reason where namespaces cannot be made."""
 
+import contextlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,17 +35,36 @@ def _torchrun(topo: Topology, node: int, out: Path, log) -> subprocess.Popen:
     return topo.run(node, argv, env, cwd=CLIENTS, stdout=log, stderr=subprocess.STDOUT)
 
 
+@contextlib.contextmanager
+def _hostname_is_node_zero(topo: Topology):
+    """Inside every node, this machine's host name resolves to node 0's address: torchrun before
+    torch 2.5 hands its workers the rendezvous host's name (not its address) as MASTER_ADDR.
+    ``ip netns exec`` reads a namespace's /etc/netns/<name>/hosts in place of /etc/hosts."""
+    made = []
+    try:
+        for ns in topo.ns:
+            folder = Path("/etc/netns") / ns
+            folder.mkdir(parents=True, exist_ok=True)
+            made.append(folder)
+            name = socket.gethostname()
+            (folder / "hosts").write_text(f"127.0.0.1 localhost\n{topo.ips[0]} {name}\n")
+        yield
+    finally:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     why = check_privileges()
     if why:
         pytest.skip(why)
     out = tmp_path_factory.mktemp("nodes")
-    with Topology(2, None) as topo:
+    with Topology(2, None) as topo, _hostname_is_node_zero(topo):
         logs = [open(out / f"node{i}.log", "w") for i in range(2)]
         procs = [_torchrun(topo, i, out, logs[i]) for i in range(2)]
         try:
-            codes = [p.wait(timeout=600) for p in procs]
+            codes = [p.wait(timeout=300) for p in procs]
         finally:
             for p in procs:
                 if p.poll() is None:
