@@ -35,6 +35,7 @@ from torch.futures import Future
 from ..comm import Transport, chain, done, partition
 from .bucket import Bucket
 from .flags import as_flag, nonfinite, poison
+from .layouts import LayoutCache
 from .stats import Stats
 
 NodeSize = int | str | None
@@ -101,7 +102,7 @@ class NodeAware:
         self._members = members
         self.stats = Stats(world_size=size)
         self._owner: dict[int, int] = {}
-        self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._plans: LayoutCache[_Plan] = LayoutCache(self._build_plan)
         self._transport: Transport | None = None
 
     def make_groups(self, group: dist.ProcessGroup, inner_stages: int) -> list[dist.ProcessGroup]:
@@ -139,7 +140,7 @@ class NodeAware:
     def reduce(self, bucket: Bucket, step: int, inner: Reduce, needs_last: bool) -> Future[torch.Tensor]:
         """Intra-node mean of each share on its owner, the algorithm on this rank's share, and
         an intra-node gather of the shares."""
-        buf, plan = bucket.buffer, self._plan(bucket)
+        buf, plan = bucket.buffer, self._plans.get(bucket.params, step)
         mine = plan.sizes[self.local]
         # the exact mean: every rank sends each owner its share (and its flag); the owner sums
         received = self.transport.exchange(self._pieces(buf, plan), plan.scatter, step)
@@ -178,13 +179,8 @@ class NodeAware:
             pieces.append(flag)
         return torch.cat([x.float() for x in pieces])
 
-    def _plan(self, bucket: Bucket) -> "_Plan":
-        key = tuple(id(p) for p in bucket.params)
-        plan = self._plans.get(key)
-        if plan is None:
-            owners = [self._owner[id(p)] for p in bucket.params]
-            plan = self._plans[key] = _Plan(owners, bucket.params, self.size, self.local)
-        return plan
+    def _build_plan(self, params: list[torch.Tensor]) -> "_Plan":
+        return _Plan([self._owner[id(p)] for p in params], params, self.size, self.local)
 
     # ---- helpers for algorithms ---------------------------------------------------------------
     def combine(self, tensor: torch.Tensor, step: int, largest: bool = False) -> torch.Tensor:
