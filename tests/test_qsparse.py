@@ -237,3 +237,64 @@ def test_bad_arguments_raise_value_error_naming_them():
     assert len(msgs) == 5
     for msg, name in zip(msgs, ["compressor", "k", "k", "period", "levels"]):
         assert name in msg, msg
+
+
+# ---------------------------------------------------------------- one gathered row, any offset
+@pytest.mark.parametrize("kind", ["topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd"])
+def test_decode_reads_any_row_count_at_any_byte_offset(kind):
+    codec = Codec(kind, 37, k=5, levels=8)
+    g = torch.Generator().manual_seed(4)
+    encoded = [codec.encode(torch.randn(37, generator=g), torch.Generator().manual_seed(7)) for _ in range(3)]
+    for rows in (1, 2, 3):
+        for offset in range(4):  # a field's bytes may start anywhere in a gathered message
+            width = offset + codec.nbytes + 3
+            buffer = torch.zeros(rows, width, dtype=torch.uint8)
+            for j in range(rows):
+                buffer[j, offset : offset + codec.nbytes] = encoded[j][0]
+            idx, values = codec.decode(buffer[:, offset : offset + codec.nbytes], encoded[0][1])
+            for j in range(rows):
+                assert torch.equal(values[j], encoded[j][2])
+                assert idx is None or torch.equal(idx[j], encoded[j][1])
+
+
+class _NetWithEmpty(_Net):
+    """_Net plus a parameter of no elements (its payload is empty, at an odd offset)."""
+
+    def __init__(self):
+        super().__init__()
+        self.empty = nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return super().forward(x) + self.empty.sum()
+
+
+def _one_row_world(rank, world, kind, period, node_size):
+    model = _NetWithEmpty()
+    ddp = DDP(model, bucket_cap_mb=0.001)
+    opt = torch.optim.SGD(ddp.parameters(), lr=_lr(0), momentum=0.9)
+    state = dh.QsparseLocalSGD(kind, k=10, period=period, node_size=node_size).register(ddp, opt)
+    for t, (x, y) in enumerate(batches(rank, 8)):
+        for group in opt.param_groups:
+            group["lr"] = _lr(t)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    return params_of(model), state.stats()["total"]["sent_bytes"]
+
+
+@pytest.mark.parametrize("kind", ["topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd"])
+@pytest.mark.parametrize("world,node_size", [(1, None), (2, 2)])
+def test_one_worker_gathers_one_row(world, node_size, kind):
+    """World size 1, or one node holding every rank: each gather returns one row."""
+    results = run_world(_one_row_world, world, kind, 4, node_size)
+    for params, sent in results:
+        assert all(torch.isfinite(p).all() for p in params)
+        assert sent > 0
+        for got, want in zip(params, results[0][0]):
+            assert torch.equal(got, want)
+    if kind == "signtopk":  # one worker of the node means
+        expected, _ = qsparse_reference(1, 8, 4, 10, True, node_size=world)
+        nonempty = [p for p in results[0][0] if p.numel()]
+        assert len(nonempty) == len(expected[0])
+        for got, want in zip(nonempty, expected[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

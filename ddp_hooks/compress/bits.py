@@ -54,3 +54,18 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of :func:`pack_signs`: the first ``n`` signs as +1 / -1 of ``dtype``."""
     return torch.where(unpack_bits(packed, n), 1.0, -1.0).to(dtype)
+
+
+def bytes_as(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes ``(..., m * itemsize)`` read as ``dtype`` ``(..., m)``, for any slice of a message.
+
+    A field of a gathered message sits at whatever byte offset its layout gives it, and a
+    single row is contiguous without being aligned, so the bytes are always copied into a
+    fresh (aligned, contiguous) buffer first: a plain ``view`` would fail or depend on the row
+    count.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    out = torch.empty((*raw.shape[:-1], raw.shape[-1] // itemsize), dtype=dtype, device=raw.device)
+    if out.numel():  # an empty field (a tensor of no elements) has no bytes to copy
+        out.view(torch.uint8).copy_(raw)
+    return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._ext import cpu
-from .bits import pack_bits, unpack_bits
+from .bits import bytes_as, pack_bits, unpack_bits
 
 
 @dataclass
@@ -156,4 +156,4 @@ class UploadMessage:
 
     def add_to(self, total: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
         """``total +=`` the innovation this message carries."""
-        return add_dequantized(total, message[4:], message[:4].view(torch.float32).view(()), self.bits)
+        return add_dequantized(total, message[4:], bytes_as(message[:4], torch.float32).view(()), self.bits)

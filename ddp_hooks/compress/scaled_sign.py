@@ -18,7 +18,7 @@ import torch
 
 from .._ext import cpu, cuda
 from ..core.flags import may_read_host
-from .bits import pack_signs, packed_size, unpack_bits
+from .bits import bytes_as, pack_signs, packed_size, unpack_bits
 
 Blocks = list[tuple[int, int]]
 
@@ -173,13 +173,8 @@ class SignMessage:
 
     def scales(self, rows: torch.Tensor) -> torch.Tensor:
         start = packed_size(self.count)
-        return _as_float(rows[..., start : start + 4 * self.nscales])
+        return bytes_as(rows[..., start : start + 4 * self.nscales], torch.float32)
 
     def any_bad(self, rows: torch.Tensor) -> torch.Tensor:
         """0-d bool: does any row carry the non-finite flag?"""
-        return _as_float(rows[..., -4:]).sum() > 0
-
-
-def _as_float(raw: torch.Tensor) -> torch.Tensor:
-    """Bytes ``(..., 4m)`` read as float32 ``(..., m)`` (copied: a slice may sit unaligned)."""
-    return torch.empty(raw.shape, dtype=torch.uint8, device=raw.device).copy_(raw).view(torch.float32)
+        return bytes_as(rows[..., -4:], torch.float32).sum() > 0

@@ -26,7 +26,7 @@ import math
 import torch
 
 from .._ext import cuda
-from .bits import pack_signs, unpack_signs
+from .bits import bytes_as, pack_signs, unpack_signs
 
 KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd")
 _DENSE = ("sign", "qsgd")
@@ -175,13 +175,13 @@ class Codec:
             off += size
         idx = None
         if "idx" in parts:
-            idx = parts["idx"].contiguous().view(torch.int32).to(torch.int64).view(n, self.k)
+            idx = bytes_as(parts["idx"], torch.int32).to(torch.int64).view(n, self.k)
         elif self.kind == "grbs":
             assert shared_idx is not None, "grbs decodes with the shared indices"
             idx = shared_idx.expand(n, self.k)
         if "values" in parts:
-            return idx, parts["values"].contiguous().view(torch.float32).view(n, self.k)
-        scale = parts["scale"].contiguous().view(torch.float32)  # (n, 1)
+            return idx, bytes_as(parts["values"], torch.float32).view(n, self.k)
+        scale = bytes_as(parts["scale"], torch.float32)  # (n, 1)
         signs = unpack_signs(parts["signs"], self.k)
         if "levels" in parts:
             signs = signs * parts["levels"].to(torch.float32)

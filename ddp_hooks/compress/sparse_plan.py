@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..core.flags import nonfinite
+from .bits import bytes_as
 from .sparse import Codec
 
 Message = tuple[torch.Tensor | None, torch.Tensor]  # indices (None: dense), values
@@ -64,4 +65,4 @@ class MessagePlan:
                 else:
                     out.index_add_(0, idx[j], values[j])  # indices unique within a payload
             out.div_(n)
-        return gathered[:, -4:].contiguous().view(torch.float32).sum() > 0
+        return bytes_as(gathered[:, -4:], torch.float32).sum() > 0
