@@ -6,7 +6,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,3 +65,19 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def median(values) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def comma_choices(parser: Any, flag: str, value: str, allowed: Iterable[str]) -> list[str]:
+    """``value`` (comma-separated) as a list; an item not in ``allowed`` is a usage error
+    (``parser.error``) that names it and every choice."""
+    allowed = list(allowed)
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in allowed]
+    if unknown or not items:
+        parser.error(f"{flag}: unknown {unknown or 'empty list'}; choose from {', '.join(allowed)}")
+    return items
+
+
+def listing(allowed: Iterable[str]) -> str:
+    """The ``--help`` text of a comma-separated choice argument."""
+    return "comma-separated, from: " + ", ".join(allowed)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ddp_hooks as dh  # noqa: E402
 from benchmarks import launch  # noqa: E402
-from benchmarks.common import RESULTS, table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, comma_choices, table, write_json  # noqa: E402
 from ddp_hooks import catalog, demo  # noqa: E402
 from ddp_hooks.catalog import Setup  # noqa: E402
 
@@ -208,6 +208,29 @@ def _to_target(points, target):
     return None
 
 
+PALETTE = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")]
+PALETTE += ["navy", "gold", "lime", "maroon", "teal", "magenta", "black", "salmon", "darkkhaki", "slateblue"]
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
+
+
+def styles(labels: list[str]) -> dict[str, tuple[str, object]]:
+    """(colour, line style) of each curve: a label is ``<hook> [<mode>]``; each hook its own
+    colour (up to 20), each mode (flat / node, RC, H) its own line style."""
+    hooks = list(dict.fromkeys(label.split(" ", 1)[0] for label in labels))
+    modes = list(dict.fromkeys(label.partition(" ")[2] for label in labels))
+    palette = [
+        f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")
+    ]
+    palette += ["navy", "gold", "lime", "maroon", "teal", "magenta", "black", "salmon", "darkkhaki", "slateblue"]
+    return {
+        label: (
+            palette[hooks.index(label.split(" ", 1)[0]) % len(palette)],
+            LINE_STYLES[modes.index(label.partition(" ")[2]) % len(LINE_STYLES)],
+        )
+        for label in labels
+    }
+
+
 def plot(runs: list[dict], path: Path, title: str) -> Path | None:
     try:
         import matplotlib
@@ -217,11 +240,14 @@ def plot(runs: list[dict], path: Path, title: str) -> Path | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    style = styles([run["label"] for run in runs])
     for run in runs:
         pts = run["points"]
         acc = [p["accuracy"] for p in pts]
-        axes[0].plot([max(p["wire_bytes"], 1) for p in pts], acc, marker=".", label=run["label"])
-        axes[1].plot([p["seconds"] for p in pts], acc, marker=".", label=run["label"])
+        color, line = style[run["label"]]
+        look = {"marker": ".", "label": run["label"], "color": color, "linestyle": line}
+        axes[0].plot([max(p["wire_bytes"], 1) for p in pts], acc, **look)
+        axes[1].plot([p["seconds"] for p in pts], acc, **look)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("bytes sent per worker (wire)")
     axes[1].set_xlabel("training seconds")
@@ -258,7 +284,7 @@ def main(argv=None) -> list[dict]:
         parser.error("--suite nodes needs --node-size >= 2 dividing --workers into at least 2 nodes")
     specs = suite(args.suite, args.node_size)
     if args.only:
-        wanted = {s.strip() for s in args.only.split(",")}
+        wanted = set(comma_choices(parser, "--only", args.only, [s["label"] for s in specs]))
         specs = [s for s in specs if s["label"] in wanted]
     dataset = load_data(args.data_dir)[-1]
     runs = []
@@ -267,8 +293,8 @@ def main(argv=None) -> list[dict]:
         results = launch.run(
             _run, args.workers, spec, args.steps, args.eval_every, args.batch, args.lr, args.data_dir, args.seed
         )
-        if results is None:
-            return []
+        if results is None:  # another torchrun rank: it takes part in every run, rank 0 reports
+            continue
         points = results[0]
         last = points[-1]
         hit = _to_target(points, args.target)
@@ -287,6 +313,8 @@ def main(argv=None) -> list[dict]:
                 "seconds_to_target": hit["seconds"] if hit else None,
             }
         )
+    if not runs:
+        return []
     sgd = next((r for r in runs if r["label"] in ("SGD", "fp32")), None)
     for r in runs:
         r["bits_vs_sgd"] = (

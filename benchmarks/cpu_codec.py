@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import table, write_json  # noqa: E402
+from benchmarks.common import comma_choices, listing, table, write_json  # noqa: E402
 from benchmarks.shapes import MODELS  # noqa: E402
 from ddp_hooks._ext import cpu as native  # noqa: E402
 from ddp_hooks.algorithms.ef_shards import ShardPlan  # noqa: E402
@@ -46,22 +46,6 @@ IDEAL_BYTES = {
     "laq-receive": 8.5,
 }
 STEPS = ["input", "compress", "decode", "decode+add", "round", "laq-quantize", "laq-receive"]
-
-
-def resnet18_shapes() -> list[tuple[int, ...]]:
-    shapes = [(64, 3, 7, 7), (64,), (64,)]
-    cin = 64
-    for cout, first_stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        for b in range(2):
-            c_in = cin if b == 0 else cout
-            shapes += [(cout, c_in, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
-            if b == 0 and (first_stride != 1 or c_in != cout):
-                shapes += [(cout, c_in, 1, 1), (cout,), (cout,)]
-        cin = cout
-    return shapes + [(1000, 512), (1000,)]
-
-
-SHAPES = {**MODELS, "resnet18": resnet18_shapes}
 
 
 def _time(fn, repeats: int) -> float:
@@ -122,7 +106,7 @@ def run(models: list[str], threads: list[int], repeats: int, workers: int) -> li
     before = torch.get_num_threads()
     try:
         for model in models:
-            numels = [prod(s) for s in SHAPES[model]()]
+            numels = [prod(s) for s in MODELS[model]()]
             steps = _steps(numels, workers)
             n = steps["_numel"]
             for t in threads:
@@ -155,16 +139,13 @@ def run(models: list[str], threads: list[int], repeats: int, workers: int) -> li
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="resnet50,gpt", help=f"comma-separated, from {sorted(SHAPES)}")
+    ap.add_argument("--models", default="resnet50,gpt", help=listing(MODELS))
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
     ap.add_argument("--workers", type=int, default=4, help="world size of the simulated round")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    models = args.models.split(",")
-    for m in models:
-        if m not in SHAPES:
-            raise SystemExit(f"--models: unknown model {m!r}, choose from {sorted(SHAPES)}")
+    models = comma_choices(ap, "--models", args.models, MODELS)
     if not native.available():
         raise SystemExit(f"the fused CPU codec is not available ({native.status()}); nothing to compare")
     cores = os.cpu_count() or 1

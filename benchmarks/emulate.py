@@ -376,7 +376,8 @@ def _report_nodes(result: dict, args) -> None:
 
 def main(argv=None) -> list[dict]:
     from benchmarks import step_time
-    from benchmarks.common import table, write_json
+    from benchmarks.common import comma_choices, listing, table, write_json
+    from benchmarks.models import NAMES as MODEL_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=4)
@@ -388,9 +389,9 @@ def main(argv=None) -> list[dict]:
         choices=["per-worker", "shared"],
         help="each worker its own link of the rate, or all of them one link of the rate",
     )
-    parser.add_argument("--models", default="resnet18")
+    parser.add_argument("--models", default="resnet18", help=listing(MODEL_NAMES))
     parser.add_argument("--size", default="cifar", choices=["full", "cifar", "tiny"])
-    parser.add_argument("--hooks", default=",".join(step_time.hooks()))
+    parser.add_argument("--hooks", default=",".join(step_time.hooks()), help=listing(step_time.hooks()))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -415,6 +416,8 @@ def main(argv=None) -> list[dict]:
 
         nodes.worker(args)
         return []
+    hooks = comma_choices(parser, "--hooks", args.hooks, step_time.hooks())
+    args.models = ",".join(comma_choices(parser, "--models", args.models, MODEL_NAMES))
     if args.nodes and (args.nodes < 2 or args.workers_per_node < 1):
         parser.error("--nodes must be at least 2 and --workers-per-node at least 1")
     why = check_privileges()
@@ -422,7 +425,6 @@ def main(argv=None) -> list[dict]:
         print(why, file=sys.stderr)
         raise SystemExit(2)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    hooks = [h for h in args.hooks.split(",") if h]
     out = []
     for rate in [r.strip() for r in args.rates.split(",") if r.strip()]:
         if args.nodes:

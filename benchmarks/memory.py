@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import launch  # noqa: E402
-from benchmarks.common import table, write_json  # noqa: E402
+from benchmarks.common import comma_choices, listing, table, write_json  # noqa: E402
 from ddp_hooks import catalog  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def measure(rank: int, world: int, name: str, steps: int, warmup: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hooks", default=",".join(catalog.ENTRIES))
+    ap.add_argument("--hooks", default=",".join(catalog.ENTRIES), help=listing(catalog.ENTRIES))
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--out", default=None)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not 1 <= args.warmup < args.steps:
         ap.error("--warmup must be at least 1 and below --steps")
     rows = []
-    for name in args.hooks.split(","):
+    for name in comma_choices(ap, "--hooks", args.hooks, catalog.ENTRIES):
         results = launch.run(measure, 2, name, args.steps, args.warmup)
         if results is not None:  # the rank that grew most
             rows.append(max(results, key=lambda r: (r["live_growth"], r["rss_growth_mb"])))

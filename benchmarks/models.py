@@ -98,6 +98,9 @@ class GPT(nn.Module):
         return self.norm(self.blocks(x, mask=mask, is_causal=True)) @ self.tokens.weight.T
 
 
+NAMES = ("resnet50", "resnet18", "gpt")
+
+
 def build(name: str, batch: int, size: str = "full"):
     """(model, inputs, targets, loss_fn) for ``resnet18``, ``resnet50`` or ``gpt``.
     ``size="cifar"``: 10 classes on 32x32 input (ResNets); ``size="tiny"``: small versions for

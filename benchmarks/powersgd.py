@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ddp_hooks as dh  # noqa: E402
 from benchmarks import launch  # noqa: E402
-from benchmarks.common import median, table, write_json  # noqa: E402
+from benchmarks.common import comma_choices, listing, median, table, write_json  # noqa: E402
 from benchmarks.shapes import MODELS, ShapeBag  # noqa: E402
 from ddp_hooks.compress.lowrank import LowRankPlan  # noqa: E402
 from ddp_hooks.compress.orthogonalize import METHODS, orthogonalize  # noqa: E402
@@ -112,7 +112,7 @@ def _orthogonalization(model_name: str, matrix_rank: int, repeats: int, dev: tor
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet50,gpt")
+    parser.add_argument("--models", default="resnet50,gpt", help=listing(MODELS))
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD rank (default 4)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument(
@@ -130,17 +130,19 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     rows, orth_rows = [], []
-    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for model_name in comma_choices(parser, "--models", args.models, MODELS):
         print(f"{model_name}: timing {', '.join(CONFIGS)} ...", flush=True)
         backward = {}
         for _ in range(args.rounds):
             results = launch.run(_measure, args.workers, model_name, args.rank, args.steps, args.warmup)
-            if results is None:
-                return
+            if results is None:  # another torchrun rank: it takes part in every run, rank 0 reports
+                continue
             world = len(results)
             for c in CONFIGS:
                 t = median([median(r[c]) for r in results]) * 1000
                 backward[c] = min(backward.get(c, t), t)
+        if not backward:
+            continue
         base = backward["noop"]
         for c in CONFIGS[1:]:
             hook = backward[c] - base

@@ -20,6 +20,20 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of a ResNet-18 (basic blocks [2, 2, 2, 2], 1000 classes)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout, first_stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for b in range(2):
+            c_in = cin if b == 0 else cout
+            shapes += [(cout, c_in, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if b == 0 and (first_stride != 1 or c_in != cout):
+                shapes += [(cout, c_in, 1, 1), (cout,), (cout,)]
+        cin = cout
+    return shapes + [(1000, 512), (1000,)]
+
+
 def gpt_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
     """Parameter shapes of a GPT-2-style decoder (about 124M parameters at the defaults)."""
     shapes = [(vocab, width), (context, width)]
@@ -34,7 +48,7 @@ def tiny_shapes() -> list[tuple[int, ...]]:
     return [(64, 32), (64,), (64, 32), (32, 16, 3, 3), (10, 64)]
 
 
-MODELS = {"resnet50": resnet50_shapes, "gpt": gpt_shapes, "tiny": tiny_shapes}
+MODELS = {"resnet50": resnet50_shapes, "resnet18": resnet18_shapes, "gpt": gpt_shapes, "tiny": tiny_shapes}
 
 
 class ShapeBag(nn.Module):

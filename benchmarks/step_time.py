@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import launch  # noqa: E402
-from benchmarks.common import table, write_json  # noqa: E402
+from benchmarks.common import comma_choices, listing, table, write_json  # noqa: E402
+from benchmarks.models import NAMES as MODEL_NAMES
 from benchmarks.models import build as build_model  # noqa: E402
 from ddp_hooks import catalog  # noqa: E402
 from ddp_hooks.compress.lowrank import LowRankPlan  # noqa: E402
@@ -188,8 +189,8 @@ COLUMNS = [
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet50,resnet18,gpt")
-    parser.add_argument("--hooks", default=",".join(hooks()))
+    parser.add_argument("--models", default="resnet50,resnet18,gpt", help=listing(MODEL_NAMES))
+    parser.add_argument("--hooks", default=",".join(hooks()), help=listing(hooks()))
     parser.add_argument("--batch", type=int, default=16, help="per-worker batch")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -204,20 +205,19 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--name", default=None, help="results file name (default step_time_<backend>)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    names = [h.strip() for h in args.hooks.split(",") if h.strip()]
-    unknown = set(names) - set(hooks())
-    if unknown:
-        parser.error(f"unknown hooks {sorted(unknown)}; choose from {', '.join(hooks())}")
-    rows = []
-    for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
+    names = comma_choices(parser, "--hooks", args.hooks, hooks())
+    models = comma_choices(parser, "--models", args.models, MODEL_NAMES)
+    rows, world = [], 0
+    for model_name in models:
         print(f"{model_name}: {', '.join(names)} ...", flush=True)
         results = launch.run(
             _measure, args.workers, model_name, names, args.batch, args.steps, args.warmup, args.size, args.lr
         )
-        if results is None:
-            return []
-        rows += summarize(model_name, results)
-        world = len(results)
+        if results is not None:  # rank 0 (or the local launcher); the other torchrun ranks go on to the next model
+            rows += summarize(model_name, results)
+            world = len(results)
+    if not rows:
+        return []
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     print(
         f"\n{backend}, world size {world}, batch {args.batch}/worker; step = forward + backward + optimizer step "

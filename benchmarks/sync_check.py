@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import table, write_json  # noqa: E402
+from benchmarks.common import comma_choices, listing, table, write_json  # noqa: E402
 from ddp_hooks import catalog  # noqa: E402
 from ddp_hooks.testing import run_world  # noqa: E402
 
@@ -109,13 +109,14 @@ def _gpu_world(rank: int, world: int, names: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--paths", default=",".join(catalog.PATHS))
+    parser.add_argument("--paths", default=",".join(catalog.PATHS), help=listing(catalog.PATHS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    paths = comma_choices(parser, "--paths", args.paths, catalog.PATHS)
     if not torch.cuda.is_available():
         print("benchmarks/sync_check.py needs a CUDA GPU; nothing checked")
         return []
-    rows = run_world(_gpu_world, 1, args.paths.split(","), backend="nccl", timeout=600)[0]
+    rows = run_world(_gpu_world, 1, paths, backend="nccl", timeout=600)[0]
     print(table(rows, [("path", "path", ""), ("as_expected", "as expected", ""), ("syncs", "host syncs", "")]))
     from ddp_hooks import kernels
 

@@ -281,3 +281,79 @@ def test_memory_no_live_tensor_growth_after_warm_up(tmp_path):
     for r in rows:  # a tensor kept per step would add about 45 here
         assert r["live_growth"] <= 8, r
     assert json.loads((tmp_path / "memory.json").read_text())["rows"]
+
+
+# ---------------------------------------------------------------- command lines as users type them
+def test_step_time_under_torchrun_runs_every_model(tmp_path):
+    """Two models under torchrun: every rank takes part in both (the other ranks used to
+    return after the first, and rank 0 died waiting for them)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [str(ROOT / "benchmarks" / "step_time.py"), "--models", "resnet18,gpt", "--size", "tiny"]
+    command += ["--hooks", "fp32,ef-sgdm", "--steps", "1", "--warmup", "1", "--batch", "2", "--out", str(tmp_path)]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    saved = json.loads((tmp_path / "step_time_gloo.json").read_text())
+    assert {(r["model"], r["hook"]) for r in saved["rows"]} == {
+        (m, h) for m in ("resnet18", "gpt") for h in ("fp32", "ef-sgdm")
+    }
+    assert saved["world_size"] == 2
+
+
+CHOICE_ARGUMENTS = [
+    (step_time, "--models", "resnet18"),
+    (step_time, "--hooks", "ef-sgdm"),
+    (emulate, "--models", "resnet18"),
+    (emulate, "--hooks", "qsparse"),
+    (powersgd, "--models", "resnet18"),
+    (cpu_codec, "--models", "resnet18"),
+    (memory, "--hooks", "powersgd"),
+]
+
+
+@pytest.mark.parametrize("module,flag,example", CHOICE_ARGUMENTS, ids=lambda v: getattr(v, "__name__", v))
+def test_choice_arguments_are_listed_and_checked(module, flag, example, capsys):
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--help"])
+    assert exited.value.code == 0
+    assert example in capsys.readouterr().out  # --help lists the choices
+    with pytest.raises(SystemExit) as exited:
+        module.main([flag, f"{example},nonesuch"])
+    assert exited.value.code == 2  # a usage error, before any work
+    err = capsys.readouterr().err
+    assert "nonesuch" in err and example in err, err
+
+
+def test_convergence_only_names_unknown_labels(capsys):
+    with pytest.raises(SystemExit):
+        convergence.main(["--suite", "qsparse", "--only", "SGD,Nope"])
+    err = capsys.readouterr().err
+    assert "Nope" in err and "SignTopK H=4" in err
+
+
+@pytest.mark.parametrize("suite", ["hooks", "cser", "qsparse", "nodes"])
+def test_every_curve_has_its_own_look(suite):
+    labels = [s["label"] for s in convergence.suite(suite, 2)]
+    looks = convergence.styles(labels)
+    assert len(set(looks.values())) == len(labels), looks
+    for a in labels:  # one colour per hook, whatever its mode
+        for b in labels:
+            if a.split(" ")[0] == b.split(" ")[0]:
+                assert looks[a][0] == looks[b][0], (a, b)
+            else:
+                assert looks[a][0] != looks[b][0], (a, b)
+
+
+def test_readme_benchmark_examples_run_as_printed(tmp_path):
+    """Every ``python benchmarks/advisor.py ...`` line of the README runs and exits 0."""
+    lines = [
+        line.strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.strip().startswith("python benchmarks/advisor.py")
+    ]
+    assert lines, "the README shows an advisor example"
+    for line in lines:
+        argv = line.split()[2:]
+        done = subprocess.run([sys.executable, "benchmarks/advisor.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, (line, done.stderr[-2000:])
+        assert "fp32" in done.stdout
