@@ -354,6 +354,8 @@ def test_readme_benchmark_examples_run_as_printed(tmp_path):
     assert lines, "the README shows an advisor example"
     for line in lines:
         argv = line.split()[2:]
-        done = subprocess.run([sys.executable, "benchmarks/advisor.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "benchmarks/advisor.py", *argv], cwd=ROOT, capture_output=True, text=True
+        )
         assert done.returncode == 0, (line, done.stderr[-2000:])
         assert "fp32" in done.stdout
