@@ -19,6 +19,8 @@ class AllReduce(HookState):
     ``state = ddp_hooks.AllReduce().register(ddp)``
     """
 
+    sparse_gradients = True  # DDP's own all-reduce of a sparse bucket
+
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         return self.exact_mean(bucket.buffer, step)
 

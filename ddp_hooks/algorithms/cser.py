@@ -43,6 +43,7 @@ from ..core import (
     poison,
 )
 from ..core.layouts import LayoutCache
+from ..core.model import flat_param
 from .cser_ratio import overall_ratio, propose
 from .local import LocalSteps
 
@@ -216,7 +217,7 @@ class CSER(LocalSteps, HookState):
                 sel = idx[bounds[2 * k] : bounds[2 * k + 1]] - starts[id(p)]
                 if sel.numel():
                     sel = sel.to(p.device, non_blocking=True)
-                    pieces.append((p, sel, grbs.gather(p.detach().view(-1), sel).float()))
+                    pieces.append((p, sel, grbs.gather(p.detach().reshape(-1), sel).float()))
             values = torch.cat([v for *_, v in pieces])
             payload = torch.cat([values, as_flag(nonfinite(values))]).mul_(1.0 / self.world_size)
         self.count_bits(step, 32 * values.numel())
@@ -224,7 +225,8 @@ class CSER(LocalSteps, HookState):
         bad = ~torch.isfinite(mean[-1]) | (mean[-1] != 0)  # some rank's model is not finite
         with torch.no_grad(), self.time(step, "decompress", params[0].device):
             for (p, sel, current), piece in zip(pieces, mean[:-1].split([s.numel() for _, s, _ in pieces])):
-                grbs.scatter(p.view(-1), sel, keep_unless(bad, current, piece))  # no reset anywhere if bad
+                with flat_param(p) as flat:
+                    grbs.scatter(flat, sel, keep_unless(bad, current, piece))  # no reset anywhere if bad
 
     def _reset_with_codec(self, step: int) -> None:
         """``c_i = C(x_i - x^)``; ``x_i <- x_i - c_i + mean_j c_j``; ``x^ <- x^ + mean_j c_j``."""
@@ -244,7 +246,8 @@ class CSER(LocalSteps, HookState):
                 for p, a, mean, (idx, values) in zip(params, agreed, means, local):
                     add_unless(bad, a, mean)
                     subtract_message(mean, idx, values)  # mean c - c_i
-                    add_unless(bad, p.view(-1), mean.to(p.dtype))
+                    with flat_param(p) as flat:
+                        add_unless(bad, flat, mean.to(p.dtype))
 
     def _agreed_of(self, param: torch.Tensor) -> torch.Tensor:
         agreed = self.memory.get("agreed", param)

@@ -46,7 +46,8 @@ class Binding:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 f"{type(self).__name__} needs an initialized default process group: call "
-                "torch.distributed.init_process_group(...) before register() or the first backward"
+                "torch.distributed.init_process_group(...) before register() or the first backward "
+                "(launched with one process? a launcher that starts one process sets up no group)"
             )
         group = self._group_arg if self._group_arg is not None else dist.group.WORLD
         assert group is not None  # the default group exists once initialized

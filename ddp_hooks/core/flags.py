@@ -29,6 +29,8 @@ def nonfinite(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1)
     if flat.dtype == torch.float32:
         return ~torch.isfinite(torch.dot(flat, flat))
+    if flat.dtype == torch.float64:  # summed in fp64, then held to the float32 range
+        return ~torch.isfinite(torch.dot(flat, flat).float())
     return ~torch.isfinite(torch.linalg.vector_norm(flat, dtype=torch.float32))
 
 
