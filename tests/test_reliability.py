@@ -105,8 +105,14 @@ def _corruptions(saved):
         "unknown slot": _with_memory(saved, "no_such_slot", param, torch.zeros(shape).reshape(-1)),
         "negative step": {**saved, "step": -3},
     }
+    out["unknown extra key"] = {**saved, "extra": {**saved["extra"], "surprise": 1}}
+    for key in saved["extra"]:
+        out[f"extra without {key}"] = {**saved, "extra": {k: v for k, v in saved["extra"].items() if k != key}}
     for slot, tensors in saved["memory"].items():  # every slot the algorithm keeps
         param, tensor = next(iter(tensors.items()))
+        lost = copy.deepcopy(saved)
+        del lost["memory"][slot][param]
+        out[f"{slot}: an entry lost"] = lost
         out[f"{slot}: wrong size"] = _with_memory(saved, slot, param, torch.zeros(tensor.numel() + 1))
         out[f"{slot}: NaN"] = _with_memory(saved, slot, param, torch.full_like(tensor, float("nan")))
         out[f"{slot}: float64"] = _with_memory(saved, slot, param, tensor.double())
@@ -154,6 +160,10 @@ def test_corrupt_checkpoints_raise_before_anything_is_assigned(name):
     for label, message in outcomes.items():
         assert message not in ("accepted", "changed before raising"), (label, message)
         assert message.startswith("cannot load"), (label, message)
+        if label.endswith("an entry lost"):
+            assert "missing entries" in message, message
+        if label == "unknown extra key":
+            assert "'surprise'" in message, message
 
 
 def _config_world(rank, world, case):

@@ -19,9 +19,10 @@ class ConfigMismatch(ValueError):
     """Ranks were configured differently."""
 
 
-def agree(group: ProcessGroup, fields: dict[str, Any], what: str) -> None:
+def agree(group: ProcessGroup, fields: dict[str, Any], what: str, heading: str | None = None) -> None:
     """Compare ``fields`` across the ranks of ``group``; raise :class:`ConfigMismatch` on every
-    rank if any field differs (a collective: call it on every rank)."""
+    rank if any field differs (a collective: call it on every rank). The message starts with
+    ``heading`` (default: "ranks configured <what> differently")."""
     size = dist.get_world_size(group)
     if size == 1:
         return
@@ -33,7 +34,7 @@ def agree(group: ProcessGroup, fields: dict[str, Any], what: str) -> None:
         dist.all_gather_object(gathered, fields, group=group)
     problems = differences(gathered)
     if problems:
-        raise ConfigMismatch(f"ranks configured {what} differently: " + "; ".join(problems))
+        raise ConfigMismatch((heading or f"ranks configured {what} differently") + ": " + "; ".join(problems))
 
 
 def differences(per_rank: list[dict[str, Any]]) -> list[str]:

@@ -15,12 +15,15 @@ from .stats import Stats
 if TYPE_CHECKING:
     from .state import HookState
 
-FORMAT = 2
+FORMAT = 3
+#: formats this version reads: 2 lacks the memory manifest (its entries cannot be counted)
+READS = (2, 3)
 KEYS = ("format", "algorithm", "config", "world_size", "rank", "step", "layout", "memory", "stats", "extra")
 
 
 def export(state: "HookState") -> dict[str, Any]:
     model = state.model_view()
+    memory = state.memory.export(model.names)
     return {
         "format": FORMAT,
         "algorithm": type(state).__name__,
@@ -29,7 +32,9 @@ def export(state: "HookState") -> dict[str, Any]:
         "rank": state.group_rank,
         "step": state.step,
         "layout": model.layout(),
-        "memory": state.memory.export(model.names),
+        "memory": memory,
+        # what ``memory`` holds, so that an entry lost on the way is named, not left at zero
+        "manifest": {slot: sorted(tensors) for slot, tensors in memory.items()},
         "stats": state._stats.state_dict(),
         "extra": state.extra_state(),
     }
@@ -39,11 +44,11 @@ def problems(state: "HookState", saved: Any) -> list[str]:
     """Everything that keeps ``saved`` from being loaded into ``state`` (empty: it fits)."""
     if not isinstance(saved, Mapping):
         return [f"a checkpoint must be a dict, got {type(saved).__name__}"]
-    missing = [k for k in KEYS if k not in saved]
+    if saved.get("format") not in READS:
+        return [f"format {saved.get('format')!r}; this version reads formats {list(READS)}"]
+    missing = [k for k in KEYS + (("manifest",) if saved["format"] >= 3 else ()) if k not in saved]
     if missing:
         return [f"missing parts: {missing}"]
-    if saved["format"] != FORMAT:
-        return [f"format {saved['format']!r}; this version reads format {FORMAT}"]
     name = type(state).__name__
     if saved["algorithm"] != name:
         return [f"algorithm: saved {saved['algorithm']}, this is {name}"]
@@ -58,10 +63,17 @@ def problems(state: "HookState", saved: Any) -> list[str]:
     out += _layout_problems(saved["layout"], model.layout())
     if not out:  # sizes are only meaningful for the same configuration and layout
         out += ParameterMemory.problems(saved["memory"], model.named, state.memory_numel)
+        if "manifest" in saved:
+            out += _manifest_problems(saved["manifest"], saved["memory"])
     out += Stats.problems(saved["stats"])
     extra = saved["extra"]
-    out += state.check_extra(extra) if isinstance(extra, Mapping) else ["extra must be a dict"]
-    return out
+    if not isinstance(extra, Mapping):
+        return out + ["extra must be a dict"]
+    expected = set(state.extra_state())
+    if set(extra) != expected:
+        unknown, lost = sorted(set(extra) - expected, key=str), sorted(expected - set(extra))
+        return out + [f"extra: unexpected keys {unknown}, missing keys {lost} (expected {sorted(expected)})"]
+    return out + state.check_extra(extra)
 
 
 def apply(state: "HookState", saved: Mapping[str, Any]) -> None:
@@ -81,6 +93,20 @@ def _config_problems(saved: Any, now: dict[str, Any]) -> list[str]:
         for k in keys
         if saved.get(k, "<missing>") != now.get(k, "<missing>")
     ]
+
+
+def _manifest_problems(manifest: Any, memory: Any) -> list[str]:
+    """Entries the manifest lists that ``memory`` lacks, and entries it does not list."""
+    if not isinstance(manifest, Mapping) or not isinstance(memory, Mapping):
+        return ["manifest must be a dict of slots"]
+    out = []
+    for slot in sorted(set(manifest) | set(memory), key=str):
+        listed, held = set(manifest.get(slot, ())), set(memory.get(slot, {}))
+        if listed - held:
+            out.append(f"memory[{slot!r}]: missing entries {sorted(listed - held)[:5]}")
+        if held - listed:
+            out.append(f"memory[{slot!r}]: entries the manifest does not list {sorted(held - listed, key=str)[:5]}")
+    return out
 
 
 def _layout_problems(saved: Any, now: dict[str, tuple[int, ...]]) -> list[str]:

@@ -17,23 +17,18 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import GradBucket
 from torch.futures import Future
 
-from ..comm import Transport
+from ..comm import Transport, chain
 from . import checkpoint
+from .agree import agree
 from .binding import Binding
 from .bucket import Bucket
 from .checks import check_int
 from .held import HeldBuckets, LocalPhase
 from .memory import ParameterMemory
-from .model import ModelView, SeenParameters
+from .model import PYTHON_REDUCER, ModelView, SeenParameters, check_ddp, model_problems
 from .node import NodeAware, NodeSize, check_node_size
 from .optimizer import OptimizerLink
 from .stats import Stats
-
-PYTHON_REDUCER = (
-    "DDP's python_reducer mode (torch._dynamo.config.optimize_ddp = 'python_reducer') calls comm "
-    "hooks once per parameter inside compiled autograd, and ddp_hooks compresses whole buckets; "
-    "use torch.compile with the default optimize_ddp (DDPOptimizer), which runs these hooks as they are"
-)
 
 
 def comm_hook(state: "HookState", bucket: GradBucket) -> Future[torch.Tensor]:
@@ -62,6 +57,8 @@ class HookState(Binding):
     stages: int = 1
     #: memory slots whose pieces have the size of their parameter
     memory_slots: tuple[str, ...] = ()
+    #: whether the algorithm reduces sparse gradients (``nn.Embedding(sparse=True)``)
+    sparse_gradients: bool = False
 
     def __init__(
         self,
@@ -80,6 +77,7 @@ class HookState(Binding):
         self._group: dist.ProcessGroup | None = None
         self._transport: Transport | None = None
         self._agreed = False
+        self._steps_agreed = False
         self._stats = Stats()
         self._model: ModelView | None = None
         self._seen = SeenParameters()
@@ -122,8 +120,9 @@ class HookState(Binding):
         return {}
 
     def check_extra(self, extra: Any) -> list[str]:
-        """What keeps ``extra`` from being loaded by :meth:`load_extra_state` (override)."""
-        return [] if not extra else [f"extra: unexpected {sorted(extra)}"]
+        """What keeps ``extra`` (with the keys of :meth:`extra_state`, checked before) from being
+        loaded by :meth:`load_extra_state` (override)."""
+        return []
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned (override)."""
@@ -135,6 +134,9 @@ class HookState(Binding):
             if self._model.is_of(model):
                 return self
             raise ValueError("this state is already registered on another model: use one state per DDP model")
+        problems = model_problems(getattr(model, "module", model), self.sparse_gradients)
+        if problems:
+            raise ValueError(f"{type(self).__name__} cannot serve this model: " + "; ".join(problems))
         self._model = ModelView(model)
         if not self._model.named:
             raise ValueError("the model has no trainable parameters")
@@ -164,8 +166,7 @@ class HookState(Binding):
 
         ``optimizer``: the optimizer that steps ``ddp``'s parameters (found automatically at
         its first step when omitted)."""
-        if getattr(ddp, "_use_python_reducer", False):
-            raise ValueError(PYTHON_REDUCER)
+        check_ddp(ddp)
         self.attach(ddp)
         self._ready()
         if optimizer is not None:
@@ -181,6 +182,10 @@ class HookState(Binding):
         if isinstance(bucket, tuple):
             raise RuntimeError(PYTHON_REDUCER)
         self._ready()
+        if not self._steps_agreed:  # the first hook after start or after a load
+            name = type(self).__name__
+            agree(self._bind(), {"step": self.step}, name, f"ranks resumed {name} from different steps")
+            self._steps_agreed = True
         view = Bucket.of(bucket)
         step = self.step
         if self._model is None:
@@ -192,9 +197,16 @@ class HookState(Binding):
             raise RuntimeError("this state serves another model: one state per DDP model")
         if view.is_last:
             self.step += 1
+        logical = view.in_logical_order()
+        if logical is not None:  # channels_last: the algorithm sees the gradients in logical order
+            view, restore = logical
+            return chain(self._reduce_routed(view, step), restore)
+        return self._reduce_routed(view, step)
+
+    def _reduce_routed(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         if self._node is not None:
-            return self._node.reduce(view, step, self._reduce_counted, self.needs_last_bucket())
-        return self._reduce_counted(view, step)
+            return self._node.reduce(bucket, step, self._reduce_counted, self.needs_last_bucket())
+        return self._reduce_counted(bucket, step)
 
     def _reduce_counted(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         self._stats.elements(step, bucket.buffer.numel())
@@ -281,3 +293,4 @@ class HookState(Binding):
         if problems:
             raise ValueError(f"cannot load {type(self).__name__} state: " + "; ".join(problems))
         checkpoint.apply(self, state)
+        self._steps_agreed = False
