@@ -115,7 +115,8 @@ class EFSignSGDM(HookState):
                     "EFSignSGDM applies momentum inside the hook (worker momentum before "
                     "compression); an optimizer that applies momentum too would apply it twice. "
                     "Use torch.optim.SGD(params, lr=..., momentum=0, weight_decay=...) and set "
-                    "the momentum on EFSignSGDM(momentum=...)"
+                    "the momentum on EFSignSGDM(momentum=...) (Hugging Face Trainer: "
+                    'TrainingArguments(optim="sgd"))'
                 )
 
     def after_step(self) -> None:

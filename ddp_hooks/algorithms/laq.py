@@ -143,7 +143,8 @@ class LAQ(HookState):
         if not isinstance(optimizer, torch.optim.SGD):
             raise ValueError(
                 f"LAQ's skip rule needs plain gradient steps (torch.optim.SGD); {type(optimizer).__name__} "
-                "scales each coordinate's step, so the model's movement no longer measures the gradient"
+                "scales each coordinate's step, so the model's movement no longer measures the gradient "
+                '(Hugging Face Trainer: TrainingArguments(optim="sgd"))'
             )
         if len({float(g["lr"]) for g in optimizer.param_groups}) > 1:
             raise ValueError("LAQ's skip rule uses one learning rate: give every param group the same lr")
