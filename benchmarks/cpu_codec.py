@@ -7,8 +7,9 @@ speedup, and the effective bandwidth (ideal bytes / time) as a fraction of the m
 bandwidth at the same thread count. Ideal bytes per fp32 element: worker input 20 (read g, m,
 e; write m, p), compress 8.125 (read p; write the residual and the packed signs), decode
 4.125, decode-and-add 8.125. "round" is everything one worker of an n-worker sharded exchange
-computes per step (input and compress of its bucket, the average of the n workers' rows for its
-shard, the server step on it, decoding the n replies), without communication. LAQ (4 bits):
+computes per step (input and compress of its bucket, its requests to the n owners, the average
+of the n workers' rows for the pieces it serves, the server step on them, the n replies put
+back in bucket order and decoded), without communication. LAQ (4 bits):
 "laq-quantize" is a worker's quantizer as the uploads mode runs it (radius, codes and both
 norms: read g and q_ref twice, write the codes, 17 B), "laq-receive" adds one received upload
 to the sum (8.5 B).
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import comma_choices, listing, table, write_json  # noqa: E402
 from benchmarks.shapes import MODELS  # noqa: E402
 from ddp_hooks._ext import cpu as native  # noqa: E402
-from ddp_hooks.algorithms.ef_shards import ShardPlan  # noqa: E402
+from ddp_hooks.algorithms.ef_shards import ShardPlan, assign_owners  # noqa: E402
 from ddp_hooks.compress import scaled_sign as sign  # noqa: E402
 from ddp_hooks.compress.error_feedback import Momentum, WorkerBuffers, ef_input, worker_message  # noqa: E402
 from ddp_hooks.compress.laq import add_dequantized, pack_codes, quantize_step  # noqa: E402
@@ -62,28 +63,27 @@ def _steps(numels: list[int], workers: int) -> dict:
     """The codec's steps as closures over fresh buffers of one bucket."""
     n = sum(numels)
     blocks = sign.ranges(numels)
-    plan = ShardPlan.build(numels, None, workers, torch.device("cpu"))
+    owners = assign_owners(numels, None, workers)
+    plan = ShardPlan.build(numels, owners, None, workers, torch.device("cpu"))
     g, m, e = torch.randn(n), torch.randn(n), torch.randn(n)
     buffers = WorkerBuffers(torch.empty(n), torch.empty(n), torch.empty(n))
     out, residual = torch.empty(n), torch.empty(n)
     packed, scales = sign.compress(g, blocks, residual)
     how = Momentum(0.9, True)
-    rows = torch.stack(
-        [
-            plan.message.pack(plan.signs_of(0, packed), plan.piece_scales(scales)[0], torch.tensor(False))
-            for _ in range(plan.n)
-        ]
-    )  # the n workers' rows for this rank's shard
-    s0, off = plan.shard(0), plan.offset(0)
-    mean, server = torch.empty(plan.message.count), torch.empty(s0.stop - s0.start)
-    reply_scales = sign.block_scales(g[s0], list(plan.pieces[0].blocks))
+    requests = plan.requests(packed, scales, torch.tensor(False))
+    row, msg = plan.rows[0], plan.message
+    rows = requests[:1].expand(plan.n, -1).contiguous()  # the n workers' rows for this rank's pieces
+    mean, server, error = torch.empty(row.count), torch.empty(row.count), torch.zeros(row.count)
+    replies = requests  # every owner's reply has its request's layout
+    whole = torch.empty_like(packed)
 
     def one_round():
         worker_message(g, (m, e), how, 1.0, plan.blocks, buffers)
-        sign.average(plan.message.signs(rows), plan.message.scales(rows), plan.row_pieces[0], mean[: off + len(server)])
-        sign.compress_ef(mean[off : off + len(server)], e[s0], 1.0, plan.pieces[0], server)
-        for _ in range(plan.n):  # the n servers' replies
-            sign.decode(packed, reply_scales, list(plan.pieces[0].blocks), out[plan.shard(0)])
+        plan.requests(packed, scales, torch.tensor(False))
+        sign.average(msg.signs(rows)[:, : row.count // 8], plan.row_scales(0, msg.scales(rows)), row.pieces, mean)
+        sign.compress_ef(mean, error, 1.0, row.pieces, server)
+        plan.gather_replies(replies, whole)  # the n servers' replies, back in bucket order
+        sign.decode(whole, plan.reply_piece_scales(replies), list(plan.pieces.blocks), out)
 
     codes = torch.empty(n, dtype=torch.uint8)
     quantize_step(g, m, 4, codes=codes)

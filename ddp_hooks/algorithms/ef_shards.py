@@ -1,20 +1,28 @@
-"""dist-EF-SGDM's server topology: which rank serves which part of a bucket, with which blocks.
+"""dist-EF-SGDM's server topology: which rank serves which pieces of a bucket, and the bytes of
+each message.
 
 The server compresses *pieces*: the worker blocks cut every :data:`SERVER_PIECE` elements
-from their start. Pieces follow from the parameters alone, never from how DDP groups them into
-buckets, so the server's result does not change when DDP rebuilds its buckets (after its
-first iteration, and again after a restart): a resumed run is bit-exact.
+from their start. Going through the model's parameters in order, a parameter of at least ``n``
+pieces is split into ``n`` contiguous groups of nearly equal size (a piece belongs to the
+``1/n`` of the parameter its middle lies in), group ``g`` served by rank ``(f + g) % n`` where
+``f`` is the rank serving the fewest elements so far; each piece of a smaller parameter goes to
+the rank serving the fewest elements so far. Ownership follows from the parameters alone, never
+from how DDP groups them into buckets: when DDP rebuilds its buckets (after its first
+iteration, and again after a restart) no server memory changes hands, and a bucket is balanced
+to within about a piece per parameter.
 
-A bucket's pieces, in order, are cut into ``n`` contiguous shards of nearly equal length (at
-piece boundaries); rank ``j`` serves shard ``j``. A worker packs the signs of its whole bucket
-once; its message to the owner of shard ``j`` is the bytes that hold shard ``j``'s signs (the
-shard starts ``off_j = start_j % 8`` bits into its first byte), one scale per piece, and the
-non-finite flag. The owner decodes those rows in *row coordinates*: a leading piece
-``[0, off_j)`` of scale 0, then the shard's pieces shifted by ``off_j``. Every message has a
-fixed width per bucket, so every rank issues the same collectives.
+A rank's *runs* in a bucket are its pieces merged where they touch. A worker packs the signs of
+its whole bucket once; its message to owner ``j`` holds, run after run, the whole bytes that
+hold each of ``j``'s runs (a run starts ``lo % 8`` bits into its first byte), one scale per
+real piece and the non-finite flag. The owner works in these *row coordinates*: each run is
+framed by padding pieces of scale 0 (the other owners' bits in the shared bytes), so the
+server's padding stays 0 and its reply has the same byte layout. A worker ORs the replies'
+bytes, masked to their owners' bits, back into the bucket's bit order and decodes the whole
+bucket in one pass. Every message of a bucket has one fixed width, so every rank issues the
+same collectives.
 """
 
-from bisect import bisect_left
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import torch
@@ -31,111 +39,224 @@ def server_pieces(worker_blocks: Blocks, piece: int = SERVER_PIECE) -> Blocks:
     return [(lo, min(lo + piece, hi)) for b_lo, hi in worker_blocks for lo in range(b_lo, hi, piece)]
 
 
+def param_pieces(numel: int, block_size: int | None, piece: int = SERVER_PIECE) -> Blocks:
+    """A parameter's server pieces, relative to its start."""
+    return server_pieces(ranges(block_sizes([numel], block_size)), piece)
+
+
+def assign_owners(numels: list[int], block_size: int | None, n: int, piece: int = SERVER_PIECE) -> list[list[int]]:
+    """The rank serving each server piece of each parameter of a model (``numels`` in model
+    order; see the module docstring)."""
+    load = [0] * n
+    owners = []
+    for numel in numels:
+        cuts = param_pieces(numel, block_size, piece)
+        mine: list[int] = []
+        first = min(range(n), key=lambda r: (load[r], r))
+        for a, b in cuts:
+            if len(cuts) >= n:  # groups by where each piece's middle lies
+                j = (first + ((a + b) * n) // (2 * numel)) % n
+            else:  # a small parameter: each piece to the least loaded rank
+                j = min(range(n), key=lambda r: (load[r], r))
+            load[j] += b - a
+            mine.append(j)
+        owners.append(mine)
+    return owners
+
+
+@dataclass
+class OwnerRow:
+    """One owner's part of a bucket layout, in row coordinates (see the module docstring).
+
+    ``segments``: (row position, bucket position, length) of each run, in elements; ``spans``:
+    (row byte, first bucket byte, end bucket byte) of each run's bytes; ``pieces``: padding
+    and real pieces covering the row; ``real``: the positions in ``pieces`` of the real ones;
+    ``blocks``: the worker block of each real piece."""
+
+    segments: list[tuple[int, int, int]]
+    spans: list[tuple[int, int, int]]
+    pieces: BlockSet
+    real: torch.Tensor
+    blocks: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        """Row length in elements (a multiple of 8)."""
+        return 8 * sum(end - first for _, first, end in self.spans)
+
+
+def _owner_row(runs: list[tuple[int, int]], pieces: Blocks, starts: list[int], device: torch.device) -> OwnerRow:
+    segments, spans, row_pieces, real, blocks = [], [], [], [], []
+    position, k = 0, 0
+    for lo, hi in runs:
+        first, end = lo // 8, packed_size(hi)
+        start = 8 * position + lo % 8
+        segments.append((start, lo, hi - lo))
+        spans.append((position, first, end))
+        if lo % 8:
+            row_pieces.append((8 * position, start))
+        while k < len(pieces) and pieces[k][1] <= hi:
+            a, b = pieces[k]
+            real.append(len(row_pieces))
+            row_pieces.append((start + a - lo, start + b - lo))
+            blocks.append(bisect_right(starts, a) - 1)
+            k += 1
+        position += end - first
+        if 8 * position > start + hi - lo:
+            row_pieces.append((start + hi - lo, 8 * position))
+    return OwnerRow(
+        segments,
+        spans,
+        BlockSet.of(row_pieces, device),
+        torch.tensor(real, dtype=torch.int64).to(device),
+        torch.tensor(blocks, dtype=torch.int64).to(device),
+    )
+
+
+def _edges(rows: list[OwnerRow], runs: list[Blocks], nbytes: int) -> tuple[list[int], list[int], list[int]]:
+    """The bytes each run may share with another (its first and last): their positions in the
+    replies ``(n, nbytes)`` flattened, their bucket bytes, and the bits of each that are the
+    run's (bit ``i`` of a byte is element ``8 * byte + i``)."""
+    where, target, bits = [], [], []
+    for j, (row, mine) in enumerate(zip(rows, runs)):
+        for (position, first, end), (lo, hi) in zip(row.spans, mine):
+            head = (0xFF << (lo % 8)) & 0xFF
+            tail = (1 << (hi - 8 * (end - 1))) - 1
+            edges = [(position, first, head & tail)] if end - first == 1 else [(position, first, head)]
+            if end - first > 1:
+                edges.append((position + end - first - 1, end - 1, tail))
+            for at, byte, mask in edges:
+                where.append(j * nbytes + at)
+                target.append(byte)
+                bits.append(mask)
+    return where, target, bits
+
+
 @dataclass
 class ShardPlan:
-    """Worker blocks, server pieces and shards of one bucket layout (see the module docstring).
+    """Worker blocks, server pieces and every owner's row of one bucket layout.
 
-    ``bounds[j]:bounds[j+1]`` is shard ``j``; ``pieces[j]`` its pieces relative to its start;
-    ``row_pieces[j]`` the same in row coordinates, after the leading ``[0, off_j)``;
-    ``piece_block[j]`` the worker block of each row piece (``nblocks`` for padding: scale 0).
-    """
+    ``pieces``: the server pieces of the whole bucket, in bucket order; ``rows[j]``: owner
+    ``j``'s row; ``message``: the fixed width of every request and reply of this bucket;
+    ``edge_*`` and ``piece_scale``: how the replies go back into the bucket's bit order and
+    piece order."""
 
     numel: int
     blocks: BlockSet
-    bounds: list[int]
-    pieces: list[BlockSet]
-    row_pieces: list[BlockSet]
-    piece_block: torch.Tensor
-    message: SignMessage  # a worker's row for one shard
-    reply: SignMessage  # a server's reply for its shard
+    pieces: BlockSet
+    rows: list[OwnerRow]
+    message: SignMessage
+    edge_index: torch.Tensor  # positions of the runs' first and last bytes in the flattened replies
+    edge_bytes: torch.Tensor  # the bucket byte each of those goes to
+    edge_masks: torch.Tensor  # the bits of it that are that run's
+    piece_scale: torch.Tensor  # per bucket piece: its position in the flattened replies' scales
 
     @classmethod
     def build(
-        cls, numels: list[int], block_size: int | None, n: int, device: torch.device, piece: int = SERVER_PIECE
+        cls,
+        numels: list[int],
+        owners: list[list[int]],
+        block_size: int | None,
+        n: int,
+        device: torch.device,
+        piece: int = SERVER_PIECE,
     ) -> "ShardPlan":
+        """The plan of a bucket of parameters of ``numels`` whose pieces ``owners`` serve
+        (:func:`assign_owners`)."""
         blocks = ranges(block_sizes(numels, block_size))
-        numel = blocks[-1][1] if blocks else 0
-        cuts = server_pieces(blocks, piece)
-        bounds = _shard_bounds(cuts, numel, n)
         starts = [lo for lo, _ in blocks]
-        pieces, rows, table = [], [], []
-        for j in range(n):
-            lo, hi = bounds[j], bounds[j + 1]
-            mine = [(a - lo, b - lo) for a, b in cuts if lo <= a < hi]
-            off = lo % 8
-            lead = [(0, off)] if off and mine else []
-            pieces.append(BlockSet.of(mine, device))
-            rows.append(BlockSet.of(lead + [(a + off, b + off) for a, b in mine], device))
-            table.append([len(blocks)] * len(lead) + [bisect_left(starts, a + lo + 1) - 1 for a, _ in mine])
-        k = max(1, max(len(t) for t in table))
-        piece_block = torch.full((n, k), len(blocks), dtype=torch.int64)
-        for j, row in enumerate(table):
-            piece_block[j, : len(row)] = torch.tensor(row, dtype=torch.int64)
-        spans = [packed_size(bounds[j + 1]) - bounds[j] // 8 for j in range(n)]
-        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        numel, offset = sum(numels), 0
+        owned: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+        for size, mine in zip(numels, owners):
+            for (a, b), j in zip(param_pieces(size, block_size, piece), mine):
+                owned[j].append((offset + a, offset + b))
+            offset += size
+        runs = [_runs(p) for p in owned]
+        rows = [_owner_row(r, p, starts, device) for r, p in zip(runs, owned)]
+        k = max(1, max(r.real.numel() for r in rows))
+        message = SignMessage(8 * max(1, max(r.count // 8 for r in rows)), k)
+        where, target, bits = _edges(rows, runs, message.nbytes)
+        everyone = sorted((a, b, j, i) for j, p in enumerate(owned) for i, (a, b) in enumerate(p))
         return cls(
             numel=numel,
             blocks=BlockSet.of(blocks, device),
-            bounds=bounds,
-            pieces=pieces,
-            row_pieces=rows,
-            piece_block=piece_block.to(device),
-            message=SignMessage(8 * max(spans), k),
-            reply=SignMessage(longest, k),
+            pieces=BlockSet.of([(a, b) for a, b, _, _ in everyone], device),
+            rows=rows,
+            message=message,
+            edge_index=torch.tensor(where, dtype=torch.int64).to(device),
+            edge_bytes=torch.tensor(target, dtype=torch.int64).to(device),
+            edge_masks=torch.tensor(bits, dtype=torch.uint8).to(device),
+            piece_scale=torch.tensor([j * k + i for _, _, j, i in everyone], dtype=torch.int64).to(device),
         )
 
     @property
     def n(self) -> int:
-        return len(self.pieces)
+        return len(self.rows)
 
-    def shard(self, j: int) -> slice:
-        return slice(self.bounds[j], self.bounds[j + 1])
+    def requests(self, packed: torch.Tensor, block_scales: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """A worker's request to every owner, ``(n, message.nbytes)``: the bytes of its runs
+        from the whole bucket's ``packed`` signs, each real piece's worker block scale, the flag."""
+        width, k = packed_size(self.message.count), self.message.nscales
+        rows = torch.zeros(self.n, self.message.nbytes, dtype=torch.uint8, device=packed.device)
+        scales = torch.zeros(self.n, k, device=packed.device)
+        for j, row in enumerate(self.rows):
+            for position, first, end in row.spans:
+                rows[j, position : position + end - first] = packed[first:end]
+            scales[j, : row.blocks.numel()] = block_scales[row.blocks]
+        rows[:, width : width + 4 * k] = scales.view(torch.uint8)
+        rows[:, -4:] = bad.float().reshape(1).view(torch.uint8)
+        return rows
 
-    def signs_of(self, j: int, packed: torch.Tensor) -> torch.Tensor:
-        """The bytes of the whole bucket's ``packed`` signs that hold shard ``j``'s."""
-        return packed[self.bounds[j] // 8 : packed_size(self.bounds[j + 1])]
+    def row_scales(self, j: int, real_scales: torch.Tensor) -> torch.Tensor:
+        """Owner ``j``'s real-piece scales ``(..., k)`` spread over its row pieces (padding 0)."""
+        row = self.rows[j]
+        out = real_scales.new_zeros((*real_scales.shape[:-1], len(row.pieces.blocks)))
+        out[..., row.real] = real_scales[..., : row.real.numel()]
+        return out
 
-    def offset(self, j: int) -> int:
-        """Where shard ``j`` starts in its row, in elements."""
-        return self.bounds[j] % 8 if self.pieces[j].blocks else 0
+    def gather_replies(self, replies: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """The whole bucket's packed signs from every owner's reply (into ``packed``): the
+        inner bytes of each run copied, the bytes a run may share with another ORed in masked."""
+        packed.zero_()
+        for j, row in enumerate(self.rows):
+            for position, first, end in row.spans:
+                if end - first > 2:
+                    packed[first + 1 : end - 1] = replies[j, position + 1 : position + end - first - 1]
+        edges = replies.contiguous().view(-1)[self.edge_index] & self.edge_masks
+        return packed.index_add_(0, self.edge_bytes, edges)
 
-    def piece_scales(self, block_scales: torch.Tensor) -> torch.Tensor:
-        """The worker block scale of every row piece of every shard, ``(n, k)`` (0: padding)."""
-        return torch.cat([block_scales, block_scales.new_zeros(1)])[self.piece_block]
-
-
-def _shard_bounds(cuts: Blocks, numel: int, n: int) -> list[int]:
-    """``n + 1`` shard bounds at piece boundaries, each near ``j * numel / n``."""
-    edges = [lo for lo, _ in cuts] + [numel]
-    bounds = [0] + [_nearest(edges, round(j * numel / n)) for j in range(1, n)] + [numel]
-    for j in range(1, n + 1):  # keep the cuts in order
-        bounds[j] = max(bounds[j], bounds[j - 1])
-    return bounds
+    def reply_piece_scales(self, replies: torch.Tensor) -> torch.Tensor:
+        """Every bucket piece's server scale, in bucket order."""
+        return self.message.scales(replies).reshape(-1)[self.piece_scale]
 
 
-def _nearest(edges: list[int], target: int) -> int:
-    """The element of the sorted ``edges`` nearest to ``target``."""
-    i = bisect_left(edges, target)
-    if i == 0:
-        return edges[0]
-    if i == len(edges):
-        return edges[-1]
-    return edges[i] if edges[i] - target < target - edges[i - 1] else edges[i - 1]
+def _runs(pieces: Blocks) -> Blocks:
+    """Pieces merged where they touch."""
+    runs: Blocks = []
+    for a, b in pieces:
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return runs
 
 
 class Workspace:
     """fp32 buffers of one bucket layout, so that no bucket-sized tensor is allocated per step:
     the worker's message, candidate momentum and error, the decoded server message of a 16-bit
-    bucket, the mean of the workers' messages, and the server's candidate error."""
+    bucket, the server's row (mean, error, rho, residual) and the gathered reply signs."""
 
     def __init__(self, plan: ShardPlan, dtype: torch.dtype) -> None:
         from ..compress.error_feedback import WorkerBuffers
 
-        device = plan.piece_block.device
-        numel = plan.numel
+        device = plan.pieces.offsets.device
+        numel, row = plan.numel, max(plan.message.count, plan.numel)
         self.worker = WorkerBuffers(
             torch.empty(numel, device=device), torch.empty(numel, device=device), torch.empty(numel, device=device)
         )
         self.out = torch.empty(numel, device=device) if dtype != torch.float32 else torch.empty(0)
-        self.mean = torch.empty(max(numel, plan.message.count), device=device)
-        self.server = torch.empty(plan.reply.count, device=device)
+        self.mean = torch.empty(row, device=device)
+        self.error = torch.zeros(row, device=device)
+        self.rho = torch.zeros(row, device=device)
+        self.server = torch.empty(row, device=device)
+        self.packed = torch.zeros(packed_size(numel), dtype=torch.uint8, device=device)

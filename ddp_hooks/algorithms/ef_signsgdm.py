@@ -35,7 +35,7 @@ from ..compress.error_feedback import Momentum, worker_message
 from ..compress.scaled_sign import SignMessage
 from ..core import Bucket, HookState, check_bool, check_choice, check_float, check_int, keep_unless, nonfinite, poison
 from ..core.layouts import LayoutCache
-from .ef_shards import ShardPlan, Workspace
+from .ef_shards import ShardPlan, Workspace, assign_owners, param_pieces
 
 
 @dataclass
@@ -93,6 +93,7 @@ class EFSignSGDM(HookState):
         self._plans = LayoutCache(self._build_plan)
         self._how = Momentum(self.momentum, self.nesterov)
         self._lr_prev: dict[int, float] = {}
+        self._owners: dict[int, list[int]] = {}
 
     def config(self) -> dict[str, Any]:
         return {
@@ -104,8 +105,33 @@ class EFSignSGDM(HookState):
         }
 
     def _build_plan(self, params: list[torch.Tensor]) -> tuple[ShardPlan, Workspace]:
-        plan = ShardPlan.build([p.numel() for p in params], self.block_size, self.world_size, params[0].device)
+        owners = [self._owners_of(p) for p in params]
+        plan = ShardPlan.build([p.numel() for p in params], owners, self.block_size, self.world_size, params[0].device)
         return plan, Workspace(plan, params[0].dtype)
+
+    def on_attach(self) -> None:
+        params = self.model_view().params
+        owners = assign_owners([p.numel() for p in params], self.block_size, self.world_size)
+        self._owners = {id(p): mine for p, mine in zip(params, owners)}
+
+    def _owners_of(self, param: torch.Tensor) -> list[int]:
+        """The rank serving each server piece of ``param``, fixed by the model's parameters
+        (without a model view, by the parameter alone)."""
+        mine = self._owners.get(id(param))
+        return mine if mine is not None else assign_owners([param.numel()], self.block_size, self.world_size)[0]
+
+    def _owned(self, params: list[torch.Tensor]) -> list[int]:
+        """This rank's server elements of each parameter (the sharded server error's sizes)."""
+        out = []
+        for p in params:
+            cuts = param_pieces(p.numel(), self.block_size)
+            out.append(sum(b - a for (a, b), j in zip(cuts, self._owners_of(p)) if j == self.rank))
+        return out
+
+    def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
+        if slot == "server_error" and self.topology == "sharded":
+            return self._owned([param])[0]
+        return super().memory_numel(slot, param)
 
     # ---- the optimizer ----------------------------------------------------------------------
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -144,111 +170,94 @@ class EFSignSGDM(HookState):
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         params, buf = bucket.params, bucket.buffer
         plan, ws = self._plans.get(params, step)
-        # the same decision on every rank: every rank keeps server error for the whole bucket
-        repair = self.topology == "sharded" and self.memory.needs_assembly("server_error", params)
-        self.memory.flat("server_error", params)
         out = buf if buf.dtype == torch.float32 else ws.out
         r = _Round(step, bucket, plan, ws, self._rho(params), out)
         with self.time(step, "compress", buf.device):
-            message = self._worker(r)
+            packed, bad = self._worker(r)
         self.count_bits(step, plan.numel + 32 * len(plan.blocks.blocks))
         if self.topology == "allgather":
-            gathered = self.transport.all_gather(message, step)
-            return chain(gathered, lambda rows: self._finish(r, self._serve_all(r, rows)))
-        received = self.transport.all_to_all(self._rows(r, message), step)
-        if repair:
-            received = self._repair(r, received)
+            whole = SignMessage(plan.numel, len(plan.blocks.blocks))
+            assert r.scales is not None  # set by _worker
+            gathered = self.transport.all_gather(whole.pack(packed, r.scales, bad), step)
+            return chain(gathered, lambda rows: self._serve_all(r, rows))
+        assert r.scales is not None
+        received = self.transport.all_to_all(plan.requests(packed, r.scales, bad), step)
         replies = self.transport.then(
             received, 1, lambda rows: self.transport.all_gather(self._serve(r, self.rank, rows), step, stage=1)
         )
         return chain(replies, lambda replies: self._finish(r, replies))
 
-    def _worker(self, r: _Round) -> torch.Tensor:
+    def _worker(self, r: _Round) -> tuple[torch.Tensor, torch.Tensor]:
         """m' = mu m + g; v = g + mu m' (or m') + rho e; C(v) over the worker blocks; the new
-        error v - C(v). Returns ``[packed signs of the bucket | block scales | flag]``."""
-        params, plan = r.bucket.params, r.plan
+        error v - C(v). Returns the packed signs of the bucket and its non-finite flag."""
+        params = r.bucket.params
         g = r.bucket.buffer if r.bucket.buffer.dtype == torch.float32 else r.bucket.buffer.float()
         momentum = self.memory.flat("momentum", params) if self.momentum > 0 else None
         memories = (momentum, self.memory.flat("error", params))
-        packed, scales = worker_message(g, memories, self._how, r.rho, plan.blocks, r.ws.worker)
-        r.scales = scales
-        whole = SignMessage(plan.numel, len(plan.blocks.blocks))
-        return whole.pack(packed, scales, nonfinite(g))
-
-    def _rows(self, r: _Round, message: torch.Tensor) -> torch.Tensor:
-        """The worker's row for each shard's owner: the bytes of that shard's signs, one scale per
-        row piece, the flag."""
-        plan = r.plan
-        whole = SignMessage(plan.numel, len(plan.blocks.blocks))
-        packed, bad = whole.signs(message), whole.any_bad(message)
-        assert r.scales is not None  # set by _worker
-        piece_scales = plan.piece_scales(r.scales)
-        return torch.stack([plan.message.pack(plan.signs_of(j, packed), piece_scales[j], bad) for j in range(plan.n)])
-
-    def _repair(self, r: _Round, received: Future[Any]) -> Future[Any]:
-        """A new bucket layout: this rank's new shard's server error may have been owned by
-        another rank; every rank holds zeros outside its old shard, so one sum restores it."""
-        server_error = self.memory.flat("server_error", r.bucket.params)
-        summed = self.transport.all_reduce(server_error, r.step)
-
-        def keep_own(_: Any) -> None:
-            s = r.plan.shard(self.rank)
-            server_error[: s.start].zero_()
-            server_error[s.stop :].zero_()
-
-        both = torch.futures.collect_all([chain(summed, keep_own), received])
-        return chain(both, lambda f: (f[0].value(), f[1].value())[1])
+        packed, r.scales = worker_message(g, memories, self._how, r.rho, r.plan.blocks, r.ws.worker)
+        return packed, nonfinite(g)
 
     def _serve(self, r: _Round, j: int, rows: torch.Tensor) -> torch.Tensor:
-        """Server step on shard ``j`` from the workers' rows: p = mean_i Delta_i + rho e_srv;
-        Delta = C(p) over the pieces; e_srv = p - Delta. Returns the reply."""
-        plan, msg = r.plan, r.plan.message
-        off, s = plan.offset(j), plan.shard(j)
-        mean = r.ws.mean[: off + s.stop - s.start]
-        if plan.pieces[j].blocks:
-            sign.average(msg.signs(rows), msg.scales(rows), plan.row_pieces[j], mean)
-        return self._server_step(r, j, mean[off:], msg.any_bad(rows))
-
-    def _server_step(self, r: _Round, j: int, mean: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-        """``p = mean + rho e_srv`` on shard ``j`` (``mean`` is overwritten), compressed by pieces."""
-        plan, reply = r.plan, r.plan.reply
-        s, pieces = plan.shard(j), plan.pieces[j]
-        if not pieces.blocks:
-            return reply.pack(mean.new_zeros(0, dtype=torch.uint8), mean.new_zeros(0), bad)
-        error = self.memory.flat("server_error", r.bucket.params)[s]
-        rho = r.rho[s] if torch.is_tensor(r.rho) else r.rho
-        residual = r.ws.server[: s.stop - s.start]
-        packed, scales = sign.compress_ef(mean, error, rho, pieces, residual)
-        bad = bad | ~torch.isfinite(scales).all()
-        keep_unless(bad, error, residual)
-        return reply.pack(packed, scales.masked_fill(bad, float("nan")), bad)
+        """Server step on owner ``j``'s pieces, in its row coordinates, from the workers' rows:
+        p = mean_i Delta_i + rho e_srv; Delta = C(p) over the pieces (padding stays 0);
+        e_srv = p - Delta. Returns the reply (the rows' byte layout)."""
+        plan, msg, row, ws = r.plan, r.plan.message, r.plan.rows[j], r.ws
+        bad = msg.any_bad(rows)
+        if not row.segments:
+            return msg.pack(rows.new_zeros(0), rows.new_zeros(0, dtype=torch.float32), bad)
+        count = row.count
+        mean, error, residual = ws.mean[:count], ws.error[:count], ws.server[:count]
+        scales = plan.row_scales(j, msg.scales(rows))
+        sign.average(msg.signs(rows)[:, : count // 8], scales, row.pieces, mean)
+        stored = self.memory.flat("server_error", r.bucket.params, self._owned(r.bucket.params))
+        rho = _to_row(row.segments, r.rho, ws.rho[:count]) if torch.is_tensor(r.rho) else r.rho
+        _to_row([(a, c, n) for a, c, n in _compact(row.segments)], stored, error)
+        packed, piece_scales = sign.compress_ef(mean, error, rho, row.pieces, residual)
+        real = piece_scales[row.real]
+        bad = bad | ~torch.isfinite(real).all()
+        candidate = ws.mean[: stored.numel()]  # the mean is no longer needed
+        for (at, c, n) in _compact(row.segments):
+            candidate[c : c + n].copy_(residual[at : at + n])
+        keep_unless(bad, stored, candidate)
+        return msg.pack(packed, real.masked_fill(bad, float("nan")), bad)
 
     def _serve_all(self, r: _Round, gathered: torch.Tensor) -> torch.Tensor:
-        """Every shard's server step on this rank, from every worker's whole message."""
-        plan = r.plan
+        """Every owner's server step on this rank, over the whole bucket, from every worker's
+        whole message (the same floats as the sharded topology)."""
+        plan, ws = r.plan, r.ws
         whole = SignMessage(plan.numel, len(plan.blocks.blocks))
-        mean = r.ws.mean[: plan.numel]
+        mean = ws.mean[: plan.numel]
         sign.average(whole.signs(gathered), whole.scales(gathered), plan.blocks, mean)
         bad = whole.any_bad(gathered)
-        return torch.stack([self._server_step(r, j, mean[plan.shard(j)], bad) for j in range(plan.n)])
+        error, residual = self.memory.flat("server_error", r.bucket.params), ws.server[: plan.numel]
+        packed, scales = sign.compress_ef(mean, error, r.rho, plan.pieces, residual)
+        bad = bad | ~torch.isfinite(scales).all()
+        keep_unless(bad, error, residual)
+        return self._decoded(r, packed, scales, bad)
 
     def _finish(self, r: _Round, replies: torch.Tensor) -> torch.Tensor:
-        """Decode every shard's reply into the bucket; the worker memories take the step only
-        if every worker's bucket was finite."""
-        plan, reply, params, buf = r.plan, r.plan.reply, r.bucket.params, r.bucket.buffer
+        """Every owner's reply back into the bucket's bit and piece order, then decoded."""
+        with self.time(r.step, "decompress", r.bucket.buffer.device):
+            packed = r.plan.gather_replies(replies, r.ws.packed)
+            scales = r.plan.reply_piece_scales(replies)
+            bad = r.plan.message.any_bad(replies)
+        return self._decoded(r, packed, scales, bad)
+
+    def _decoded(self, r: _Round, packed: torch.Tensor, scales: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """Delta into the bucket; the worker memories take the step only if every worker's
+        bucket (and the server's step) was finite."""
+        params, buf = r.bucket.params, r.bucket.buffer
         with self.time(r.step, "decompress", buf.device):
-            signs, scales = reply.signs(replies), reply.scales(replies)
-            for j in range(plan.n):
-                if plan.pieces[j].blocks:
-                    sign.decode(signs[j], scales[j], list(plan.pieces[j].blocks), r.out[plan.shard(j)])
-            ok = ~reply.any_bad(replies)
+            if r.plan.numel:
+                sign.decode(packed, scales, list(r.plan.pieces.blocks), r.out)
+            ok = ~bad
             worker = r.ws.worker
             worker.error = self.memory.commit("error", params, worker.error, ok)
             if self.momentum > 0:
                 worker.momentum = self.memory.commit("momentum", params, worker.momentum, ok)
             if r.out is not buf:
                 buf.copy_(r.out)
-            return poison(buf, ~ok)
+            return poison(buf, bad)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -269,3 +278,21 @@ class EFSignSGDM(HookState):
         named = self.model_view().named
         self._lr_prev = {id(named[n]): float(lr) for n, lr in state["lr_prev"].items()}
         self._plans.clear()
+
+
+def _compact(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(row position, position in the owner's compact memory, length) of each run."""
+    out, c = [], 0
+    for at, _, n in segments:
+        out.append((at, c, n))
+        c += n
+    return out
+
+
+def _to_row(segments: list[tuple[int, int, int]], source: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``row`` (zeroed) holding ``source[src : src + n]`` at each run's row position ``at``, for
+    segments (at, src, n)."""
+    row.zero_()
+    for at, src, n in segments:
+        row[at : at + n].copy_(source[src : src + n])
+    return row
