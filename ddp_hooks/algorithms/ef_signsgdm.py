@@ -216,7 +216,7 @@ class EFSignSGDM(HookState):
         real = piece_scales[row.real]
         bad = bad | ~torch.isfinite(real).all()
         candidate = ws.mean[: stored.numel()]  # the mean is no longer needed
-        for (at, c, n) in _compact(row.segments):
+        for at, c, n in _compact(row.segments):
             candidate[c : c + n].copy_(residual[at : at + n])
         keep_unless(bad, stored, candidate)
         return msg.pack(packed, real.masked_fill(bad, float("nan")), bad)
