@@ -261,12 +261,22 @@ def _worker(args) -> None:
     """One rank inside its namespace: the step-time measurement, result to a JSON file."""
     import torch.distributed as dist
 
-    from benchmarks import step_time
+    from benchmarks import nodes, step_time
 
     dist.init_process_group("gloo", store=dist.FileStore(args.store, args.world), rank=args.rank, world_size=args.world)
     names = args.hooks.split(",")
+    iface = os.environ["GLOO_SOCKET_IFNAME"]  # this worker's own link: the kernel's (or shaper's) counter
     result = step_time._measure(
-        args.rank, args.world, args.model, names, args.batch, args.steps, args.warmup, args.size, 0.01
+        args.rank,
+        args.world,
+        args.model,
+        names,
+        args.batch,
+        args.steps,
+        args.warmup,
+        args.size,
+        0.01,
+        counter=lambda: nodes.link_bytes(iface),
     )
     Path(args.result).write_text(json.dumps(result))
     dist.barrier()  # no rank tears its connections down while another still reads from them

@@ -166,6 +166,12 @@ def summarize(model_name: str, results: list[dict]) -> list[dict]:
                 "vs_torch_bf16": step.get("torch-bf16", step.get("bf16", float("nan"))) / step[n],
                 "vs_torch_powersgd": step.get("torch-powersgd", float("nan")) / step[n],
                 "wire_mb": wire / 2**20,
+                # bytes the worker's link sent per step (an independent counter, where one was read)
+                "link_mb": (
+                    statistics.mean(r[n]["counted_bytes"] for r in results) / 2**20
+                    if results[0][n].get("counted_bytes") is not None
+                    else None
+                ),
                 "codec_ms": 1000 * results[0][n]["codec_s"] if results[0][n]["codec_s"] else None,
                 "one_bucket": results[0][n]["one_bucket"],
                 "params": results[0][n]["params"],
@@ -183,6 +189,7 @@ COLUMNS = [
     ("vs_torch_bf16", "torch-bf16/hook", ".2f"),
     ("vs_torch_powersgd", "torch-psgd/hook", ".2f"),
     ("wire_mb", "wire MB/step", ".3f"),
+    ("link_mb", "link MB/step", ".3f"),
     ("codec_ms", "codec ms", ".1f"),
 ]
 

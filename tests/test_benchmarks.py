@@ -194,11 +194,11 @@ def test_emulate_tiny(tmp_path):
             "--size",
             "tiny",
             "--hooks",
-            "fp32,qsparse",
+            "fp32,ef-sgdm,qsparse",
             "--steps",
-            "1",
+            "3",
             "--warmup",
-            "1",
+            "0",
             "--batch",
             "2",
             "--out",
@@ -207,7 +207,12 @@ def test_emulate_tiny(tmp_path):
     )
     (result,) = results
     assert 60e6 < float(result["measured_rate"]) < 140e6  # the shaping took effect
-    assert {r["hook"] for r in result["rows"]} == {"fp32", "qsparse"}
+    rows = {r["hook"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32", "ef-sgdm", "qsparse"}
+    # each worker's link counted by the shaper, from the first step (DDP's rebuild included)
+    fp32, ef = rows["fp32"], rows["ef-sgdm"]
+    assert fp32["wire_mb"] <= fp32["link_mb"] < 1.3 * fp32["wire_mb"], fp32  # TCP/IP headers on top
+    assert ef["link_mb"] < fp32["link_mb"] / 10, (ef, fp32)
     assert not _own_namespaces()  # everything it created is gone
 
 
