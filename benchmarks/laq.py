@@ -56,7 +56,7 @@ def _run(rank, world, settings, iterations, alpha, bits, eval_every):
     torch.manual_seed(0)
     model = nn.Linear(64, 10)
     ddp = DDP(model)
-    state = dh.LAQ(bits=bits, memory_depth=10, max_staleness=100, wire="uploads", **settings)
+    state = dh.LAQ.paper(bits=bits, memory_depth=10, max_staleness=100, wire="uploads", **settings)
     opt = torch.optim.SGD(ddp.parameters(), lr=alpha * world)
     state.register(ddp, opt)
     numel = sum(p.numel() for p in model.parameters())

@@ -81,14 +81,13 @@ ENTRIES: dict[str, Entry] = {
             "Qsparse-local-SGD: SignTopK 1% per tensor, sync every 4 steps",
             lambda **kw: QsparseLocalSGD("signtopk", k=0.01, period=4, **kw),
         ),
-        # minibatch gradients: SLAQ's threshold, and an upload forced after 10 silent rounds (a
-        # minibatch gradient 100 rounds old, the paper's bound for full gradients, can stall a
-        # run); plain SGD as in the paper (stale gradients and momentum do not mix well), at twice
-        # the learning rate
+        # LAQ's defaults are for minibatch gradients: SLAQ's threshold, and an upload forced
+        # after 10 silent rounds; plain SGD as in the paper (stale gradients and momentum do not
+        # mix well), at twice the learning rate
         Entry(
             "laq",
             "SLAQ: 4-bit innovations, uploads skipped while small (at most 10 rounds)",
-            lambda **kw: LAQ.slaq(bits=4, max_staleness=10, **kw),
+            lambda **kw: LAQ(bits=4, **kw),
             _sgd,
             lr_scale=2.0,
         ),

@@ -86,7 +86,7 @@ def _world(rank, world, iterations, settings, lr=0.5):
     model = _model()
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=lr)
-    state = dh.LAQ(**settings).register(ddp, opt)
+    state = dh.LAQ.paper(**settings).register(ddp, opt)
     x, y = _data(rank)
     for _ in range(iterations):
         opt.zero_grad()

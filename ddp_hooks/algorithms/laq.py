@@ -61,14 +61,19 @@ class LAQ(HookState):
         memory_depth: ``D``, how many past model changes the rule weighs, in [1, 10000].
         xi: weight ``xi_d`` of each of them (default ``0.8 / D``); while fewer than ``D``
             changes exist, their mean is weighted by ``xi * D`` (as the authors' code does).
-        max_staleness: ``t_bar``, an upload is forced after this many silent rounds. A
-            worker's first round always uploads: on deep networks the 2^b-point grid (which
-            has no point at 0) can leave a quantization error larger than the innovation, and
-            a worker that never uploads would contribute nothing for t_bar rounds.
+        max_staleness: ``t_bar``, an upload is forced after this many silent rounds (10; the
+            paper's full-gradient runs use 100: with minibatch noise a gradient that old can
+            stall a run). A worker's first round always uploads: on deep networks the
+            2^b-point grid (which has no point at 0) can leave a quantization error larger
+            than the innovation, and a worker that never uploads would contribute nothing for
+            t_bar rounds.
         quantize: quantize the innovation (False: LAG, full precision).
         skip: apply the skip rule (False: QGD, upload every round).
-        error_weight: factor on ``eps2 + eps2_last`` (3 for LAQ, 1.5 for SLAQ).
-        threshold_offset: constant added to the threshold (0 for LAQ, 0.2 for SLAQ).
+        error_weight: factor on ``eps2 + eps2_last`` (1.5, SLAQ's; 3 for full-gradient LAQ).
+        threshold_offset: constant added to the threshold (0.2, SLAQ's; 0 for full-gradient LAQ).
+
+    The defaults are SLAQ's rule with a short ``t_bar``: what trains on the minibatch gradients
+    of a DDP script. :meth:`paper` gives the paper's full-gradient LAQ.
         wire: ``"uploads"`` or ``"dense"`` (see the module docstring).
         process_group: the group to reduce over (default: the default group).
         node_size: ranks per node for the node-aware mode (exact inside a node, this
@@ -87,11 +92,11 @@ class LAQ(HookState):
         *,
         memory_depth: int = 10,
         xi: float | None = None,
-        max_staleness: int = 100,
+        max_staleness: int = 10,
         quantize: bool = True,
         skip: bool = True,
-        error_weight: float = 3.0,
-        threshold_offset: float = 0.0,
+        error_weight: float = 1.5,
+        threshold_offset: float = 0.2,
         wire: str = "uploads",
         process_group: Any = None,
         node_size: int | str | None = None,
@@ -124,19 +129,25 @@ class LAQ(HookState):
         }
 
     @classmethod
+    def paper(cls, **kwargs: Any) -> "LAQ":
+        """The paper's LAQ for full (local) gradients: error weight 3, no offset, t_bar 100."""
+        settings: dict[str, Any] = {"error_weight": 3.0, "threshold_offset": 0.0, "max_staleness": 100}
+        return cls(**{**settings, **kwargs})
+
+    @classmethod
     def lag(cls, **kwargs: Any) -> "LAQ":
-        """LAG: lazy aggregation of full-precision gradient innovations."""
-        return cls(quantize=False, **kwargs)
+        """LAG: lazy aggregation of full-precision gradient innovations (the paper's rule)."""
+        return cls.paper(quantize=False, **kwargs)
 
     @classmethod
     def qgd(cls, **kwargs: Any) -> "LAQ":
         """QGD: quantized innovations uploaded every round."""
-        return cls(skip=False, **kwargs)
+        return cls.paper(skip=False, **kwargs)
 
     @classmethod
     def slaq(cls, **kwargs: Any) -> "LAQ":
-        """SLAQ: the stochastic variant's threshold (for minibatch gradients)."""
-        return cls(error_weight=1.5, threshold_offset=0.2, **kwargs)
+        """SLAQ: the stochastic variant's threshold (for minibatch gradients; the defaults)."""
+        return cls(**{"error_weight": 1.5, "threshold_offset": 0.2, **kwargs})
 
     # ---- the optimizer ----------------------------------------------------------------------
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
