@@ -12,9 +12,9 @@ synchronizes (synchronous Qsparse-local-SGD)::
 
 realized with one all-gather of the fixed-size sparse payloads and a scatter-add on every rank.
 If any rank's progress is not finite, nothing moves: every rank returns to ``x_last`` and the
-memory keeps its value. The memory is wiped when the learning rate changed since the last
-synchronization (the authors' code wipes it at lr decays; ``wipe_memory_on_lr_change=False``
-keeps it).
+memory keeps its value. The memory is kept across learning-rate changes, as in the paper
+(with ``period > 1`` it is in parameter units, which a new learning rate does not rescale);
+``wipe_memory_on_lr_change=True`` zeroes it at the first synchronization after a change.
 
 With ``period = 1`` it is error-compensated compressed SGD as a plain gradient hook
 (gradient units, momentum in the optimizer after aggregation): ``p_i = g_i + e_i``,
@@ -61,7 +61,8 @@ class QsparseLocalSGD(LocalSteps, HookState):
         k: elements kept per tensor, a count (int >= 1) or a fraction in (0, 1).
         period: local steps between synchronizations ``H`` (1: a plain gradient hook).
         levels: quantization levels ``s`` for ``qtopk`` / ``qsgd``, in [1, 255].
-        wipe_memory_on_lr_change: zero the error memory when the learning rate changed.
+        wipe_memory_on_lr_change: zero the error memory when the learning rate changed since
+            the last synchronization (default False: the paper keeps it).
         seed: seeds the per-worker generator (offset by rank) for randk and stochastic rounding,
             and the generator all ranks share for grbs.
         warmup_steps: first steps reduced by an exact fp32 all-reduce.
@@ -77,7 +78,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
         period: int = 8,
         *,
         levels: int = 16,
-        wipe_memory_on_lr_change: bool = True,
+        wipe_memory_on_lr_change: bool = False,
         seed: int = 0,
         warmup_steps: int = 0,
         process_group: Any = None,
