@@ -12,9 +12,10 @@ and uploads it only when the innovation is large compared with the recent model 
     every rank: aggregate += sum of the uploaded dQ ;  gradient = aggregate / M
 
 so a skipping worker's last upload keeps counting (stale). ``1 / lr^2`` is the paper's
-``1 / (alpha^2 M^2)`` in DDP's mean convention (``alpha = lr / M``). LAG (no quantization),
-QGD (no skipping) and SLAQ (the stochastic variant's threshold ``1.5 (eps2 + eps2_last) + 0.2``)
-are settings of this class: :meth:`LAQ.lag`, :meth:`LAQ.qgd`, :meth:`LAQ.slaq`.
+``1 / (alpha^2 M^2)`` in DDP's mean convention (``alpha = lr / M``). The defaults are SLAQ's
+threshold ``1.5 (eps2 + eps2_last) + 0.2`` (minibatch gradients); the paper's LAQ (``3 (eps2 +
+eps2_last)``), LAG (no quantization) and QGD (no skipping) are settings of this class:
+:meth:`LAQ.paper`, :meth:`LAQ.lag`, :meth:`LAQ.qgd`.
 
 Where the rule runs: it needs the whole gradient, so the hook holds every bucket of a step and
 decides at the last one (their futures complete then), before the optimizer steps; closures
@@ -61,19 +62,16 @@ class LAQ(HookState):
         memory_depth: ``D``, how many past model changes the rule weighs, in [1, 10000].
         xi: weight ``xi_d`` of each of them (default ``0.8 / D``); while fewer than ``D``
             changes exist, their mean is weighted by ``xi * D`` (as the authors' code does).
-        max_staleness: ``t_bar``, an upload is forced after this many silent rounds (10; the
-            paper's full-gradient runs use 100: with minibatch noise a gradient that old can
-            stall a run). A worker's first round always uploads: on deep networks the
-            2^b-point grid (which has no point at 0) can leave a quantization error larger
-            than the innovation, and a worker that never uploads would contribute nothing for
-            t_bar rounds.
+        max_staleness: ``t_bar``, an upload is forced after this many silent rounds (the
+            paper's 100 can stall a minibatch run). A worker's first round always uploads:
+            the 2^b-point grid has no point at 0, so its error can exceed the innovation.
         quantize: quantize the innovation (False: LAG, full precision).
         skip: apply the skip rule (False: QGD, upload every round).
         error_weight: factor on ``eps2 + eps2_last`` (1.5, SLAQ's; 3 for full-gradient LAQ).
         threshold_offset: constant added to the threshold (0.2, SLAQ's; 0 for full-gradient LAQ).
 
-    The defaults are SLAQ's rule with a short ``t_bar``: what trains on the minibatch gradients
-    of a DDP script. :meth:`paper` gives the paper's full-gradient LAQ.
+    The defaults (SLAQ's rule, a short ``t_bar``) train on a DDP script's minibatch gradients;
+    :meth:`paper` is the paper's full-gradient LAQ.
         wire: ``"uploads"`` or ``"dense"`` (see the module docstring).
         process_group: the group to reduce over (default: the default group).
         node_size: ranks per node for the node-aware mode (exact inside a node, this
@@ -131,8 +129,7 @@ class LAQ(HookState):
     @classmethod
     def paper(cls, **kwargs: Any) -> "LAQ":
         """The paper's LAQ for full (local) gradients: error weight 3, no offset, t_bar 100."""
-        settings: dict[str, Any] = {"error_weight": 3.0, "threshold_offset": 0.0, "max_staleness": 100}
-        return cls(**{**settings, **kwargs})
+        return cls(**{"error_weight": 3.0, "threshold_offset": 0.0, "max_staleness": 100, **kwargs})
 
     @classmethod
     def lag(cls, **kwargs: Any) -> "LAQ":
@@ -143,11 +140,6 @@ class LAQ(HookState):
     def qgd(cls, **kwargs: Any) -> "LAQ":
         """QGD: quantized innovations uploaded every round."""
         return cls.paper(skip=False, **kwargs)
-
-    @classmethod
-    def slaq(cls, **kwargs: Any) -> "LAQ":
-        """SLAQ: the stochastic variant's threshold (for minibatch gradients; the defaults)."""
-        return cls(**{"error_weight": 1.5, "threshold_offset": 0.2, **kwargs})
 
     # ---- the optimizer ----------------------------------------------------------------------
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
