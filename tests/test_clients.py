@@ -98,24 +98,23 @@ def test_accelerate_after_prepare_with_gradient_accumulation(tmp_path):
 
 # ---------------------------------------------------------------- torchrun restarts
 def test_a_killed_worker_restarts_the_job_and_it_ends_bit_exact(tmp_path):
-    """SIGKILL a worker once per hook under ``torchrun --max-restarts``: every attempt meets in
-    its own store prefix, resumes from the atomic checkpoints and ends where an uninterrupted
-    run ends, bit for bit, for every algorithm."""
+    """SIGKILL a worker under ``torchrun --max-restarts`` while every hook trains its own model
+    side by side: the next attempt meets in its own store prefix, every hook resumes from its
+    atomic checkpoint and ends where an uninterrupted run ends, bit for bit."""
     import torch
 
     hooks = list(ENTRIES)
     runs = {}
     for label, extra in (("killed", ["--kill"]), ("straight", [])):
         out = tmp_path / label
-        restarts = str(len(hooks) if extra else 0)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        command += ["--max-restarts", restarts, "elastic_run.py", "--hooks", ",".join(hooks), "--out", str(out), *extra]
-        done = subprocess.run(command, cwd=CLIENTS, env=_env(), capture_output=True, text=True, timeout=600)
+        command += ["--max-restarts", "1", "elastic_run.py", "--hooks", ",".join(hooks), "--out", str(out), *extra]
+        done = subprocess.run(command, cwd=CLIENTS, env=_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (label, done.stdout[-3000:], done.stderr[-6000:])
         runs[label] = {(h, r): torch.load(out / f"{h}_rank{r}.pt", weights_only=False) for h in hooks for r in range(2)}
     for (hook, rank), killed in runs["killed"].items():
         straight = runs["straight"][(hook, rank)]
-        assert killed["attempt"] == hooks.index(hook) + 1 and killed["resumed_from"] == 8, (hook, killed)
+        assert killed["attempt"] == 1 and killed["resumed_from"] == 8, (hook, killed)
         assert straight["attempt"] == 0 and straight["resumed_from"] == 0
         assert all(torch.equal(a, b) for a, b in zip(killed["params"], straight["params"])), (hook, rank)
 
