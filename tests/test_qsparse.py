@@ -268,33 +268,38 @@ class _NetWithEmpty(_Net):
         return super().forward(x) + self.empty.sum()
 
 
-def _one_row_world(rank, world, kind, period, node_size):
-    model = _NetWithEmpty()
-    ddp = DDP(model, bucket_cap_mb=0.001)
-    opt = torch.optim.SGD(ddp.parameters(), lr=_lr(0), momentum=0.9)
-    state = dh.QsparseLocalSGD(kind, k=10, period=period, node_size=node_size).register(ddp, opt)
-    for t, (x, y) in enumerate(batches(rank, 8)):
-        for group in opt.param_groups:
-            group["lr"] = _lr(t)
-        opt.zero_grad()
-        nn.functional.cross_entropy(ddp(x), y).backward()
-        opt.step()
-    return params_of(model), state.stats()["total"]["sent_bytes"]
+def _one_row_world(rank, world, period, node_size):
+    out = {}
+    for kind in ["topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd"]:
+        model = _NetWithEmpty()
+        ddp = DDP(model, bucket_cap_mb=0.001)
+        opt = torch.optim.SGD(ddp.parameters(), lr=_lr(0), momentum=0.9)
+        state = dh.QsparseLocalSGD(kind, k=10, period=period, node_size=node_size).register(ddp, opt)
+        for t, (x, y) in enumerate(batches(rank, 8)):
+            for group in opt.param_groups:
+                group["lr"] = _lr(t)
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        out[kind] = (params_of(model), state.stats()["total"]["sent_bytes"])
+    return out
 
 
-@pytest.mark.parametrize("kind", ["topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd"])
 @pytest.mark.parametrize("world,node_size", [(1, None), (2, 2)])
-def test_one_worker_gathers_one_row(world, node_size, kind):
-    """World size 1, or one node holding every rank: each gather returns one row."""
-    results = run_world(_one_row_world, world, kind, 4, node_size)
-    for params, sent in results:
-        assert all(torch.isfinite(p).all() for p in params)
-        assert sent > 0
-        for got, want in zip(params, results[0][0]):
-            assert torch.equal(got, want)
-    if kind == "signtopk":  # one worker of the node means
-        expected, _ = qsparse_reference(1, 8, 4, 10, False, node_size=world)  # the default keeps the memory
-        nonempty = [p for p in results[0][0] if p.numel()]
-        assert len(nonempty) == len(expected[0])
-        for got, want in zip(nonempty, expected[0]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+def test_one_worker_gathers_one_row(world, node_size):
+    """World size 1, or one node holding every rank: each gather returns one row, for every
+    compressor."""
+    results = run_world(_one_row_world, world, 4, node_size)
+    for kind in results[0]:
+        for by_kind in results:
+            params, sent = by_kind[kind]
+            assert all(torch.isfinite(p).all() for p in params), kind
+            assert sent > 0, kind
+            for got, want in zip(params, results[0][kind][0]):
+                assert torch.equal(got, want), kind
+    # SignTopK against the reference: one worker of the node means (the default keeps the memory)
+    expected, _ = qsparse_reference(1, 8, 4, 10, False, node_size=world)
+    nonempty = [p for p in results[0]["signtopk"][0] if p.numel()]
+    assert len(nonempty) == len(expected[0])
+    for got, want in zip(nonempty, expected[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

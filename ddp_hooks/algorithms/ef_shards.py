@@ -244,9 +244,10 @@ def _runs(pieces: Blocks) -> Blocks:
 class Workspace:
     """fp32 buffers of one bucket layout, so that no bucket-sized tensor is allocated per step:
     the worker's message, candidate momentum and error, the decoded server message of a 16-bit
-    bucket, the server's row (mean, error, rho, residual) and the gathered reply signs."""
+    bucket, the server's row (mean, error, rho, residual) and the gathered reply signs; and
+    ``owned``, this rank's server elements of each parameter (its server memory's sizes)."""
 
-    def __init__(self, plan: ShardPlan, dtype: torch.dtype) -> None:
+    def __init__(self, plan: ShardPlan, dtype: torch.dtype, owned: list[int]) -> None:
         from ..compress.error_feedback import WorkerBuffers
 
         device = plan.pieces.offsets.device
@@ -260,3 +261,4 @@ class Workspace:
         self.rho = torch.zeros(row, device=device)
         self.server = torch.empty(row, device=device)
         self.packed = torch.zeros(packed_size(numel), dtype=torch.uint8, device=device)
+        self.owned = owned

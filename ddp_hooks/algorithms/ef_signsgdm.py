@@ -107,7 +107,7 @@ class EFSignSGDM(HookState):
     def _build_plan(self, params: list[torch.Tensor]) -> tuple[ShardPlan, Workspace]:
         owners = [self._owners_of(p) for p in params]
         plan = ShardPlan.build([p.numel() for p in params], owners, self.block_size, self.world_size, params[0].device)
-        return plan, Workspace(plan, params[0].dtype)
+        return plan, Workspace(plan, params[0].dtype, self._owned(params))
 
     def on_attach(self) -> None:
         params = self.model_view().params
@@ -209,7 +209,7 @@ class EFSignSGDM(HookState):
         mean, error, residual = ws.mean[:count], ws.error[:count], ws.server[:count]
         scales = plan.row_scales(j, msg.scales(rows))
         sign.average(msg.signs(rows)[:, : count // 8], scales, row.pieces, mean)
-        stored = self.memory.flat("server_error", r.bucket.params, self._owned(r.bucket.params))
+        stored = self.memory.flat("server_error", r.bucket.params, ws.owned)
         rho = _to_row(row.segments, r.rho, ws.rho[:count]) if torch.is_tensor(r.rho) else r.rho
         _to_row([(a, c, n) for a, c, n in _compact(row.segments)], stored, error)
         packed, piece_scales = sign.compress_ef(mean, error, rho, row.pieces, residual)
