@@ -6,6 +6,7 @@ environment (NCCL with GPUs, else gloo); otherwise ``workers`` local processes a
 :func:`ddp_hooks.testing.run_world` (NCCL when that many GPUs are present, else gloo on the CPU).
 """
 
+import atexit
 import os
 
 import torch
@@ -29,12 +30,21 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def _teardown() -> None:
+    """At exit under torchrun: every rank meets before the group goes (a rank exiting first can
+    abort a peer still reading from it: SIGABRT)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(fn, workers: int, *args, timeout: float = 3600.0):
     if under_torchrun():
         if not dist.is_initialized():
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend())
+            atexit.register(_teardown)
         rank, world = dist.get_rank(), dist.get_world_size()
         result = fn(rank, world, *args)
         gathered = [None] * world
