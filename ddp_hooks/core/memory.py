@@ -79,13 +79,6 @@ class ParameterMemory:
             self._flats[key] = new
             return old
 
-    def needs_assembly(self, slot: str, params: Params) -> bool:
-        """True if :meth:`flat` would build a new layout from pieces stored earlier."""
-        if _key(slot, params) in self._flats:
-            return False
-        pieces = self._pieces.get(slot, {})
-        return any(id(p) in pieces for p in params)
-
     def missing(self, slot: str, params: Params) -> list[int]:
         """Positions in ``params`` of the parameters with nothing stored in ``slot`` yet."""
         pieces = self._pieces.get(slot, {})
