@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .core import HookState
+from .elastic import save
 
 try:
     from transformers import TrainerCallback
@@ -62,11 +63,7 @@ class HookTrainerCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        path = state_file(folder, self.state.group_rank)
-        temporary = f"{path}.tmp"
-        torch.save(self.state.state_dict(), temporary)
-        os.replace(temporary, path)
+        save(self.state.state_dict(), state_file(folder, self.state.group_rank))
 
 
 def attach(trainer: Any, state: HookState) -> HookTrainerCallback:
