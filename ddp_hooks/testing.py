@@ -17,10 +17,12 @@ Used by the test suite, the demo and the benchmarks::
 ``fn`` must be importable by name (a module-level function), and so must its arguments.
 """
 
+import faulthandler
 import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import tempfile
 import time
 import traceback
@@ -69,6 +71,10 @@ class _Spec:
     sync_free: bool = False
 
 
+def _stack_file(spec: _Spec, rank: int) -> str:
+    return f"{spec.store}.stacks{rank}"
+
+
 def _worker(spec: _Spec, rank: int, results: Any) -> None:
     import torch
     import torch.distributed as dist
@@ -88,6 +94,9 @@ def _worker(spec: _Spec, rank: int, results: Any) -> None:
     except BaseException:  # noqa: BLE001 - reported to the parent, which starts a new world
         results.put((rank, "init", traceback.format_exc()))
         return
+    # on SIGUSR1 (sent by the parent when the world times out) write where each thread is
+    stacks = open(_stack_file(spec, rank), "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         from .core.flags import sync_free
 
@@ -96,6 +105,11 @@ def _worker(spec: _Spec, rank: int, results: Any) -> None:
         buf = io.BytesIO()
         torch.save(value, buf)
         results.put((rank, "ok", buf.getvalue()))
+        # the result reaches the parent before the group goes: on torch 2.4, gloo's
+        # destroy_process_group was seen to block for good with the result still in the
+        # queue's buffer, never sent (the parent kills every rank once all results are in)
+        results.close()
+        results.join_thread()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", traceback.format_exc()))
@@ -202,9 +216,23 @@ class _World:
                     break
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.size)) - self.done)
+                for r in missing:
+                    if self.procs[r].is_alive() and self.procs[r].pid is not None:
+                        os.kill(self.procs[r].pid, signal.SIGUSR1)
+                time.sleep(1.0)
                 raise WorldError(
                     f"world of {self.size} timed out after {self.timeout:.0f}s; ranks {missing} did not finish"
+                    + "".join(self._stacks(r) for r in missing)
                 )
+
+    def _stacks(self, rank: int) -> str:
+        """Where rank ``rank``'s threads were at the deadline (empty if unknown)."""
+        try:
+            with open(_stack_file(self.spec, rank)) as f:
+                text = f.read().strip()
+        except OSError:
+            return ""
+        return f"\n--- rank {rank} at the deadline:\n{text}" if text else ""
 
     def _receive(self, rank: int, kind: str, payload: Any) -> None:
         import torch

@@ -63,8 +63,10 @@ def test_dead_rank_is_named_when_a_peer_fails_after_it():
 
 
 def test_hanging_world_times_out():
-    with pytest.raises(WorldError, match="timed out"):
+    with pytest.raises(WorldError, match="timed out") as caught:
         run_world(_hangs, 2, timeout=8)
+    # and it says where each rank was
+    assert "--- rank 1 at the deadline" in str(caught.value) and "_hangs" in str(caught.value)
 
 
 def test_a_world_whose_rendezvous_fails_is_started_again(monkeypatch):
