@@ -137,27 +137,29 @@ def _transformers_with_torch() -> str | None:
 def test_hugging_face_trainer_with_attach_resumes_bit_exactly(tmp_path):
     import torch
 
-    def run(report, *extra):
-        report.mkdir()
-        command = _torchrun("transformers_run.py", "--hook", "ef-sgdm", "--output", str(tmp_path / "out"))
-        done = subprocess.run(
-            [*command, "--report", str(report), *extra],
-            cwd=CLIENTS,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-6000:])
-        return [torch.load(report / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-    straight = run(tmp_path / "straight")
+    report = tmp_path / "report"
+    report.mkdir()
+    # one launch: 20 steps checkpointing every 10, then (fresh model, Trainer and state) a run
+    # resumed from the checkpoint at step 10
+    checkpoint = tmp_path / "out" / "checkpoint-10"
+    command = _torchrun("transformers_run.py", "--hook", "ef-sgdm", "--output", str(tmp_path / "out"))
+    done = subprocess.run(
+        [*command, "--report", str(report), "--then-resume", str(checkpoint)],
+        cwd=CLIENTS,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-6000:])
+    ranks = [torch.load(report / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    straight = [r["run"] for r in ranks]
     for rank in straight:
         assert rank["world"] == 2
         assert rank["hook_steps"] == rank["optimizer_steps"] == rank["global_step"] == 20  # accumulation 2
         assert rank["losses"][-1] < 0.6 * rank["losses"][0], rank["losses"]
-    assert (tmp_path / "out" / "checkpoint-10" / "ddp_hooks_rank1.pt").exists()
-    resumed = run(tmp_path / "resumed", "--resume", str(tmp_path / "out" / "checkpoint-10"))
+    assert (checkpoint / "ddp_hooks_rank1.pt").exists()
+    resumed = [r["resumed"] for r in ranks]
     for a, b in zip(straight, resumed):
         assert b["hook_steps"] == 20 and b["optimizer_steps"] == 10
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))

@@ -2,7 +2,8 @@
 under torchrun, gradient accumulation 2, one line: ``attach(trainer, state)``.
 
 ``--steps N`` trains N optimizer steps, checkpointing every ``--save-every``; ``--resume DIR``
-continues from a checkpoint folder. Each rank reports the hook's step count, the optimizer's,
+continues from a checkpoint folder; ``--then-resume DIR`` runs once more, in the same processes
+with a fresh model, Trainer and state, resumed from DIR. Each rank reports the hook's step count, the optimizer's,
 the logged losses and its final parameters.
 """
 
@@ -40,15 +41,8 @@ class _OptimizerSteps(TrainerCallback):
         self.steps += 1
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--hook", required=True)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--save-every", type=int, default=10)
-    ap.add_argument("--resume", default=None)
-    ap.add_argument("--output", required=True)
-    ap.add_argument("--report", required=True)
-    args = ap.parse_args()
+def train(args: argparse.Namespace, resume: str | None) -> dict:
+    """One Trainer run from a fresh model, state and Trainer (``resume``: a checkpoint folder)."""
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=32, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
@@ -77,20 +71,32 @@ def main():
     attach(trainer, state)
     steps = _OptimizerSteps()
     trainer.add_callback(steps)
-    trainer.train(resume_from_checkpoint=args.resume)
-    rank = dist.get_rank()
+    trainer.train(resume_from_checkpoint=resume)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    torch.save(
-        {
-            "hook_steps": state.step,
-            "optimizer_steps": steps.steps,
-            "global_step": trainer.state.global_step,
-            "losses": losses,
-            "params": [p.detach().clone() for p in model.parameters()],
-            "world": dist.get_world_size(),
-        },
-        os.path.join(args.report, f"rank{rank}.pt"),
-    )
+    return {
+        "hook_steps": state.step,
+        "optimizer_steps": steps.steps,
+        "global_step": trainer.state.global_step,
+        "losses": losses,
+        "params": [p.detach().clone() for p in model.parameters()],
+        "world": dist.get_world_size(),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hook", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--save-every", type=int, default=10)
+    ap.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
+    ap.add_argument("--then-resume", default=None, help="after the run, a second one resumed from this folder")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--report", required=True)
+    args = ap.parse_args()
+    report = {"run": train(args, args.resume)}
+    if args.then_resume:
+        report["resumed"] = train(args, args.then_resume)
+    torch.save(report, os.path.join(args.report, f"rank{dist.get_rank()}.pt"))
 
 
 if __name__ == "__main__":
