@@ -28,6 +28,7 @@ from benchmarks.common import table, write_json  # noqa: E402
 from ddp_hooks._ext import cuda as kernels  # noqa: E402
 from ddp_hooks.compress.bits import pack_signs  # noqa: E402
 from ddp_hooks.compress.scaled_sign import block_scales, decode  # noqa: E402
+from ddp_hooks.kernels import status  # noqa: E402
 
 
 def _time(fn, repeats: int, warmup: int = 20) -> float:
@@ -143,8 +144,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or kernels.load() is None:
-        print(f"benchmarks/kernels.py needs a CUDA GPU and the built extension ({kernels.status()}); nothing measured")
+    if not torch.cuda.is_available() or kernels.EXTENSION.get() is None:
+        print(f"benchmarks/kernels.py needs a CUDA GPU and the built extension ({status()}); nothing measured")
         return []
     rows = run(
         [int(s) for s in args.sizes.split(",")],

@@ -8,9 +8,6 @@
 Where neither runs, the torch reference implementations of :mod:`ddp_hooks.compress` do.
 """
 
-from ._ext import cpu, cuda
+from .compress.dispatch import status
 
-
-def status() -> dict[str, str]:
-    """``{"cpu": ..., "<cuda kernel>": ...}``: 'loaded' / 'active', or why it is off."""
-    return {"cpu": cpu.status(), **cuda.status()}
+__all__ = ["status"]

@@ -1,6 +1,6 @@
 """A stand-in for the compiled CUDA extension: the same functions, argument order, dtypes,
 workspaces and outputs as cuda_kernels/bindings.cpp, computed with the torch references on
-any device. Installed with ``ddp_hooks._ext.cuda.install(module, "cpu")``, it lets the suite
+any device. Installed with ``ddp_hooks.compress.dispatch.install(module, "cpu")``, it lets the suite
 run every dispatch path of the compress layer without a GPU; ``CALLS`` counts the calls."""
 
 import torch

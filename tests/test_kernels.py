@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ddp_hooks._ext import cuda as kernels
+from ddp_hooks.compress import dispatch
 from ddp_hooks.compress.bits import pack_signs
 from ddp_hooks.compress.scaled_sign import block_scales, block_sizes, decode
 from ddp_hooks.testing import run_world
@@ -112,7 +113,14 @@ def test_env_switch_forces_the_torch_path():
 
 
 def test_without_the_extension_nothing_dispatches():
-    assert not kernels.usable("topk_ef", torch.zeros(4), torch.zeros(4))
+    assert not dispatch.usable("topk_ef", torch.zeros(4), torch.zeros(4))
+
+
+def test_dispatch_knows_every_compiled_function_and_refuses_other_names():
+    for name in kernels.KERNELS:
+        dispatch.usable(name, torch.zeros(4))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dispatch.usable("pack_sign", torch.zeros(4))
 
 
 # ---------------------------------------------------------------- the dispatch path, through a stand-in
@@ -122,15 +130,16 @@ def standin():
 
     for key in cuda_standin.CALLS:
         cuda_standin.CALLS[key] = 0
-    kernels.install(cuda_standin, "cpu")
+    dispatch.install(cuda_standin, "cpu")
     yield cuda_standin
-    kernels.uninstall()
+    dispatch.uninstall()
 
 
 def test_standin_passes_the_check_at_load_and_is_used(standin):
-    assert kernels.status() == dict.fromkeys(kernels.KERNELS, "active")
-    assert kernels.usable("sign_compress_ef", torch.zeros(3))
-    assert not kernels.usable("sign_compress_ef", torch.zeros(3).expand(2, 3).t())  # not contiguous
+    status = dispatch.status()
+    assert {k: status[k] for k in kernels.KERNELS} == dict.fromkeys(kernels.KERNELS, "active")
+    assert dispatch.usable("sign_compress_ef", torch.zeros(3))
+    assert not dispatch.usable("sign_compress_ef", torch.zeros(3).expand(2, 3).t())  # not contiguous
 
 
 def test_a_kernel_that_disagrees_is_switched_off_with_one_log_line(standin, monkeypatch, caplog):
@@ -141,14 +150,14 @@ def test_a_kernel_that_disagrees_is_switched_off_with_one_log_line(standin, monk
         return [idx.flip(0), values]  # the right set, the values against the wrong indices
 
     monkeypatch.setattr(standin, "topk_ef", wrong)
-    kernels.install(standin, "cpu")
+    dispatch.install(standin, "cpu")
     with caplog.at_level("WARNING", logger="ddp_hooks"):
-        status = kernels.status()
-        kernels.status()
+        status = dispatch.status()
+        dispatch.status()
     assert status["topk_ef"].startswith("off: disagrees with its torch reference")
-    assert all(v == "active" for k, v in status.items() if k != "topk_ef")
+    assert all(status[k] == "active" for k in kernels.KERNELS if k != "topk_ef")
     assert sum("topk_ef switched off" in r.getMessage() for r in caplog.records) == 1
-    assert not kernels.usable("topk_ef", torch.zeros(3), torch.zeros(3))
+    assert not dispatch.usable("topk_ef", torch.zeros(3), torch.zeros(3))
 
 
 def _standin_world(rank, world, test_module, fn_name, *args):
@@ -156,7 +165,7 @@ def _standin_world(rank, world, test_module, fn_name, *args):
 
     import cuda_standin
 
-    kernels.install(cuda_standin, "cpu")
+    dispatch.install(cuda_standin, "cpu")
     fn = getattr(importlib.import_module(test_module), fn_name)
     return fn(rank, world, *args), dict(cuda_standin.CALLS)
 

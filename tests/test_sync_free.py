@@ -40,9 +40,10 @@ def _device_reads():
 def _world(rank, world, name, options=None):
     import cuda_standin
 
-    from ddp_hooks._ext import cpu, cuda
+    from ddp_hooks._ext import cpu
+    from ddp_hooks.compress import dispatch
 
-    cuda.install(cuda_standin, "cpu")
+    dispatch.install(cuda_standin, "cpu")
     with cpu.EXTENSION.disabled():
         return train(name, rank, world, torch.device("cpu"), _device_reads, options)
 

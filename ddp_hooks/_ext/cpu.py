@@ -115,9 +115,11 @@ status = EXTENSION.status
 disabled = EXTENSION.disabled
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused loops can take these tensors (CPU, contiguous) and are loaded."""
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) and available()
+#: the functions below that run the fused loops (names for ``compress.dispatch.usable``)
+KERNELS = tuple(
+    "ef_input block_scales pack_signs pack_residual sign_decode absmax_diff laq_quantize laq_apply_codes "
+    "pack_codes unpack_dequantize sqdiff_copy".split()
+)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

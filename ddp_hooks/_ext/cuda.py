@@ -8,18 +8,14 @@ torch extensions directory), and proven before use.
   feedback, plain or SignTopK values;
 * ``threshold_ef``: one-pass selection above a device-side threshold, fixed capacity.
 
-The first time the extension is loaded on a device, every kernel runs once on small random
-inputs (odd sizes, tails, ties) against its torch reference (:mod:`.cuda_check`); a kernel
-that disagrees is switched off for the process with one log line naming it, and the compress
-layer keeps using the reference for it. :func:`status` says what is active and why.
+This module builds, loads and calls them; :mod:`ddp_hooks.compress.dispatch` decides where
+they run (each kernel is checked against its torch reference before first use).
 ``DDP_HOOKS_NO_CUDA_EXT=1`` forces the torch path; no GPU, no CUDA compiler or a failed build
 also do, with one log line. The sources are found next to the package (a checkout) or as the
 ``ddp_hooks/cuda_kernels`` package data (a wheel). Only :mod:`ddp_hooks.compress` calls these.
 """
 
-import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +23,6 @@ import torch
 
 from .loader import Extension
 
-log = logging.getLogger("ddp_hooks")
 SOURCES = ("bindings.cpp", "sign.cu", "topk.cu")
 KERNELS = ("sign_compress_ef", "unpack_average", "topk_ef", "threshold_ef")
 ONE_PASS_MAX_BLOCK = 4096  # cuda_kernels/launchers.h: kOnePassMaxBlock
@@ -76,72 +71,18 @@ def _build() -> Any:
 EXTENSION = Extension("fused CUDA kernels", "DDP_HOOKS_NO_CUDA_EXT", _build, _why_not)
 
 
-class _Kernels:
-    """Which kernels passed their check, on which device type (CUDA, or a stand-in's)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.device_type = "cuda"
-        self.module: Any = None  # a stand-in installed by tests; else EXTENSION's module
-        self.checked = False
-        self.active: dict[str, str] = {}  # kernel -> "active" or "off: why"
+_STAND_IN: list[Any] = [None]  # a module with the extension's API, used in its place (tests)
 
 
-_K = _Kernels()
+def use(module: Any) -> None:
+    """Call ``module`` (same API as the built extension) in place of the extension, or the
+    extension again with None: how the test suite runs the dispatch path without a GPU."""
+    _STAND_IN[0] = module
 
 
-def _module() -> Any:
-    return _K.module if _K.module is not None else EXTENSION.get()
-
-
-def _checked() -> dict[str, str]:
-    if _K.checked:
-        return _K.active
-    with _K.lock:
-        if not _K.checked:
-            module = _module()
-            if module is None:
-                _K.active = dict.fromkeys(KERNELS, f"off: {EXTENSION.reason}")
-            else:
-                from .cuda_check import check_all
-
-                _K.active = check_all(sys_module(), _K.device_type)
-                for name, verdict in _K.active.items():
-                    if verdict != "active":
-                        log.warning("ddp_hooks: CUDA kernel %s switched off: %s", name, verdict)
-            _K.checked = True
-    return _K.active
-
-
-def sys_module() -> Any:
-    """This module (for the check, which calls the wrappers below)."""
-    import sys
-
-    return sys.modules[__name__]
-
-
-def install(module: Any, device_type: str) -> None:
-    """Use ``module`` (same API as the built extension) for tensors of ``device_type``: how the
-    test suite runs the dispatch path on CPU through a stand-in of torch references."""
-    with _K.lock:
-        _K.module, _K.device_type, _K.checked, _K.active = module, device_type, False, {}
-
-
-def uninstall() -> None:
-    install(None, "cuda")
-
-
-def status() -> dict[str, str]:
-    """Each kernel: 'active', or why it is off."""
-    return dict(_checked())
-
-
-def usable(kernel: str, *tensors: torch.Tensor) -> bool:
-    """Whether ``kernel`` runs for these tensors (fp32/uint8 contiguous on the kernels' device,
-    extension loaded, kernel checked)."""
-    if not tensors or any(t.device.type != _K.device_type or not t.is_contiguous() for t in tensors):
-        return False
-    return _checked().get(kernel) == "active"
+def module() -> Any:
+    """The stand-in in use, else the built extension (None where it is off)."""
+    return _STAND_IN[0] if _STAND_IN[0] is not None else EXTENSION.get()
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -157,21 +98,21 @@ def sign_compress_ef(
     kernel (one CTA per block), longer ones the two-pass kernel."""
     one_pass = 0 < max_block <= ONE_PASS_MAX_BLOCK
     args = (p, e, float(rho), offsets, e_out, _stream(p), one_pass)  # the binding's positional API
-    packed, scales = _module().sign_compress_ef(*args)
+    packed, scales = module().sign_compress_ef(*args)
     return packed, scales
 
 
 def unpack_average(rows: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[i]`` = mean over the rows of ``+-scales[row, block(i)]`` by the row's sign bit
     ``i`` (rows ``(n, nbytes)`` uint8, scales ``(n, >= nblocks)``); 0 past the last block."""
-    result: torch.Tensor = _module().unpack_average_out(rows, scales, offsets, out, _stream(rows))
+    result: torch.Tensor = module().unpack_average_out(rows, scales, offsets, out, _stream(rows))
     return result
 
 
 def topk_ef(p: torch.Tensor, e: torch.Tensor, k: int, sign: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``|p + e|``: (int64 indices, fp32 message values), unordered; ``e``
     becomes the error ``v - q`` (``q``: the kept values, or SignTopK's ``+-||v_kept||_1 / k``)."""
-    idx, values = _module().topk_ef(p, e, int(k), bool(sign), _stream(p))
+    idx, values = module().topk_ef(p, e, int(k), bool(sign), _stream(p))
     return idx, values
 
 
@@ -181,5 +122,5 @@ def threshold_ef(
     """One pass: elements with ``|p + e| >= threshold`` (a device fp32 scalar) up to
     ``capacity``: (indices, values, count); unused slots hold index 0 and value 0; ``e``
     becomes the error."""
-    idx, values, count = _module().threshold_ef(p, e, threshold, int(capacity), _stream(p))
+    idx, values, count = module().threshold_ef(p, e, threshold, int(capacity), _stream(p))
     return idx, values, count

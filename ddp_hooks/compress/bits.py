@@ -2,53 +2,24 @@
 
 Bit ``i % 8`` of byte ``i // 8`` holds flag ``i``; padding bits are 1. Signs are packed as
 ``x >= 0`` (so ``sgn(0) = +1``). On CPU, fp32 inputs go through the fused loops of
-:mod:`ddp_hooks._ext.cpu` when they are available (same bytes).
+:mod:`ddp_hooks._ext.cpu` when they are available (same bytes); the torch reference is
+:mod:`.reference`.
 """
 
 import torch
 
 from .._ext import cpu
+from . import dispatch, reference
+from .reference import pack_bits, packed_size, unpack_bits
 
-# Multiplying 8 bytes that are 0 or 1 (one int64 word, byte i = bit i) by this constant
-# gathers byte i's low bit into bit 56 + i, with no carries between them.
-_GATHER = 0x0102040810204080
-# Spreading a byte into 8 bytes (x * 0x0101010101010101), then keeping bit i in byte i.
-_SPREAD = 0x0101010101010101
-_SELECT = 0x8040201008040201 - (1 << 64)  # as a signed int64
-
-
-def packed_size(n: int) -> int:
-    """Bytes that hold ``n`` packed flags."""
-    return -(-n // 8)
+__all__ = ["bytes_as", "pack_bits", "pack_signs", "packed_size", "unpack_bits", "unpack_signs"]
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """Pack ``x >= 0`` of a 1-D tensor into ``ceil(len/8)`` bytes."""
-    if x.dtype == torch.float32 and cpu.usable(x):
+    if x.dtype == torch.float32 and dispatch.usable("pack_signs", x):
         return cpu.pack_signs(x)
-    n = x.numel()
-    bits = torch.ones(packed_size(n) * 8, dtype=torch.bool, device=x.device)
-    torch.ge(x, 0, out=bits[:n])
-    return _gather_bytes(bits)
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a 1-D bool tensor into ``ceil(len/8)`` bytes."""
-    n = bits.numel()
-    padded = torch.ones(packed_size(n) * 8, dtype=torch.bool, device=bits.device)
-    padded[:n] = bits
-    return _gather_bytes(padded)
-
-
-def _gather_bytes(bits: torch.Tensor) -> torch.Tensor:
-    """Bools (a multiple of 8) -> bytes, bit ``i % 8`` of byte ``i // 8`` from bool ``i``."""
-    return ((bits.view(torch.uint8).view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The first ``n`` bits of ``packed`` (``(..., nbytes)``) as bools ``(..., n)``."""
-    words = (packed.to(torch.int64) * _SPREAD) & _SELECT
-    return words.view(torch.uint8).view(*packed.shape[:-1], -1)[..., :n] != 0
+    return reference.pack_signs(x)
 
 
 def unpack_signs(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._ext import cpu, cuda
+from .._ext import cpu
+from . import dispatch
 from . import scaled_sign as sign
 
 
@@ -41,7 +42,11 @@ def ef_input(
     """``m' = g + mu m`` into ``out.momentum`` (unless ``momentum`` is None) and ``v = (g +
     mu m' or m' or g) (+ rho e)`` into ``out.v``; ``error`` is (``e``, ``rho``) or None."""
     e, rho = error if error is not None else (None, 0.0)
-    if not isinstance(rho, torch.Tensor) and g.dtype == torch.float32 and cpu.usable(g, out.v, out.momentum):
+    if (
+        not isinstance(rho, torch.Tensor)
+        and g.dtype == torch.float32
+        and dispatch.usable("ef_input", g, out.v, out.momentum)
+    ):
         return cpu.ef_input(g, momentum, out.momentum, out.v, mu=how.mu, nesterov=how.nesterov, error=e, rho=float(rho))
     v = out.v
     if momentum is not None:
@@ -70,7 +75,7 @@ def worker_message(
     """(packed signs, block scales) of ``v`` for ``memories`` = (momentum or None, error);
     ``out`` receives ``v``, the new momentum and the new error ``v - C(v)``."""
     momentum, error = memories
-    if not isinstance(rho, torch.Tensor) and cuda.usable("sign_compress_ef", g, error, out.v, out.error):
+    if not isinstance(rho, torch.Tensor) and dispatch.usable("sign_compress_ef", g, error, out.v, out.error):
         v = ef_input(g, momentum, how, None, out)
         return sign.compress_ef(v, error, float(rho), blocks, out.error)
     v = ef_input(g, momentum, how, (error, rho), out)

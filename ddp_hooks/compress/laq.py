@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._ext import cpu
+from . import dispatch
 from .bits import bytes_as, pack_bits, unpack_bits
 
 
@@ -51,7 +52,9 @@ def quantize_step(
     gives ``Q(g)`` later, for the rounds that need it. ``radius``: the grid's radius when ``g``
     is part of a longer vector (:func:`grid_radius` of the whole); default ``g``'s own."""
     levels = (1 << bits) - 1
-    if g.dtype == torch.float32 and cpu.usable(g, q_ref, *(t for t in (q_new, innovation, codes) if t is not None)):
+    if g.dtype == torch.float32 and dispatch.usable(
+        "laq_quantize", g, q_ref, *(t for t in (q_new, innovation, codes) if t is not None)
+    ):
         if radius is None:
             radius = torch.tensor(cpu.absmax_diff(g, q_ref) if g.numel() else 0.0)
         step, unit = _grid(radius, bits)
@@ -80,7 +83,7 @@ def grid_radius(g: torch.Tensor, q_ref: torch.Tensor) -> torch.Tensor:
     """``||g - q_ref||_inf`` (0-d fp32): the radius of the grid :func:`quantize_step` uses."""
     if not g.numel():
         return torch.zeros((), dtype=torch.float32, device=g.device)
-    if g.dtype == torch.float32 and cpu.usable(g, q_ref):
+    if g.dtype == torch.float32 and dispatch.usable("absmax_diff", g, q_ref):
         return torch.tensor(cpu.absmax_diff(g, q_ref))
     radius: torch.Tensor = torch.linalg.vector_norm(g - q_ref, float("inf")).float()
     return radius
@@ -90,7 +93,7 @@ def apply_codes(q_ref: torch.Tensor, codes: torch.Tensor, radius: torch.Tensor, 
     """``q_ref <- Q(g)`` in place from the codes and radius :func:`quantize_step` gave for this
     ``q_ref``: the same floats as its ``q_new``, as long as the radius is finite."""
     _, unit = _grid(radius, bits)
-    if q_ref.dtype == torch.float32 and cpu.usable(q_ref, codes):
+    if q_ref.dtype == torch.float32 and dispatch.usable("laq_apply_codes", q_ref, codes):
         return cpu.laq_apply_codes(codes, float(radius), float(unit), q_ref)
     # code * unit + q_ref - R as the quantizer rounds it (the sum's operands commute exactly)
     return q_ref.add_(codes.to(q_ref.dtype).mul_(unit)).sub_(radius)
@@ -101,7 +104,7 @@ def add_dequantized(total: torch.Tensor, packed: torch.Tensor, radius: torch.Ten
     receiver's reconstruction of one upload (its innovation), added to the sum of uploads."""
     n = total.numel()
     _, unit = _grid(radius, bits)
-    if total.dtype == torch.float32 and cpu.usable(total, packed, radius):
+    if total.dtype == torch.float32 and dispatch.usable("unpack_dequantize", total, packed, radius):
         return cpu.unpack_dequantize(packed, n, bits, (float(radius), float(unit)), total, accumulate=True)
     codes = unpack_codes(packed, n, bits).to(total.dtype)
     return total.add_(torch.zeros_like(total).sub_(radius).add_(codes.mul_(unit)))
@@ -109,7 +112,7 @@ def add_dequantized(total: torch.Tensor, packed: torch.Tensor, radius: torch.Ten
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes of ``bits`` bits each into ``ceil(len * bits / 8)`` bytes."""
-    if cpu.usable(codes) and codes.dtype == torch.uint8:
+    if dispatch.usable("pack_codes", codes) and codes.dtype == torch.uint8:
         return cpu.pack_codes(codes, bits)
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     planes = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)  # bit j of code i at i*bits + j
@@ -128,7 +131,9 @@ def model_change(params: list[torch.Tensor], previous: torch.Tensor) -> torch.Te
     """``||theta - previous||^2`` (0-d float64) for the flat ``previous`` copy of ``params``,
     then ``previous = theta``: one pass per parameter."""
     pieces = previous.split([p.numel() for p in params])
-    if all(p.dtype == torch.float32 and cpu.usable(p) for p in params) and cpu.usable(previous):
+    if all(p.dtype == torch.float32 and dispatch.usable("sqdiff_copy", p) for p in params) and dispatch.usable(
+        "sqdiff_copy", previous
+    ):
         total = sum(cpu.sqdiff_copy(p.detach().reshape(-1), piece) for p, piece in zip(params, pieces))
         return torch.tensor(float(total), dtype=torch.float64)
     change = torch.zeros((), dtype=torch.float64, device=previous.device)

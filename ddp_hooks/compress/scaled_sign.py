@@ -7,9 +7,9 @@ summation order; the fused loops and kernels are checked against these reference
 
 Blocks are contiguous ranges ``(lo, hi)`` covering a vector from its start, in order: one per
 parameter tensor, or each tensor cut into ``block_size`` pieces (:func:`block_sizes`).
-Dispatch: CUDA tensors run the fused kernels of :mod:`ddp_hooks._ext.cuda` when they are
-loaded and checked; CPU fp32 tensors the fused loops of :mod:`ddp_hooks._ext.cpu`; anything
-else the torch operations below.
+Dispatch (:mod:`.dispatch`): CUDA tensors run the fused kernels of :mod:`ddp_hooks._ext.cuda`
+when they are loaded and checked; CPU fp32 tensors the fused loops of :mod:`ddp_hooks._ext.cpu`;
+anything else the torch references (:mod:`.reference`).
 """
 
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ import torch
 
 from .._ext import cpu, cuda
 from ..core.flags import may_read_host
+from . import dispatch, reference
 from .bits import bytes_as, pack_signs, packed_size, unpack_bits
 
 Blocks = list[tuple[int, int]]
@@ -62,12 +63,9 @@ class BlockSet:
 
 def block_scales(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """``||x_b||_1 / d_b`` per block (float32, accumulated in float64)."""
-    if x.dtype == torch.float32 and cpu.usable(x):
+    if x.dtype == torch.float32 and dispatch.usable("block_scales", x):
         return cpu.block_scales(x, cpu.bounds_of(blocks))
-    magnitude = x.abs()
-    sums = torch.stack([magnitude[lo:hi].sum(dtype=torch.float64) for lo, hi in blocks])
-    sizes = torch.tensor([hi - lo for lo, hi in blocks], dtype=torch.float64).to(x.device, non_blocking=True)
-    return (sums / sizes).to(torch.float32)
+    return reference.block_scales(x, blocks)
 
 
 def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: Blocks, out: torch.Tensor) -> torch.Tensor:
@@ -79,16 +77,13 @@ def expand(bits: torch.Tensor, scales: torch.Tensor, blocks: Blocks, out: torch.
         for (lo, hi), s in zip(blocks, scales.tolist()):  # reading CPU scales costs nothing
             out[lo:hi].mul_(2 * s).sub_(s)
         return out
-    counts = torch.tensor([hi - lo for lo, hi in blocks]).to(out.device, non_blocking=True)
-    per = torch.repeat_interleave(scales[: len(blocks)], counts, output_size=n)
-    torch.where(bits[:n], per, -per, out=out[:n])
-    return out
+    return reference.expand(bits, scales, blocks, out)
 
 
 def sign_residual(x: torch.Tensor, blocks: Blocks, scales: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """Packed signs of all of ``x``, and ``residual = x - C(x)`` within the blocks, for the
     given ``scales`` (one pass on CPU). Returns the packed signs."""
-    if x.dtype == torch.float32 and cpu.usable(x, residual, scales):
+    if x.dtype == torch.float32 and dispatch.usable("pack_residual", x, residual, scales):
         return cpu.pack_residual(x, cpu.bounds_of(blocks), scales, residual)
     n = blocks[-1][1]
     packed = pack_signs(x)
@@ -110,7 +105,7 @@ def compress_ef(
     """Error-compensated: the scaled sign of ``v = x + rho * error`` (blocks covering ``x``;
     ``rho`` a float or per element), with ``residual = v - C(v)``. One kernel on CUDA; else
     ``x`` becomes ``v`` first."""
-    if not isinstance(rho, torch.Tensor) and cuda.usable("sign_compress_ef", x, error, residual):
+    if not isinstance(rho, torch.Tensor) and dispatch.usable("sign_compress_ef", x, error, residual):
         return cuda.sign_compress_ef(x, error, rho, blocks.offsets, residual, blocks.longest)
     if isinstance(rho, torch.Tensor):
         x.addcmul_(error, rho)
@@ -123,7 +118,7 @@ def decode(
     packed: torch.Tensor, scales: torch.Tensor, blocks: Blocks, out: torch.Tensor, accumulate: bool = False
 ) -> torch.Tensor:
     """``C(x)`` from its packed signs and scales into ``out`` (``accumulate``: added to it)."""
-    if out.dtype == torch.float32 and cpu.usable(packed, scales, out):
+    if out.dtype == torch.float32 and dispatch.usable("sign_decode", packed, scales, out):
         return cpu.sign_decode(packed, cpu.bounds_of(blocks), scales, out, accumulate)
     n = blocks[-1][1]
     if not accumulate:
@@ -136,7 +131,7 @@ def average(signs: torch.Tensor, scales: torch.Tensor, blocks: BlockSet, out: to
     """``out`` = the mean of the ``n`` messages ``(signs[i], scales[i])`` (``(n, bytes)`` and
     ``(n, >= blocks)``), added in row order, then divided by ``n``: the same floats on every
     rank. One kernel on CUDA."""
-    if cuda.usable("unpack_average", signs, scales, out):
+    if dispatch.usable("unpack_average", signs, scales, out):
         return cuda.unpack_average(signs.contiguous(), scales.contiguous(), blocks.offsets, out)
     listed = list(blocks.blocks)
     decode(signs[0], scales[0], listed, out)

@@ -26,6 +26,7 @@ import math
 import torch
 
 from .._ext import cuda
+from . import dispatch
 from .bits import bytes_as, pack_signs, unpack_signs
 
 KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd")
@@ -122,7 +123,7 @@ class Codec:
     def encode_ef(self, p: torch.Tensor, e: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
         """Error-compensated: compress ``v = p + e`` and leave ``e = v - q`` (in place). Top-k
         and SignTopK of CUDA tensors run as one kernel when the extension is loaded."""
-        if self.kind in _FUSED and cuda.usable("topk_ef", p, e):
+        if self.kind in _FUSED and dispatch.usable("topk_ef", p, e):
             top, kept = cuda.topk_ef(p, e, self.k, sign=self.kind == "signtopk")
             fields = {"idx": top.to(torch.int32), "values": kept}
             if self.kind == "signtopk":

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from . import reference
+
 Check = Callable[[Any, torch.device, torch.Generator], None]
 
 
@@ -31,35 +33,33 @@ def _blocks(n: int, longest: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def _sign(kernels: Any, device: torch.device, g: torch.Generator) -> None:
-    from ..compress import bits, scaled_sign
+def _offsets(blocks: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    return torch.tensor([blocks[0][0]] + [hi for _, hi in blocks], dtype=torch.int64, device=device)
 
+
+def _sign(kernels: Any, device: torch.device, g: torch.Generator) -> None:
     for longest in (40, 5000):  # one-pass and two-pass kernels
         n = longest + 1000 + 13
         p, e = _data(n, device, g), _data(n, device, g)
-        blocks = scaled_sign.BlockSet.of(_blocks(n, longest), device)
+        blocks = _blocks(n, longest)
         e_out = torch.full_like(p, float("nan"))
-        packed, scales = kernels.sign_compress_ef(p, e, 0.5, blocks.offsets, e_out, blocks.longest)
+        packed, scales = kernels.sign_compress_ef(p, e, 0.5, _offsets(blocks, device), e_out, longest)
         v = p + 0.5 * e
-        want = scaled_sign.block_scales(v, list(blocks.blocks))
-        _same(packed, bits.pack_signs(v), "signs")
-        _close(scales, want, "scales")
-        decoded = scaled_sign.decode(packed, scales, list(blocks.blocks), torch.empty_like(v))
-        _close(e_out, v - decoded, "error")
+        _same(packed, reference.pack_signs(v), "signs")
+        _close(scales, reference.block_scales(v, blocks), "scales")
+        _close(e_out, v - reference.decode(packed, scales, blocks, torch.empty_like(v)), "error")
 
 
 def _average(kernels: Any, device: torch.device, g: torch.Generator) -> None:
-    from ..compress import bits, scaled_sign
-
     n, rows = 1013, 3
-    blocks = scaled_sign.BlockSet.of(_blocks(n, 500), device)
-    signs = torch.stack([bits.pack_signs(_data(n, device, g)) for _ in range(rows)])
-    scales = torch.rand(rows, len(blocks.blocks) + 2, generator=g).to(device)
+    blocks = _blocks(n, 500)
+    signs = torch.stack([reference.pack_signs(_data(n, device, g)) for _ in range(rows)])
+    scales = torch.rand(rows, len(blocks) + 2, generator=g).to(device)
     out = torch.full((n,), float("nan"), device=device)
-    kernels.unpack_average(signs, scales, blocks.offsets, out)
+    kernels.unpack_average(signs, scales, _offsets(blocks, device), out)
     want = torch.zeros(n, device=device)
     for i in range(rows):
-        want += scaled_sign.decode(signs[i], scales[i], list(blocks.blocks), torch.empty(n, device=device))
+        want += reference.decode(signs[i], scales[i], blocks, torch.empty(n, device=device))
     _close(out, want / rows, "average")
 
 
