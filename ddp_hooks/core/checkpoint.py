@@ -7,13 +7,34 @@ anything, so a checkpoint that does not fit leaves the state exactly as it was.
 """
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import torch
 
 from .memory import ParameterMemory
+from .model import ModelView
 from .stats import Stats
 
-if TYPE_CHECKING:
-    from .state import HookState
+
+class Checkpointed(Protocol):
+    """What a state offers its checkpoint (:class:`~ddp_hooks.core.HookState` does); its byte
+    counters are handed over by the state itself."""
+
+    step: int
+    memory: ParameterMemory
+
+    def config(self) -> dict[str, Any]: ...
+    def model_view(self) -> ModelView: ...
+    def extra_state(self) -> dict[str, Any]: ...
+    def check_extra(self, extra: Any) -> list[str]: ...
+    def load_extra_state(self, state: dict[str, Any]) -> None: ...
+    def memory_numel(self, slot: str, param: torch.Tensor) -> int | None: ...
+
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def group_rank(self) -> int: ...
+
 
 FORMAT = 3
 #: formats this version reads: 2 lacks the memory manifest (its entries cannot be counted)
@@ -21,7 +42,7 @@ READS = (2, 3)
 KEYS = ("format", "algorithm", "config", "world_size", "rank", "step", "layout", "memory", "stats", "extra")
 
 
-def export(state: "HookState") -> dict[str, Any]:
+def export(state: Checkpointed, stats: Stats) -> dict[str, Any]:
     model = state.model_view()
     memory = state.memory.export(model.names)
     return {
@@ -35,12 +56,12 @@ def export(state: "HookState") -> dict[str, Any]:
         "memory": memory,
         # what ``memory`` holds, so that an entry lost on the way is named, not left at zero
         "manifest": {slot: sorted(tensors) for slot, tensors in memory.items()},
-        "stats": state._stats.state_dict(),
+        "stats": stats.state_dict(),
         "extra": state.extra_state(),
     }
 
 
-def problems(state: "HookState", saved: Any) -> list[str]:
+def problems(state: Checkpointed, saved: Any) -> list[str]:
     """Everything that keeps ``saved`` from being loaded into ``state`` (empty: it fits)."""
     if not isinstance(saved, Mapping):
         return [f"a checkpoint must be a dict, got {type(saved).__name__}"]
@@ -76,11 +97,11 @@ def problems(state: "HookState", saved: Any) -> list[str]:
     return out + state.check_extra(extra)
 
 
-def apply(state: "HookState", saved: Mapping[str, Any]) -> None:
+def apply(state: Checkpointed, saved: Mapping[str, Any], stats: Stats) -> None:
     """Assign a checkpoint that :func:`problems` accepted."""
     state.step = int(saved["step"])
     state.memory.restore(saved["memory"], state.model_view().named)
-    state._stats.load_state_dict(saved["stats"])
+    stats.load_state_dict(saved["stats"])
     state.load_extra_state(saved["extra"])
 
 

@@ -282,7 +282,7 @@ class HookState(Binding):
     def state_dict(self) -> dict[str, Any]:
         """Everything this rank needs to resume exactly: step, memory, counters, RNG states."""
         self._bind()
-        return checkpoint.export(self)
+        return checkpoint.export(self, self._stats)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` of the same algorithm, configuration, world size, rank
@@ -292,5 +292,5 @@ class HookState(Binding):
         problems = checkpoint.problems(self, state)
         if problems:
             raise ValueError(f"cannot load {type(self).__name__} state: " + "; ".join(problems))
-        checkpoint.apply(self, state)
+        checkpoint.apply(self, state, self._stats)
         self._steps_agreed = False
