@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -81,3 +82,17 @@ def comma_choices(parser: Any, flag: str, value: str, allowed: Iterable[str]) ->
 def listing(allowed: Iterable[str]) -> str:
     """The ``--help`` text of a comma-separated choice argument."""
     return "comma-separated, from: " + ", ".join(allowed)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float, what: str) -> None:
+    """Wait for every worker (``timeout`` seconds in all), kill what is left, raise if any failed."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a worker failed {what} (exit codes {[p.returncode for p in procs]})")

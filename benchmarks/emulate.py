@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,20 +164,6 @@ class Topology:
         return subprocess.Popen(["ip", "netns", "exec", self.ns[i], *argv], env=env, **popen)
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float, what: str) -> None:
-    """Wait for every worker (``timeout`` seconds in all), kill what is left, raise if any failed."""
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"a worker failed {what} (exit codes {[p.returncode for p in procs]})")
-
-
 def tag_of(pid: int) -> str:
     """The prefix of every name a process's topology creates (namespaces, links, bridge)."""
     return f"dh{pid % 100000}"
@@ -290,7 +275,7 @@ def run_rate(rate: str, args, hooks: list[str]) -> dict:
         achieved = measure_throughput(topo, megabytes=4 if shaped and "m" in shaped.lower() else 32)
         print(f"  {rate}: measured TCP throughput {achieved / 1e6:,.0f} Mb/s between two workers", flush=True)
         rows = []
-        from benchmarks import step_time
+        from benchmarks import common, step_time
 
         for model in args.models.split(","):
             with tempfile.TemporaryDirectory(prefix="ddph_emulate_") as tmp:
@@ -328,7 +313,7 @@ def run_rate(rate: str, args, hooks: list[str]) -> dict:
                         args.size,
                     ]
                     procs.append(topo.run(i, argv, env))
-                wait_all(procs, args.timeout, f"at {rate}")
+                common.wait_all(procs, args.timeout, f"at {rate}")
                 results = [json.loads(Path(f"{tmp}/r{i}.json").read_text()) for i in range(args.workers)]
             # a shared link carries every worker's bytes: each gets 1/n of it when all send
             per_worker = achieved / args.workers if shared and shaped else achieved

@@ -71,7 +71,7 @@ def worker(args) -> None:
 
 def launch(topo, args, model: str, hooks: list[str]) -> list[dict]:
     """Start ``nodes * workers_per_node`` workers, node ``i`` in namespace ``i``; their results."""
-    from benchmarks.emulate import wait_all
+    from benchmarks.common import wait_all
 
     nodes, per_node = args.nodes, args.workers_per_node
     world = nodes * per_node
