@@ -48,8 +48,10 @@ def _context() -> Any:
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        # the fork server imports torch once; each rank is then a cheap fork of it
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "ddp_hooks"])
+        # the fork server imports torch once; each rank is then a cheap fork of it. DDP's
+        # first construction imports torch._dynamo (hundreds of modules, a second or more of
+        # CPU per rank): preloaded here, once
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "torch.nn.parallel", "ddp_hooks"])
     return _CTX
 
 
