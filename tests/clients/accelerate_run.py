@@ -58,6 +58,8 @@ def main():
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.accumulate)
     results = {name: run(accelerator, name, args.steps) for name in args.hooks.split(",")}
     report(args.out, accelerator.process_index, results)
+    accelerator.wait_for_everyone()  # no rank tears its connections down while another still reads from them
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def main():
     if args.then_resume:
         report["resumed"] = train(args, args.then_resume)
     torch.save(report, os.path.join(args.report, f"rank{dist.get_rank()}.pt"))
+    dist.barrier()  # no rank tears its connections down while another still reads from them
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
