@@ -188,6 +188,12 @@ def test_bad_constructor_arguments_raise_value_error_naming_them():
     assert len(msgs) == 2
     assert all("warmup_steps" in m and "integer in [0, " in m for m in msgs)
 
+    # every algorithm takes the runtime options by keyword, checked in one place
+    for algorithm in (dh.EFSignSGDM, dh.CSER, dh.QsparseLocalSGD, dh.PowerSGD):
+        msgs = value_errors(algorithm, ({"warmup_steps": -1}, {"node_size": 0}))
+        assert "warmup_steps" in msgs[0] and "node_size" in msgs[1], (algorithm, msgs)
+    assert "LAQ takes no warmup_steps" in value_errors(dh.LAQ, ({"warmup_steps": 2},))[0]
+
 
 def test_state_is_built_before_the_process_group_and_binds_at_first_use():
     state = dh.PowerSGD(rank=2, warmup_steps=3)  # no process group yet: fine

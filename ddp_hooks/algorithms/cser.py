@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch.futures import Future
+from typing_extensions import Unpack
 
 from ..comm import chain
 from ..compress import grbs
@@ -32,12 +33,14 @@ from ..core import (
     Bucket,
     Generators,
     HookState,
+    Runtime,
     add_unless,
     as_flag,
     check_choice,
     check_float,
     check_int,
     check_seed,
+    is_set,
     keep_unless,
     nonfinite,
     poison,
@@ -71,10 +74,8 @@ class CSER(LocalSteps, HookState):
             of the model) and all-gather their fixed-size payloads.
         levels: quantization levels for ``qtopk`` / ``qsgd``.
         seed: seed of the generator shared by all ranks (independent of the global RNG).
-        warmup_steps: first steps reduced by an exact fp32 all-reduce.
-        process_group: the group to reduce over (default: the default group).
-        node_size: ranks per node for the node-aware mode (exact inside a node, this
-            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
+        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
+            takes them (:class:`~ddp_hooks.core.HookState`).
     """
 
     def __init__(
@@ -87,9 +88,7 @@ class CSER(LocalSteps, HookState):
         model_compressor: str = "grbs",
         levels: int = 16,
         seed: int = 0,
-        warmup_steps: int = 0,
-        process_group: Any = None,
-        node_size: int | str | None = None,
+        **runtime: Unpack[Runtime],
     ) -> None:
         self.grad_ratio = None if grad_ratio is None else check_float("grad_ratio", grad_ratio, 1.0)
         self.model_ratio = check_float("model_ratio", model_ratio, 1.0)
@@ -98,7 +97,7 @@ class CSER(LocalSteps, HookState):
         self.model_compressor = check_choice("model_compressor", model_compressor, {"grbs", *RESET_CODECS})
         self.levels = check_int("levels", levels, 1, 255)
         self.seed = check_seed("seed", seed)
-        super().__init__(process_group=process_group, warmup_steps=warmup_steps, node_size=node_size)
+        super().__init__(**runtime)
         self._offsets: dict[int, int] | None = None  # each parameter's start in the model order
         self._total = 0
         self._drawn: tuple[int | None, torch.Tensor | None] = (None, None)
@@ -193,7 +192,7 @@ class CSER(LocalSteps, HookState):
         def finish(values: torch.Tensor) -> torch.Tensor:
             with self.time(step, "decompress", buf.device):
                 grbs.scatter(buf, idx, values[:-1])
-                return poison(buf, ~torch.isfinite(values[-1]) | (values[-1] != 0))
+                return poison(buf, is_set(values[-1]))
 
         return chain(self.transport.all_reduce(payload, step), finish)
 
@@ -222,7 +221,7 @@ class CSER(LocalSteps, HookState):
             payload = torch.cat([values, as_flag(nonfinite(values))]).mul_(1.0 / self.world_size)
         self.count_bits(step, 32 * values.numel())
         mean = self.transport.all_reduce(payload, step).wait()
-        bad = ~torch.isfinite(mean[-1]) | (mean[-1] != 0)  # some rank's model is not finite
+        bad = is_set(mean[-1])  # some rank's model is not finite
         with torch.no_grad(), self.time(step, "decompress", params[0].device):
             for (p, sel, current), piece in zip(pieces, mean[:-1].split([s.numel() for _, s, _ in pieces])):
                 with flat_param(p) as flat:

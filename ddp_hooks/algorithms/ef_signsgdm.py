@@ -28,12 +28,15 @@ from typing import Any
 
 import torch
 from torch.futures import Future
+from typing_extensions import Unpack
 
 from ..comm import chain
 from ..compress import scaled_sign as sign
 from ..compress.error_feedback import Momentum, worker_message
 from ..compress.scaled_sign import SignMessage
-from ..core import Bucket, HookState, check_bool, check_choice, check_float, check_int, keep_unless, nonfinite, poison
+from ..core import Bucket, HookState, Runtime
+from ..core.checks import check_bool, check_choice, check_float, check_int
+from ..core.flags import keep_unless, nonfinite, poison
 from ..core.layouts import LayoutCache
 from .ef_shards import ShardPlan, Workspace, assign_owners, param_pieces
 
@@ -62,10 +65,8 @@ class EFSignSGDM(HookState):
         block_size: worker blocks of this many elements within each parameter tensor; ``None``
             (the default) gives one block per parameter tensor.
         topology: ``"sharded"`` or ``"allgather"`` (see the module docstring).
-        warmup_steps: first steps reduced by an exact fp32 all-reduce.
-        process_group: the group to reduce over (default: the default group).
-        node_size: ranks per node for the node-aware mode (exact inside a node, this
-            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
+        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
+            takes them (:class:`~ddp_hooks.core.HookState`).
 
     The learning rate is read from the optimizer it follows (warm-up schedules included); that
     optimizer must not apply momentum itself.
@@ -80,16 +81,14 @@ class EFSignSGDM(HookState):
         nesterov: bool = True,
         block_size: int | None = None,
         topology: str = "sharded",
-        warmup_steps: int = 0,
-        process_group: Any = None,
-        node_size: int | str | None = None,
+        **runtime: Unpack[Runtime],
     ) -> None:
         self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
         self.nesterov = check_bool("nesterov", nesterov)
         self.block_size = None if block_size is None else check_int("block_size", block_size, 1)
         self.topology = check_choice("topology", topology, {"sharded", "allgather"})
         self.stages = 2 if topology == "sharded" else 1
-        super().__init__(process_group=process_group, warmup_steps=warmup_steps, node_size=node_size)
+        super().__init__(**runtime)
         self._plans = LayoutCache(self._build_plan)
         self._how = Momentum(self.momentum, self.nesterov)
         self._lr_prev: dict[int, float] = {}

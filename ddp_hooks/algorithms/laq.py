@@ -1,5 +1,4 @@
-"""LAQ: lazily aggregated quantized gradients (Sun, Chen, Giannakis, Yang, NeurIPS 2019;
-docs/algorithms.md, "LAQ").
+"""LAQ: lazily aggregated quantized gradients (Sun, Chen, Giannakis, Yang, NeurIPS 2019).
 
 Worker ``m`` quantizes the innovation of its gradient against the last gradient it uploaded
 and uploads it only when the innovation is large compared with the recent model movement::
@@ -35,10 +34,11 @@ from typing import Any
 
 import torch
 from torch.futures import Future
+from typing_extensions import Unpack
 
 from ..comm import done
 from ..compress.laq import Quantized, UploadMessage, apply_codes, grid_radius, quantize_step
-from ..core import Bucket, Held, HookState, check_bool, check_choice, check_float, check_int, nonfinite
+from ..core import Bucket, Held, HookState, Runtime, check_bool, check_choice, check_float, check_int, is_set, nonfinite
 from .laq_state import LAQMemory, write_mean
 
 
@@ -73,9 +73,8 @@ class LAQ(HookState):
     The defaults (SLAQ's rule, a short ``t_bar``) train on a DDP script's minibatch gradients;
     :meth:`paper` is the paper's full-gradient LAQ.
         wire: ``"uploads"`` or ``"dense"`` (see the module docstring).
-        process_group: the group to reduce over (default: the default group).
-        node_size: ranks per node for the node-aware mode (exact inside a node, this
-            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
+        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
+            takes them (:class:`~ddp_hooks.core.HookState`).
 
     The optimizer must be ``torch.optim.SGD`` with one learning rate: the rule compares the
     gradient's innovation with the model's movement divided by the learning rate, which is
@@ -96,8 +95,7 @@ class LAQ(HookState):
         error_weight: float = 1.5,
         threshold_offset: float = 0.2,
         wire: str = "uploads",
-        process_group: Any = None,
-        node_size: int | str | None = None,
+        **runtime: Unpack[Runtime],
     ) -> None:
         self.bits = check_int("bits", bits, 1, 8)
         self.memory_depth = check_int("memory_depth", memory_depth, 1, 10_000)
@@ -108,7 +106,9 @@ class LAQ(HookState):
         self.error_weight = check_float("error_weight", error_weight, 0.0)
         self.threshold_offset = check_float("threshold_offset", threshold_offset, 0.0)
         self.wire = check_choice("wire", wire, {"dense", "uploads"})
-        super().__init__(process_group=process_group, node_size=node_size)
+        if runtime.get("warmup_steps"):
+            raise ValueError(f"LAQ takes no warmup_steps, got {runtime['warmup_steps']!r}: its rule starts at step 0")
+        super().__init__(**runtime)
         self.rule = LAQMemory(self.memory_depth, self.max_staleness)
         self._params: list[torch.Tensor] | None = None
 
@@ -162,7 +162,7 @@ class LAQ(HookState):
         if self._params is not None:
             step = max(0, self.step - 1)
             theta_prev = self.memory.flat("theta_prev", self._params)
-            self.rule.record_change(self._params, theta_prev, lambda change: self.node_combine(change, step))
+            self.rule.record_change(self._params, theta_prev, lambda change: self.combine(change, step))
 
     # ---- the hook -----------------------------------------------------------------------------
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
@@ -188,7 +188,7 @@ class LAQ(HookState):
         with self.time(step, "compress", q_ref.device):
             d = self._decide(ws, q_ref, params, step)
         flags = self.transport.all_gather(torch.stack([d.upload, d.bad]).to(torch.uint8), step).wait()
-        any_bad = flags[:, 1].bool().any()
+        any_bad = is_set(flags[:, 1])
         if self.wire == "dense":
             send = torch.where(d.upload & ~d.bad, ws["innovation"], torch.zeros_like(ws["innovation"]))
             received = self.transport.all_reduce(send, step).wait().masked_fill_(any_bad, 0.0)
@@ -207,11 +207,11 @@ class LAQ(HookState):
     def _decide(
         self, ws: dict[str, torch.Tensor], q_ref: torch.Tensor, params: list[torch.Tensor], step: int
     ) -> _Decision:
-        """This worker's round: quantize, then the skip rule. Node-aware, the worker is the
-        node: one grid radius, and the rule's norms and finiteness, over the node's gradient."""
+        """This worker's round: quantize, then the skip rule. Where this rank serves part of
+        the worker: one grid radius, and the rule's norms and finiteness, over its whole gradient."""
         g = ws["g"]
         bad = nonfinite(g)
-        radius = self.node_combine(grid_radius(g, q_ref), step, largest=True) if self.node_aware else None
+        radius = self.combine(grid_radius(g, q_ref), step, largest=True) if self.partial else None
         if self.wire == "uploads" and self.quantize:
             quantized = quantize_step(g, q_ref, self.bits, codes=ws["codes"], radius=radius)
         elif self.quantize:
@@ -228,9 +228,9 @@ class LAQ(HookState):
             if quantized is not None
             else torch.linalg.vector_norm(ws["innovation"], dtype=torch.float64).square()
         )
-        if self.node_aware:
-            node = self.node_combine(torch.stack([error2, innovation2, bad.to(torch.float64)]), step)
-            error2, innovation2, bad = node[0], node[1], node[2] > 0
+        if self.partial:
+            whole = self.combine(torch.stack([error2, innovation2, bad.to(torch.float64)]), step)
+            error2, innovation2, bad = whole[0], whole[1], is_set(whole[2])
         if not self.skip:
             return _Decision(bad, torch.ones((), dtype=torch.bool, device=g.device), error2, quantized)
         lr = self.learning_rates(params)[0] if self.rule.changes else 1.0
@@ -244,7 +244,7 @@ class LAQ(HookState):
         """Only the uploaders' payloads travel: one broadcast per uploader, the same list on
         every rank (it follows from the gathered flags). Returns their sum (None: nobody, or
         some rank not finite)."""
-        if bool(flags[:, 1].any()):
+        if bool(is_set(flags[:, 1])):
             return None
         uploaders = [j for j, f in enumerate(flags[:, 0].tolist()) if f]
         if not uploaders:

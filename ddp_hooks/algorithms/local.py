@@ -14,7 +14,7 @@ class LocalSteps:
     step: int
     local_steps: int = 0
 
-    share_served: Callable[[int], None]  # HookState's
+    publish: Callable[[int], None]  # HookState's
 
     @property
     def sync_every(self) -> int:
@@ -26,7 +26,7 @@ class LocalSteps:
         if self.sync_every and self.local_steps % self.sync_every == 0:
             step = max(0, self.step - 1)
             self.synchronize(step)
-            self.share_served(step)  # node-aware: every rank of a node takes the owners' values
+            self.publish(step)  # every rank serving this worker takes the owners' values
 
     def synchronize(self, step: int) -> None:
         """The algorithm's periodic synchronization, attributed to training step ``step``."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch.futures import Future, collect_all
+from typing_extensions import Unpack
 
 from ..comm import chain
 from ..compress.lowrank import LowRankPlan
@@ -36,12 +37,14 @@ from ..core import (
     Bucket,
     Generators,
     HookState,
+    Runtime,
     as_flag,
     check_bool,
     check_choice,
     check_float,
     check_int,
     check_seed,
+    is_set,
     nonfinite,
     poison,
 )
@@ -85,15 +88,13 @@ class PowerSGD(HookState):
         warm_start: reuse last step's ``Q`` (the paper's choice) instead of a fresh random one.
         error_feedback: keep ``M_w - M^`` and add it to the next gradient.
         min_compression_rate: compress a matrix only if it shrinks by more than this factor.
-        warmup_steps: first steps reduced by an exact fp32 all-reduce (0 is fine).
         seed: seed of the shared generator for ``Q`` (identical on every rank).
         orthogonalization: ``"gram_schmidt"``, ``"cholesky_qr2"``, ``"qr"``, or ``"auto"``:
             ``"qr"`` on the CPU (fastest there in ``benchmarks/powersgd.py``) and
             ``"gram_schmidt"`` on GPUs.
         epsilon: added to column norms so that all-zero matrices give zeros, not NaN.
-        process_group: the group to reduce over (default: the default group).
-        node_size: ranks per node for the node-aware mode (exact inside a node, this
-            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
+        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
+            takes them (:class:`~ddp_hooks.core.HookState`).
     """
 
     stages = 2
@@ -106,12 +107,10 @@ class PowerSGD(HookState):
         warm_start: bool = True,
         error_feedback: bool = True,
         min_compression_rate: float = 2.0,
-        warmup_steps: int = 0,
         seed: int = 0,
         orthogonalization: str = "auto",
         epsilon: float = 1e-8,
-        process_group: Any = None,
-        node_size: int | str | None = None,
+        **runtime: Unpack[Runtime],
     ) -> None:
         self.matrix_rank = check_int("rank", rank, 1, 1024)
         self.warm_start = check_bool("warm_start", warm_start)
@@ -120,7 +119,7 @@ class PowerSGD(HookState):
         self.seed = check_seed("seed", seed)
         self.orthogonalization = check_choice("orthogonalization", orthogonalization, {"auto", *METHODS})
         self.epsilon = check_float("epsilon", epsilon, 0.0)
-        super().__init__(process_group=process_group, warmup_steps=warmup_steps, node_size=node_size)
+        super().__init__(**runtime)
         self.rng = Generators(self.seed)
         self._layouts = LayoutCache(lambda params: _Layout(params, self.matrix_rank, self.min_compression_rate))
 
@@ -224,7 +223,7 @@ class PowerSGD(HookState):
         layout, buf, grads = r.layout, r.bucket.buffer, r.bucket.grads()
         with self.time(r.step, "decompress", buf.device):
             flag = r.p_flat[-1] if layout.plan.groups or r.exact is None else r.exact[-1]
-            bad = ~torch.isfinite(flag) | (flag != 0)
+            bad = is_set(flag)
             if r.exact is not None:
                 sizes = [grads[i].numel() for i in layout.plan.exact]
                 for i, piece in zip(layout.plan.exact, r.exact[: sum(sizes)].split(sizes)):

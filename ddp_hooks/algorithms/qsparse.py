@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch.futures import Future
+from typing_extensions import Unpack
 
 from ..comm import chain
 from ..compress.sparse import KINDS
@@ -36,6 +37,7 @@ from ..core import (
     Bucket,
     Generators,
     HookState,
+    Runtime,
     add_unless,
     check_bool,
     check_choice,
@@ -65,10 +67,8 @@ class QsparseLocalSGD(LocalSteps, HookState):
             the last synchronization (default False: the paper keeps it).
         seed: seeds the per-worker generator (offset by rank) for randk and stochastic rounding,
             and the generator all ranks share for grbs.
-        warmup_steps: first steps reduced by an exact fp32 all-reduce.
-        process_group: the group to reduce over (default: the default group).
-        node_size: ranks per node for the node-aware mode (exact inside a node, this
-            algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``).
+        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
+            takes them (:class:`~ddp_hooks.core.HookState`).
     """
 
     def __init__(
@@ -80,9 +80,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
         levels: int = 16,
         wipe_memory_on_lr_change: bool = False,
         seed: int = 0,
-        warmup_steps: int = 0,
-        process_group: Any = None,
-        node_size: int | str | None = None,
+        **runtime: Unpack[Runtime],
     ) -> None:
         self.compressor = check_choice("compressor", compressor, set(KINDS))
         if isinstance(k, float) and k < 1:
@@ -93,7 +91,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
         self.levels = check_int("levels", levels, 1, 255)
         self.wipe_memory_on_lr_change = check_bool("wipe_memory_on_lr_change", wipe_memory_on_lr_change)
         self.seed = check_seed("seed", seed)
-        super().__init__(process_group=process_group, warmup_steps=warmup_steps, node_size=node_size)
+        super().__init__(**runtime)
         self.rng = Generators(self.seed)
         self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
         # fp32 workspaces of a layout (p = g + e or the progress, the decoded mean): none per step

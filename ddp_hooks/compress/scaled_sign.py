@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._ext import cpu, cuda
-from ..core.flags import may_read_host
+from ..core.flags import as_flag, is_set, may_read_host
 from . import dispatch, reference
 from .bits import bytes_as, pack_signs, packed_size, unpack_bits
 
@@ -160,7 +160,7 @@ class SignMessage:
         row[:signs].fill_(255)
         row[: packed.numel()].copy_(packed)
         row[signs : signs + 4 * scales.numel()].copy_(scales.contiguous().view(torch.uint8))
-        row[-4:].copy_(bad.float().reshape(1).view(torch.uint8))
+        row[-4:].copy_(as_flag(bad).view(torch.uint8))
         return row
 
     def signs(self, rows: torch.Tensor) -> torch.Tensor:
@@ -172,4 +172,4 @@ class SignMessage:
 
     def any_bad(self, rows: torch.Tensor) -> torch.Tensor:
         """0-d bool: does any row carry the non-finite flag?"""
-        return bytes_as(rows[..., -4:], torch.float32).sum() > 0
+        return is_set(bytes_as(rows[..., -4:], torch.float32))

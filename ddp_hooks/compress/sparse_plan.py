@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.flags import nonfinite
+from ..core.flags import as_flag, is_set, nonfinite
 from .bits import bytes_as
 from .sparse import Codec
 
@@ -48,7 +48,7 @@ class MessagePlan:
 
     @staticmethod
     def _message(payloads: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        bad = torch.stack([nonfinite(v) for v in inputs]).any().float().view(1)
+        bad = as_flag(torch.stack([nonfinite(v) for v in inputs]).any())
         return torch.cat([*payloads, bad.view(torch.uint8)])
 
     def mean(self, gathered: torch.Tensor, outputs: Sequence[torch.Tensor], local: list[Message]) -> torch.Tensor:
@@ -65,4 +65,4 @@ class MessagePlan:
                 else:
                     out.index_add_(0, idx[j], values[j])  # indices unique within a payload
             out.div_(n)
-        return bytes_as(gathered[:, -4:], torch.float32).sum() > 0
+        return is_set(bytes_as(gathered[:, -4:], torch.float32))

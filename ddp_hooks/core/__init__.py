@@ -1,9 +1,10 @@
 """What every algorithm shares: the state base, memory, flags, checks, stats, checkpoints."""
 
 from .agree import ConfigMismatch
+from .binding import Runtime
 from .bucket import Bucket
 from .checks import check_bool, check_choice, check_float, check_int, check_seed
-from .flags import add_unless, any_set, as_flag, keep_unless, may_read_host, nonfinite, poison, sync_free
+from .flags import add_unless, as_flag, is_set, keep_unless, may_read_host, nonfinite, poison, sync_free
 from .held import Held
 from .memory import ParameterMemory
 from .rng import Generators
@@ -17,9 +18,9 @@ __all__ = [
     "Held",
     "HookState",
     "ParameterMemory",
+    "Runtime",
     "Stats",
     "add_unless",
-    "any_set",
     "as_flag",
     "check_bool",
     "check_choice",
@@ -27,6 +28,7 @@ __all__ = [
     "check_int",
     "check_seed",
     "comm_hook",
+    "is_set",
     "keep_unless",
     "nonfinite",
     "poison",

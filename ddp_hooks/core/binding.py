@@ -2,7 +2,7 @@
 the transport are resolved at ``register()`` or at the first hook call, not at construction
 (Lightning users build states before the workers exist)."""
 
-from typing import Any
+from typing import Any, TypedDict
 
 import torch.distributed as dist
 
@@ -12,6 +12,15 @@ from .agree import agree
 from .model import ModelView
 from .node import NodeAware, NodeSize, resolve_node_size
 from .stats import Stats
+
+
+class Runtime(TypedDict, total=False):
+    """The options every state takes besides its algorithm's (see
+    :class:`~ddp_hooks.core.HookState`): ``process_group``, ``warmup_steps`` and ``node_size``."""
+
+    process_group: dist.ProcessGroup | None
+    warmup_steps: int
+    node_size: NodeSize
 
 
 class Binding:
@@ -91,8 +100,10 @@ class Binding:
         return self._transport
 
     @property
-    def node_aware(self) -> bool:
-        """Whether the node-aware mode is on (known once bound)."""
+    def partial(self) -> bool:
+        """Whether this rank serves only part of its worker: several ranks form one worker of
+        the algorithm, each serving a share of the parameters (the node-aware mode); their
+        :meth:`~ddp_hooks.core.HookState.combine` sums quantities of the whole. Known once bound."""
         self._bind()
         return self._node is not None
 

@@ -39,9 +39,14 @@ def as_flag(bad: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return bad.to(dtype).reshape(1)
 
 
-def any_set(flags: torch.Tensor) -> torch.Tensor:
-    """0-d bool: is any flag set? ``flags`` are summed or gathered flag elements."""
-    return flags.float().sum() > 0
+def is_set(flags: torch.Tensor) -> torch.Tensor:
+    """0-d bool: is any flag set? ``flags``: flag elements as received (gathered, summed or
+    averaged over ranks, of any dtype); an element that is not finite counts as set (a flag
+    that traveled in a scaled payload becomes NaN when the payload was not finite). The one
+    reader of flags."""
+    if flags.is_floating_point():
+        return (~torch.isfinite(flags) | (flags != 0)).any()
+    return (flags != 0).any()
 
 
 def may_read_host(device: torch.device) -> bool:

@@ -16,7 +16,7 @@ from torch.futures import Future
 
 from ..comm import chain
 from ..comm.futures import fail
-from .flags import as_flag, nonfinite, poison
+from .flags import as_flag, is_set, nonfinite, poison
 
 
 @dataclass
@@ -105,7 +105,7 @@ class LocalPhase:
         def decide(held: list[Held]) -> Future[None]:
             def mark(total: torch.Tensor) -> None:
                 for entry in held:
-                    poison(entry.buffer, total[0] > 0)
+                    poison(entry.buffer, is_set(total[0]))
 
             return chain(agree(flag), mark)
 

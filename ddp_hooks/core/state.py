@@ -229,23 +229,26 @@ class HookState(Binding):
             bucket.buffer,
             bucket.params,
             bucket.is_last,
-            lambda flag: self.transport.all_reduce(self.node_combine(flag, step), step),
+            lambda flag: self.transport.all_reduce(self.combine(flag, step), step),
         )
 
     # ---- helpers for algorithms ----------------------------------------------------------------
     def served_params(self) -> list[torch.Tensor]:
-        """The model's parameters the algorithm serves on this rank (node-aware: its share)."""
+        """The model's parameters the algorithm serves on this rank (all of them, or this
+        rank's share where it serves part of its worker: see :attr:`partial`)."""
         params = self.model_view().params
         return self._node.owned(params) if self._node is not None else params
 
-    def node_combine(self, tensor: torch.Tensor, step: int, largest: bool = False) -> torch.Tensor:
-        """Node-aware: the sum (``largest``: maximum) of ``tensor`` over the ranks of the node,
-        for quantities of the node's whole gradient; flat: ``tensor``."""
+    def combine(self, tensor: torch.Tensor, step: int, largest: bool = False) -> torch.Tensor:
+        """The sum (``largest``: maximum) of ``tensor`` over the ranks that serve this worker,
+        for quantities of the worker's whole gradient (see :attr:`partial`); ``tensor`` itself
+        where this rank is the whole worker."""
         return self._node.combine(tensor, step, largest) if self._node is not None else tensor
 
-    def share_served(self, step: int) -> None:
-        """Node-aware: every rank of the node takes the values of the parameters their owners
-        just synchronized; flat: nothing."""
+    def publish(self, step: int) -> None:
+        """After a synchronization of :meth:`served_params`: every rank that serves this
+        worker takes the values the owners of the other parameters just synchronized (nothing
+        where this rank is the whole worker)."""
         if self._node is not None:
             self._node.share(self.model_view().params, step)
 
