@@ -74,8 +74,7 @@ class CSER(LocalSteps, HookState):
             of the model) and all-gather their fixed-size payloads.
         levels: quantization levels for ``qtopk`` / ``qsgd``.
         seed: seed of the generator shared by all ranks (independent of the global RNG).
-        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
-            takes them (:class:`~ddp_hooks.core.HookState`).
+        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
 
     def __init__(

@@ -65,8 +65,7 @@ class EFSignSGDM(HookState):
         block_size: worker blocks of this many elements within each parameter tensor; ``None``
             (the default) gives one block per parameter tensor.
         topology: ``"sharded"`` or ``"allgather"`` (see the module docstring).
-        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
-            takes them (:class:`~ddp_hooks.core.HookState`).
+        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
 
     The learning rate is read from the optimizer it follows (warm-up schedules included); that
     optimizer must not apply momentum itself.

@@ -73,8 +73,7 @@ class LAQ(HookState):
     The defaults (SLAQ's rule, a short ``t_bar``) train on a DDP script's minibatch gradients;
     :meth:`paper` is the paper's full-gradient LAQ.
         wire: ``"uploads"`` or ``"dense"`` (see the module docstring).
-        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
-            takes them (:class:`~ddp_hooks.core.HookState`).
+        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
 
     The optimizer must be ``torch.optim.SGD`` with one learning rate: the rule compares the
     gradient's innovation with the model's movement divided by the learning rate, which is

@@ -93,8 +93,7 @@ class PowerSGD(HookState):
             ``"qr"`` on the CPU (fastest there in ``benchmarks/powersgd.py``) and
             ``"gram_schmidt"`` on GPUs.
         epsilon: added to column norms so that all-zero matrices give zeros, not NaN.
-        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
-            takes them (:class:`~ddp_hooks.core.HookState`).
+        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
 
     stages = 2

@@ -67,8 +67,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
             the last synchronization (default False: the paper keeps it).
         seed: seeds the per-worker generator (offset by rank) for randk and stochastic rounding,
             and the generator all ranks share for grbs.
-        **runtime: ``process_group``, ``warmup_steps`` and ``node_size``, as every state
-            takes them (:class:`~ddp_hooks.core.HookState`).
+        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
 
     def __init__(

@@ -15,8 +15,15 @@ from .stats import Stats
 
 
 class Runtime(TypedDict, total=False):
-    """The options every state takes besides its algorithm's (see
-    :class:`~ddp_hooks.core.HookState`): ``process_group``, ``warmup_steps`` and ``node_size``."""
+    """The options every state takes besides its algorithm's, by keyword:
+
+    * ``process_group``: the group to reduce over (default: the default group, at first use);
+    * ``warmup_steps``: first training steps reduced by an exact fp32 all-reduce, bit-identical
+      to DDP without a hook (default 0);
+    * ``node_size``: ranks per node for the node-aware mode (exact mean inside each node, the
+      algorithm between nodes; ``"auto"``: torchrun's ``LOCAL_WORLD_SIZE``; default None: every
+      rank is a worker).
+    """
 
     process_group: dist.ProcessGroup | None
     warmup_steps: int
