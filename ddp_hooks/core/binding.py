@@ -9,6 +9,7 @@ import torch.distributed as dist
 from .._version import __version__
 from ..comm import Transport, is_alive
 from .agree import agree
+from .carrier import Carrier, Flat
 from .model import ModelView
 from .node import NodeAware, NodeSize, resolve_node_size
 from .stats import Stats
@@ -37,7 +38,7 @@ class Binding:
     _group_arg: dist.ProcessGroup | None
     _group: dist.ProcessGroup | None
     _node_spec: NodeSize
-    _node: NodeAware | None
+    _carrier: Carrier | None
     _stats: Stats
     _agreed: bool
     _model: ModelView | None
@@ -68,7 +69,7 @@ class Binding:
         group = self._group_arg if self._group_arg is not None else dist.group.WORLD
         assert group is not None  # the default group exists once initialized
         size = resolve_node_size(self._node_spec, dist.get_world_size(group), dist.get_rank(group))
-        self._node = NodeAware(group, size) if size is not None else None
+        self._carrier = NodeAware(group, size) if size is not None else Flat()
         self._group = group
         self._stats.world_size = self.world_size
         self.on_bind()
@@ -76,12 +77,11 @@ class Binding:
         return group
 
     def _model_and_group(self) -> None:
-        """Once both the model and the group are known: the node layer's ownership, then the
+        """Once both the model and the group are known: the carrier's ownership, then the
         algorithm's :meth:`on_attach`."""
         if self._on_attach_done or self._model is None or self._group is None:
             return
-        if self._node is not None:
-            self._node.own(self._model.params)
+        self.carrier.own(self._model.params)
         self._on_attach_done = True
         self.on_attach()
 
@@ -99,20 +99,22 @@ class Binding:
             agree(group, fields, type(self).__name__)
             self._agreed = True
         if self._transport is None:
-            if self._node is not None:
-                cross = self._node.make_groups(group, self.stages)
-                self._transport = Transport(cross[0], self._stats, self.stages, side_groups=cross[1:])
-            else:
-                self._transport = Transport(group, self._stats, self.stages)
+            self._transport = self.carrier.connect(group, self.stages, self._stats)
         return self._transport
+
+    @property
+    def carrier(self) -> Carrier:
+        """How this rank's gradient reaches the algorithm (:mod:`.carrier`; known once bound)."""
+        self._bind()
+        assert self._carrier is not None  # set by _bind
+        return self._carrier
 
     @property
     def partial(self) -> bool:
         """Whether this rank serves only part of its worker: several ranks form one worker of
         the algorithm, each serving a share of the parameters (the node-aware mode); their
         :meth:`~ddp_hooks.core.HookState.combine` sums quantities of the whole. Known once bound."""
-        self._bind()
-        return self._node is not None
+        return self.carrier.ranks_per_worker > 1
 
     @property
     def bound(self) -> bool:
@@ -131,14 +133,12 @@ class Binding:
     @property
     def rank(self) -> int:
         """The algorithm's worker index (node-aware: the node)."""
-        group = self._bind()
-        return self._node.node if self._node is not None else dist.get_rank(group)
+        return self.carrier.worker(self._bind())[0]
 
     @property
     def world_size(self) -> int:
         """The algorithm's number of workers (node-aware: of nodes)."""
-        group = self._bind()
-        return self._node.nodes if self._node is not None else dist.get_world_size(group)
+        return self.carrier.worker(self._bind())[1]
 
     @property
     def group_rank(self) -> int:

@@ -95,7 +95,7 @@ class NodeAware:
 
     def __init__(self, group: dist.ProcessGroup, size: int) -> None:
         members = dist.get_process_group_ranks(group)
-        self.size = size
+        self.size = self.ranks_per_worker = size
         self.nodes = len(members) // size
         rank = dist.get_rank(group)
         self.node, self.local = divmod(rank, size)
@@ -105,20 +105,25 @@ class NodeAware:
         self._plans: LayoutCache[_Plan] = LayoutCache(self._build_plan)
         self._transport: Transport | None = None
 
-    def make_groups(self, group: dist.ProcessGroup, inner_stages: int) -> list[dist.ProcessGroup]:
-        """Create the node groups (two stages) and the cross-node groups (``inner_stages``), on
-        every rank in the same order; returns this rank's cross-node groups (the algorithm's)."""
+    def worker(self, group: dist.ProcessGroup) -> tuple[int, int]:
+        """(this rank's node, the number of nodes): a node is the algorithm's worker."""
+        return self.node, self.nodes
+
+    def connect(self, group: dist.ProcessGroup, stages: int, stats: Stats) -> Transport:
+        """Create the node groups (two stages) and the cross-node groups (``stages``), on every
+        rank in the same order; returns the algorithm's transport over this rank's cross-node
+        groups (the ranks of the same local rank, one per node)."""
         size, m = self.size, self._members
         node_blocks = [m[n * size : (n + 1) * size] for n in range(self.nodes)]
         cross_blocks = [m[j::size] for j in range(size)]
         node_groups = partition(group, node_blocks, copies=2)
-        cross = partition(group, cross_blocks, copies=inner_stages)
+        cross = partition(group, cross_blocks, copies=stages)
         self._transport = Transport(node_groups[0], self.stats, 2, side_groups=node_groups[1:])
-        return cross
+        return Transport(cross[0], stats, stages, side_groups=cross[1:])
 
     @property
     def transport(self) -> Transport:
-        assert self._transport is not None, "make_groups() first"
+        assert self._transport is not None, "connect() first"
         return self._transport
 
     # ---- ownership ------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ class NodeAware:
         owners = assign([p.numel() for p in params], self.size)
         self._owner = {id(p): j for p, j in zip(params, owners)}
 
-    def owned(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def served(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The parameters among ``params`` that this local rank owns, in their order."""
         return [p for p in params if self._owner[id(p)] == self.local]
 
@@ -183,12 +188,17 @@ class NodeAware:
         return _Plan([self._owner[id(p)] for p in params], params, self.size, self.local)
 
     # ---- helpers for algorithms ---------------------------------------------------------------
+    def report(self, step: int) -> dict[str, Any]:
+        """The node size and the intra-node bytes, for ``stats()``."""
+        intra = self.stats.summary(step)
+        return {"node_size": self.size, "intra_node": {k: intra[k] for k in ("last_step", "total")}}
+
     def combine(self, tensor: torch.Tensor, step: int, largest: bool = False) -> torch.Tensor:
         """Sum (or maximum) of ``tensor`` over the node's ranks, in place."""
         result: torch.Tensor = self.transport.all_reduce(tensor, step, largest=largest).wait()
         return result
 
-    def share(self, params: list[torch.Tensor], step: int) -> None:
+    def publish(self, params: list[torch.Tensor], step: int) -> None:
         """Every rank of the node takes the owners' values of ``params`` (after a synchronization
         that only the owners took part in)."""
         numels = [p.numel() for p in params]

@@ -22,11 +22,12 @@ from . import checkpoint
 from .agree import agree
 from .binding import Binding
 from .bucket import Bucket
+from .carrier import Carrier
 from .checks import check_int
 from .held import HeldBuckets, LocalPhase
 from .memory import ParameterMemory
 from .model import PYTHON_REDUCER, ModelView, SeenParameters, check_ddp, model_problems
-from .node import NodeAware, NodeSize, check_node_size
+from .node import NodeSize, check_node_size
 from .optimizer import OptimizerLink
 from .stats import Stats
 
@@ -69,7 +70,7 @@ class HookState(Binding):
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0, 2**62)
         self._node_spec = check_node_size(node_size)
-        self._node: NodeAware | None = None
+        self._carrier: Carrier | None = None
         self._on_attach_done = False
         self.step = 0
         self.memory = ParameterMemory()
@@ -90,7 +91,8 @@ class HookState(Binding):
         """The hyper-parameters every rank must share (override; extends the base fields)."""
         fields: dict[str, Any] = {"warmup_steps": self.warmup_steps}
         if self._node_spec is not None:
-            fields["node_size"] = self._node.size if self._node is not None else self._node_spec
+            per = self._carrier.ranks_per_worker if self._carrier is not None else 1
+            fields["node_size"] = per if per > 1 else self._node_spec
         return fields
 
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
@@ -189,7 +191,7 @@ class HookState(Binding):
         view = Bucket.of(bucket)
         step = self.step
         if self._model is None:
-            if self._node is not None:
+            if self.partial:
                 raise RuntimeError("node_size needs the model: use state.register(ddp) or call state.attach(ddp)")
             self._seen.check(view.params, step)
             self._link.discover()
@@ -204,9 +206,7 @@ class HookState(Binding):
         return self._reduce_routed(view, step)
 
     def _reduce_routed(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
-        if self._node is not None:
-            return self._node.reduce(bucket, step, self._reduce_counted, self.needs_last_bucket())
-        return self._reduce_counted(bucket, step)
+        return self.carrier.reduce(bucket, step, self._reduce_counted, self.needs_last_bucket())
 
     def _reduce_counted(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         self._stats.elements(step, bucket.buffer.numel())
@@ -237,20 +237,19 @@ class HookState(Binding):
         """The model's parameters the algorithm serves on this rank (all of them, or this
         rank's share where it serves part of its worker: see :attr:`partial`)."""
         params = self.model_view().params
-        return self._node.owned(params) if self._node is not None else params
+        return self.carrier.served(params)
 
     def combine(self, tensor: torch.Tensor, step: int, largest: bool = False) -> torch.Tensor:
         """The sum (``largest``: maximum) of ``tensor`` over the ranks that serve this worker,
         for quantities of the worker's whole gradient (see :attr:`partial`); ``tensor`` itself
         where this rank is the whole worker."""
-        return self._node.combine(tensor, step, largest) if self._node is not None else tensor
+        return self.carrier.combine(tensor, step, largest)
 
     def publish(self, step: int) -> None:
         """After a synchronization of :meth:`served_params`: every rank that serves this
         worker takes the values the owners of the other parameters just synchronized (nothing
         where this rank is the whole worker)."""
-        if self._node is not None:
-            self._node.share(self.model_view().params, step)
+        self.carrier.publish(self.model_view().params, step)
 
     def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
         """The current learning rate of each parameter, read from the followed optimizer."""
@@ -276,10 +275,8 @@ class HookState(Binding):
         """Bytes, paper bits, ratio to fp32 all-reduce and codec time: last step and total."""
         out = self._stats.summary(self.step)
         out["algorithm"] = type(self).__name__
-        if self._node is not None:
-            intra = self._node.stats.summary(self.step)
-            out["node_size"] = self._node.size
-            out["intra_node"] = {k: intra[k] for k in ("last_step", "total")}
+        if self._carrier is not None:
+            out.update(self._carrier.report(self.step))
         return out
 
     def state_dict(self) -> dict[str, Any]:
