@@ -82,6 +82,9 @@ def _worker(spec: _Spec, rank: int, results: Any) -> None:
     import torch.distributed as dist
     from torch._C._distributed_c10d import FileStore
 
+    # on SIGUSR1 (sent by the parent when the world times out) write where each thread is
+    stacks = open(_stack_file(spec, rank), "w")  # noqa: SIM115 - open until the process ends
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
@@ -96,9 +99,6 @@ def _worker(spec: _Spec, rank: int, results: Any) -> None:
     except BaseException:  # noqa: BLE001 - reported to the parent, which starts a new world
         results.put((rank, "init", traceback.format_exc()))
         return
-    # on SIGUSR1 (sent by the parent when the world times out) write where each thread is
-    stacks = open(_stack_file(spec, rank), "w")  # noqa: SIM115 - open until the process ends
-    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         from .core.flags import sync_free
 
@@ -221,7 +221,9 @@ class _World:
                 for r in missing:
                     if self.procs[r].is_alive() and self.procs[r].pid is not None:
                         os.kill(self.procs[r].pid, signal.SIGUSR1)
-                time.sleep(1.0)
+                wait_until = time.monotonic() + 5.0  # a busy machine may take a moment to write them
+                while time.monotonic() < wait_until and not all(self._stacks(r) for r in missing):
+                    time.sleep(0.1)
                 raise WorldError(
                     f"world of {self.size} timed out after {self.timeout:.0f}s; ranks {missing} did not finish"
                     + "".join(self._stacks(r) for r in missing)
