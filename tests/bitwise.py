@@ -9,6 +9,8 @@ it.
 
 import hashlib
 import json
+import platform
+import re
 import sys
 from pathlib import Path
 
@@ -24,13 +26,23 @@ MODES = {"flat": None, "node": 2}
 
 
 def key() -> str:
-    """What the bits depend on besides the library: torch's version, the CPU's vector
-    instructions torch uses, and whether the fused C loops are built."""
+    """What the bits depend on besides the library: torch's version, the CPU (its model and
+    the vector instructions torch uses; math libraries pick kernels by both) and whether the
+    fused C loops are built."""
     from ddp_hooks._ext import cpu
 
     major, minor = torch.__version__.split(".")[:2]
     native = "native" if cpu.available() else "torch"
-    return f"torch{major}.{minor}-{torch.backends.cpu.get_cpu_capability()}-{native}"
+    return f"torch{major}.{minor}-{_cpu_model()}-{torch.backends.cpu.get_cpu_capability()}-{native}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1] for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.strip()).strip("_") or platform.machine()
 
 
 def fixture() -> Path:
