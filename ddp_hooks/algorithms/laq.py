@@ -81,6 +81,7 @@ class LAQ(HookState):
     """
 
     memory_slots = ("q_ref", "aggregate", "theta_prev")
+    warmup = False  # the skip rule and the quantization references start at step 0
 
     def __init__(
         self,
@@ -105,8 +106,6 @@ class LAQ(HookState):
         self.error_weight = check_float("error_weight", error_weight, 0.0)
         self.threshold_offset = check_float("threshold_offset", threshold_offset, 0.0)
         self.wire = check_choice("wire", wire, {"dense", "uploads"})
-        if runtime.get("warmup_steps"):
-            raise ValueError(f"LAQ takes no warmup_steps, got {runtime['warmup_steps']!r}: its rule starts at step 0")
         super().__init__(**runtime)
         self.rule = LAQMemory(self.memory_depth, self.max_staleness)
         self._params: list[torch.Tensor] | None = None

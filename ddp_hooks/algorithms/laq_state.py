@@ -89,7 +89,7 @@ class LAQMemory:
         combine: Callable[[torch.Tensor], torch.Tensor] = lambda change: change,
     ) -> None:
         """``||theta_new - theta_prev||^2`` into the history, and ``theta_prev = theta_new``;
-        ``combine`` sums the parts of a model served by several ranks (several ranks serving one worker)."""
+        ``combine`` sums the parts of a model that several ranks serve."""
         s = self._scalars(theta_prev.device)
         s["changes"] = torch.roll(s["changes"], 1)
         s["changes"][0] = combine(model_change(params, theta_prev))

@@ -34,7 +34,7 @@ def _blocks(n: int, longest: int) -> list[tuple[int, int]]:
 
 
 def _offsets(blocks: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
-    return torch.tensor([blocks[0][0]] + [hi for _, hi in blocks], dtype=torch.int64, device=device)
+    return torch.tensor(reference.bounds(blocks), dtype=torch.int64, device=device)
 
 
 def _sign(kernels: Any, device: torch.device, g: torch.Generator) -> None:

@@ -131,9 +131,7 @@ def model_change(params: list[torch.Tensor], previous: torch.Tensor) -> torch.Te
     """``||theta - previous||^2`` (0-d float64) for the flat ``previous`` copy of ``params``,
     then ``previous = theta``: one pass per parameter."""
     pieces = previous.split([p.numel() for p in params])
-    if all(p.dtype == torch.float32 and dispatch.usable("sqdiff_copy", p) for p in params) and dispatch.usable(
-        "sqdiff_copy", previous
-    ):
+    if all(p.dtype == torch.float32 for p in params) and dispatch.usable("sqdiff_copy", previous, *params):
         total = sum(cpu.sqdiff_copy(p.detach().reshape(-1), piece) for p, piece in zip(params, pieces))
         return torch.tensor(float(total), dtype=torch.float64)
     change = torch.zeros((), dtype=torch.float64, device=previous.device)

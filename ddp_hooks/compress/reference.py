@@ -53,6 +53,11 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return words.view(torch.uint8).view(*packed.shape[:-1], -1)[..., :n] != 0
 
 
+def bounds(blocks: Blocks) -> list[int]:
+    """Contiguous blocks ``[(lo, hi), ...]`` as their ``len + 1`` bounds (``[0, 0]`` for none)."""
+    return [blocks[0][0]] + [hi for _, hi in blocks] if blocks else [0, 0]
+
+
 def block_scales(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """``||x_b||_1 / d_b`` per block (float32, accumulated in float64)."""
     magnitude = x.abs()

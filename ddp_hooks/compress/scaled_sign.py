@@ -55,9 +55,8 @@ class BlockSet:
 
     @classmethod
     def of(cls, blocks: Blocks, device: torch.device) -> "BlockSet":
-        bounds = [blocks[0][0]] + [hi for _, hi in blocks] if blocks else [0, 0]
         longest = max((hi - lo for lo, hi in blocks), default=0)
-        offsets = torch.tensor(bounds, dtype=torch.int64).to(device, non_blocking=True)  # no sync
+        offsets = torch.tensor(reference.bounds(blocks), dtype=torch.int64).to(device, non_blocking=True)  # no sync
         return cls(tuple(blocks), offsets, longest)
 
 

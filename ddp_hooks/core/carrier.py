@@ -15,6 +15,7 @@ synchronization of the parameters it serves, hands their values to the other ran
 worker with ``publish``.
 """
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -25,14 +26,17 @@ from ..comm import Transport
 from .bucket import Bucket
 from .stats import Stats
 
-Reduce = Any  # Callable[[Bucket, int], Future[torch.Tensor]]
+#: the algorithm's reduction of a bucket at a step
+Reduce = Callable[[Bucket, int], Future[torch.Tensor]]
 
 
 class Carrier(Protocol):
     """What the runtime asks of a carrier (see the module docstring)."""
 
-    #: ranks that form one worker (1: every rank is a worker)
-    ranks_per_worker: int
+    @property
+    def ranks_per_worker(self) -> int:
+        """Ranks that form one worker (1: every rank is a worker)."""
+        ...
 
     def worker(self, group: dist.ProcessGroup) -> tuple[int, int]:
         """(this rank's worker index, the number of workers)."""
@@ -83,8 +87,7 @@ class Flat:
         return Transport(group, stats, stages)
 
     def reduce(self, bucket: Bucket, step: int, inner: Reduce, needs_last: bool) -> Future[torch.Tensor]:
-        result: Future[torch.Tensor] = inner(bucket, step)
-        return result
+        return inner(bucket, step)
 
     def served(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         return params

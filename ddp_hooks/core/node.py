@@ -25,7 +25,6 @@ are counted apart from the algorithm's (inter-node) bytes.
 """
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,12 +33,12 @@ from torch.futures import Future
 
 from ..comm import Transport, chain, done, partition
 from .bucket import Bucket
+from .carrier import Reduce
 from .flags import as_flag, is_set, nonfinite, poison
 from .layouts import LayoutCache
 from .stats import Stats
 
 NodeSize = int | str | None
-Reduce = Callable[[Bucket, int], Future[torch.Tensor]]
 
 
 def check_node_size(value: Any) -> NodeSize:
@@ -95,7 +94,7 @@ class NodeAware:
 
     def __init__(self, group: dist.ProcessGroup, size: int) -> None:
         members = dist.get_process_group_ranks(group)
-        self.size = self.ranks_per_worker = size
+        self.size = size
         self.nodes = len(members) // size
         rank = dist.get_rank(group)
         self.node, self.local = divmod(rank, size)
@@ -104,6 +103,10 @@ class NodeAware:
         self._owner: dict[int, int] = {}
         self._plans: LayoutCache[_Plan] = LayoutCache(self._build_plan)
         self._transport: Transport | None = None
+
+    @property
+    def ranks_per_worker(self) -> int:
+        return self.size
 
     def worker(self, group: dist.ProcessGroup) -> tuple[int, int]:
         """(this rank's node, the number of nodes): a node is the algorithm's worker."""

@@ -60,6 +60,8 @@ class HookState(Binding):
     memory_slots: tuple[str, ...] = ()
     #: whether the algorithm reduces sparse gradients (``nn.Embedding(sparse=True)``)
     sparse_gradients: bool = False
+    #: whether the algorithm can start after exact warm-up steps (``warmup_steps``)
+    warmup: bool = True
 
     def __init__(
         self,
@@ -69,6 +71,8 @@ class HookState(Binding):
         node_size: NodeSize = None,
     ) -> None:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0, 2**62)
+        if self.warmup_steps and not self.warmup:
+            raise ValueError(f"{type(self).__name__} takes no warmup_steps, got {warmup_steps}")
         self._node_spec = check_node_size(node_size)
         self._carrier: Carrier | None = None
         self._on_attach_done = False
@@ -90,7 +94,7 @@ class HookState(Binding):
     def config(self) -> dict[str, Any]:
         """The hyper-parameters every rank must share (override; extends the base fields)."""
         fields: dict[str, Any] = {"warmup_steps": self.warmup_steps}
-        if self._node_spec is not None:
+        if self._node_spec is not None:  # the resolved size once a worker has several ranks
             per = self._carrier.ranks_per_worker if self._carrier is not None else 1
             fields["node_size"] = per if per > 1 else self._node_spec
         return fields
@@ -109,9 +113,6 @@ class HookState(Binding):
 
     def after_step(self) -> None:
         """The algorithm's work after each step of the optimizer it follows (override)."""
-
-    def on_attach(self) -> None:
-        """Called once the model is known, before the first step (override)."""
 
     def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
         """Size of ``param``'s piece in ``slot``; None: no such slot (checkpoint validation)."""
