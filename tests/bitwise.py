@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import train_steps  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 STEPS = 6
@@ -49,22 +52,27 @@ def fixture() -> Path:
     return FIXTURES / f"bitwise-{key()}.json"
 
 
+def make_ddp() -> tuple[nn.Module, DDP]:
+    """The reference model (seeded) and its DDP wrapper with several buckets."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
+    return model, DDP(model, bucket_cap_mb=0.001)
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
 def _train(name: str, node_size: int | None, rank: int, world: int) -> dict:
     from ddp_hooks import catalog
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
-    ddp = DDP(model, bucket_cap_mb=0.001)  # several buckets
+    model, ddp = make_ddp()
     setup = catalog.PATHS[name].build(ddp, 0.1, node_size=node_size)
     g = torch.Generator().manual_seed(100 + rank)
-    for _ in range(STEPS):
-        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)
-        setup.optimizer.zero_grad()
-        F.cross_entropy(ddp(x), y).backward()
-        setup.optimizer.step()
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    data = [(torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(STEPS)]
+    train_steps(ddp, setup.optimizer, data)
     return {
-        "params": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+        "params": hashlib.sha256(flat_params(model).numpy().tobytes()).hexdigest(),
         "sent_bytes": setup.state.stats()["total"]["sent_bytes"],
     }
 
@@ -88,7 +96,6 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     FIXTURES.mkdir(exist_ok=True)
     fixture().write_text(json.dumps({"key": key(), "ranks": run()}, indent=1, sort_keys=True) + "\n")
     print(f"recorded {fixture()}")

@@ -3,22 +3,22 @@
 ``python tests/old_checkpoints.py`` (run with the earlier version importable first, e.g.
 ``PYTHONPATH=<its checkout>``) trains every hook of the catalog 4 steps on 2 ranks, saves the
 model, optimizer and hook state, trains 4 more steps and records each rank's checkpoint and
-final parameters in ``tests/fixtures/`` (per torch version, CPU capability and build, as
+final parameters in ``tests/fixtures/`` (per torch version, CPU and build, as
 ``bitwise.py``). ``test_old_checkpoints.py`` loads each checkpoint into a fresh state of this
 version and checks that the run ends on the recorded parameters, bit for bit.
 """
 
+import copy
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bitwise import FIXTURES, key  # noqa: E402
+from bitwise import FIXTURES, flat_params, key, make_ddp  # noqa: E402
+
+from models import train_steps  # noqa: E402
 
 SPLIT, STEPS = 4, 8
 
@@ -30,23 +30,17 @@ def fixture() -> Path:
 def _setup(name: str):
     from ddp_hooks import catalog
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
-    ddp = DDP(model, bucket_cap_mb=0.001)
+    model, ddp = make_ddp()
     return model, ddp, catalog.ENTRIES[name].build(ddp, 0.1)
 
 
 def _train(ddp, setup, rank: int, steps: range) -> None:
+    """Steps ``steps`` of this rank's data (step ``t`` drawn from its own seed)."""
+    data = []
     for t in steps:
         g = torch.Generator().manual_seed(1000 * rank + t)
-        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)
-        setup.optimizer.zero_grad()
-        F.cross_entropy(ddp(x), y).backward()
-        setup.optimizer.step()
-
-
-def _params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        data.append((torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)))
+    train_steps(ddp, setup.optimizer, data)
 
 
 def record(rank: int, world: int) -> dict:
@@ -57,14 +51,11 @@ def record(rank: int, world: int) -> dict:
     for name in catalog.ENTRIES:
         model, ddp, setup = _setup(name)
         _train(ddp, setup, rank, range(SPLIT))
-        saved = {
-            "model": {k: v.clone() for k, v in model.state_dict().items()},
-            "optimizer": setup.optimizer.state_dict(),
-            "hook": setup.state.state_dict(),
-        }
-        saved = torch.load(_roundtrip(saved), weights_only=False)  # detached from live tensors
+        saved = copy.deepcopy(
+            {"model": model.state_dict(), "optimizer": setup.optimizer.state_dict(), "hook": setup.state.state_dict()}
+        )
         _train(ddp, setup, rank, range(SPLIT, STEPS))
-        out[name] = {"saved": saved, "final": _params(model)}
+        out[name] = {"saved": saved, "final": flat_params(model)}
     return out
 
 
@@ -82,17 +73,8 @@ def resume(rank: int, world: int, path: str) -> dict:
             out[name] = f"refused: {exc}"
             continue
         _train(ddp, setup, rank, range(SPLIT, STEPS))
-        out[name] = "same" if torch.equal(_params(model), entry["final"]) else "differs"
+        out[name] = "same" if torch.equal(flat_params(model), entry["final"]) else "differs"
     return out
-
-
-def _roundtrip(obj):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
 
 
 if __name__ == "__main__":

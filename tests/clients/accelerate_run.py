@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ddp_hooks import catalog
 
-from common import accuracy, load_digits, make_model, report  # noqa: I001
+from common import accuracy, leave, load_digits, make_model, report  # noqa: I001
 
 
 def run(accelerator, name, steps):
@@ -58,8 +58,7 @@ def main():
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.accumulate)
     results = {name: run(accelerator, name, args.steps) for name in args.hooks.split(",")}
     report(args.out, accelerator.process_index, results)
-    accelerator.wait_for_everyone()  # no rank tears its connections down while another still reads from them
-    torch.distributed.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

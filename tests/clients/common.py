@@ -28,6 +28,15 @@ def accuracy(model: nn.Module) -> float:
         return (model(x_test).argmax(1) == y_test).float().mean().item()
 
 
+def leave() -> None:
+    """Every rank meets, then the group goes: a rank that exits first can abort a peer still
+    reading from it (SIGABRT)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def report(out_dir: str, rank: int, result: dict) -> None:
     """Write this rank's result where the test reads it."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)

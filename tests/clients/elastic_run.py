@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_hooks import catalog, elastic
 
-from common import local_batches, make_model  # noqa: I001
+from common import leave, local_batches, make_model  # noqa: I001
 
 STEPS, EVERY, KILL_AT = 14, 4, 10
 
@@ -73,8 +73,7 @@ def main():
     for name, run in runs.items():
         result = {"params": [p.detach().clone() for p in run.model.parameters()], "attempt": attempt}
         elastic.save({**result, "resumed_from": run.start}, out / f"{name}_rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

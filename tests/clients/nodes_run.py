@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_hooks import catalog
 
-from common import accuracy, local_batches, make_model, report  # noqa: I001
+from common import accuracy, leave, local_batches, make_model, report  # noqa: I001
 
 
 def train(name: str, node_size, steps: int) -> dict:
@@ -55,8 +55,7 @@ def main() -> None:
             runs[f"{name}/{mode}"] = train(name, node_size, args.steps)
     info = {k: int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
     report(args.out, dist.get_rank(), {**info, "world": dist.get_world_size(), "runs": runs})
-    dist.barrier()  # no rank tears its connections down while another still reads from them
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_hooks import catalog
 
-from common import accuracy, local_batches, make_model, report  # noqa: I001
+from common import accuracy, leave, local_batches, make_model, report  # noqa: I001
 
 
 def main():
@@ -46,8 +46,7 @@ def main():
             "world": world,
         },
     )
-    dist.barrier()  # no rank tears its connections down while another still reads from them
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

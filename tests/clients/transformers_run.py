@@ -17,6 +17,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from ddp_hooks import catalog
 from ddp_hooks.transformers import attach
 
+from common import leave  # noqa: I001
+
 
 class _Tokens(torch.utils.data.Dataset):
     """Sequences of a small repeating language: each token follows from the one before."""
@@ -97,8 +99,7 @@ def main():
     if args.then_resume:
         report["resumed"] = train(args, args.then_resume)
     torch.save(report, os.path.join(args.report, f"rank{dist.get_rank()}.pt"))
-    dist.barrier()  # no rank tears its connections down while another still reads from them
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":
