@@ -7,6 +7,7 @@ environment (NCCL with GPUs, else gloo); otherwise ``workers`` local processes a
 """
 
 import atexit
+import gc
 import os
 
 import torch
@@ -32,10 +33,15 @@ def device() -> torch.device:
 
 def _teardown() -> None:
     """At exit under torchrun: every rank meets before the group goes (a rank exiting first can
-    abort a peer still reading from it: SIGABRT)."""
+    abort a peer still reading from it: SIGABRT). The models and hook states of the finished
+    runs are collected first and the groups' last references after: a process group that is
+    still referenced keeps its gloo threads past ``destroy_process_group``, and threads torn
+    down during interpreter shutdown can abort the process."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def run(fn, workers: int, *args, timeout: float = 3600.0):

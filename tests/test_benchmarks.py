@@ -297,7 +297,7 @@ def test_step_time_under_torchrun_runs_every_model(tmp_path):
     command += ["--hooks", "fp32,ef-sgdm", "--steps", "1", "--warmup", "1", "--batch", "2", "--out", str(tmp_path)]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-12000:])
     saved = json.loads((tmp_path / "step_time_gloo.json").read_text())
     assert {(r["model"], r["hook"]) for r in saved["rows"]} == {
         (m, h) for m in ("resnet18", "gpt") for h in ("fp32", "ef-sgdm")

@@ -30,11 +30,17 @@ def accuracy(model: nn.Module) -> float:
 
 def leave() -> None:
     """Every rank meets, then the group goes: a rank that exits first can abort a peer still
-    reading from it (SIGABRT)."""
+    reading from it (SIGABRT). Garbage is collected before and after, so that no group is
+    left referenced by a cycle: a referenced group keeps its gloo threads past
+    ``destroy_process_group``, into interpreter shutdown."""
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    gc.collect()
 
 
 def report(out_dir: str, rank: int, result: dict) -> None:
