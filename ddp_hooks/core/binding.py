@@ -68,8 +68,9 @@ class Binding:
             )
         group = self._group_arg if self._group_arg is not None else dist.group.WORLD
         assert group is not None  # the default group exists once initialized
-        size = resolve_node_size(self._node_spec, dist.get_world_size(group), dist.get_rank(group))
-        self._carrier = NodeAware(group, size) if size is not None else Flat()
+        if self._carrier is None:  # else set before binding (a sharded model's replicas)
+            size = resolve_node_size(self._node_spec, dist.get_world_size(group), dist.get_rank(group))
+            self._carrier = NodeAware(group, size) if size is not None else Flat()
         self._group = group
         self._stats.world_size = self.world_size
         self.on_bind()

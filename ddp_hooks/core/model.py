@@ -52,11 +52,26 @@ def model_problems(module: torch.nn.Module, sparse_ok: bool) -> list[str]:
 class ModelView:
     """Trainable parameters of a module (a DDP model or its ``module``), in registration order."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        named: dict[str, torch.Tensor] | None = None,
+        handles: dict[int, torch.Tensor] | None = None,
+    ) -> None:
+        """``named``: the tensors the algorithm serves, by name (default: the trainable
+        parameters; a sharded model's local shards); ``handles``: for each of them by id, the
+        parameter the optimizer steps (default: itself)."""
         module = getattr(model, "module", model)
         self._module = weakref.ref(module)
-        self.named: dict[str, torch.Tensor] = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if named is None:
+            named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.named: dict[str, torch.Tensor] = named
         self.names: dict[int, str] = {id(p): n for n, p in self.named.items()}
+        self._handles = handles or {}
+
+    def handle(self, param: torch.Tensor) -> torch.Tensor:
+        """The parameter the optimizer steps for ``param``."""
+        return self._handles.get(id(param), param)
 
     def is_of(self, model: torch.nn.Module) -> bool:
         return self._module() is getattr(model, "module", model)

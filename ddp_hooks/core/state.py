@@ -20,28 +20,21 @@ from torch.futures import Future
 from ..comm import Transport, chain
 from . import checkpoint
 from .agree import agree
-from .binding import Binding
 from .bucket import Bucket
 from .carrier import Carrier
 from .checks import check_int
 from .held import HeldBuckets, LocalPhase
 from .memory import ParameterMemory
-from .model import PYTHON_REDUCER, ModelView, SeenParameters, check_ddp, model_problems
+from .model import PYTHON_REDUCER, ModelView, SeenParameters
 from .node import NodeSize, check_node_size
 from .optimizer import OptimizerLink
+from .registration import Registration, comm_hook
+
+__all__ = ["HookState", "comm_hook"]
 from .stats import Stats
 
 
-def comm_hook(state: "HookState", bucket: GradBucket) -> Future[torch.Tensor]:
-    """The DDP communication hook of every state in this library.
-
-    ``ddp.register_comm_hook(state, ddp_hooks.comm_hook)`` is what :meth:`HookState.register`
-    does (call ``state.attach(ddp)`` too, to checkpoint the state).
-    """
-    return state.run(bucket)
-
-
-class HookState(Binding):
+class HookState(Registration):
     """Shared machinery of a compression hook.
 
     Args:
@@ -130,66 +123,20 @@ class HookState(Binding):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned (override)."""
 
-    # ---- wiring -----------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module) -> "HookState":
-        """Learn the parameters of ``model`` (a DDP model or its module). One state, one model."""
-        if self._model is not None:
-            if self._model.is_of(model):
-                return self
-            raise ValueError("this state is already registered on another model: use one state per DDP model")
-        problems = model_problems(getattr(model, "module", model), self.sparse_gradients)
-        if problems:
-            raise ValueError(f"{type(self).__name__} cannot serve this model: " + "; ".join(problems))
-        self._model = ModelView(model)
-        if not self._model.named:
-            raise ValueError("the model has no trainable parameters")
-        self._model_and_group()
-        return self
-
-    def model_view(self) -> ModelView:
-        if self._model is None:
-            raise RuntimeError(
-                f"{type(self).__name__} does not know the model: use state.register(ddp) or call state.attach(ddp)"
-            )
-        return self._model
-
-    def _param_ids(self) -> set[int]:
-        return set(self._model.names) if self._model is not None else set(self._seen.ids)
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        return self._link.optimizer
-
-    def bind_optimizer(self, optimizer: Any) -> None:
-        """Follow ``optimizer`` (validated first): its learning rates and its steps."""
-        self._link.bind(optimizer)
-
-    def register(self, ddp: Any, optimizer: Any = None) -> "HookState":
-        """Register this state on ``ddp`` in one line; returns the state.
-
-        ``optimizer``: the optimizer that steps ``ddp``'s parameters (found automatically at
-        its first step when omitted)."""
-        check_ddp(ddp)
-        self.attach(ddp)
-        self._ready()
-        if optimizer is not None:
-            self.bind_optimizer(optimizer)
-        else:
-            self._link.discover()
-        ddp.register_comm_hook(self, comm_hook)
-        return self
-
     # ---- the hook -----------------------------------------------------------------------------
     def run(self, bucket: GradBucket) -> Future[torch.Tensor]:
-        """Hook body: count the step, warm up exactly, else hand over to :meth:`reduce`."""
+        """Hook body for a DDP bucket (see :meth:`feed`)."""
         if isinstance(bucket, tuple):
             raise RuntimeError(PYTHON_REDUCER)
+        return self.feed(Bucket.of(bucket))
+
+    def feed(self, view: Bucket) -> Future[torch.Tensor]:
+        """Count the step, warm up exactly, else hand ``view`` over to :meth:`reduce`."""
         self._ready()
         if not self._steps_agreed:  # the first hook after start or after a load
             name = type(self).__name__
             agree(self._bind(), {"step": self.step}, name, f"ranks resumed {name} from different steps")
             self._steps_agreed = True
-        view = Bucket.of(bucket)
         step = self.step
         if self._model is None:
             if self.partial:
@@ -251,17 +198,6 @@ class HookState(Binding):
         worker takes the values the owners of the other parameters just synchronized (nothing
         where this rank is the whole worker)."""
         self.carrier.publish(self.model_view().params, step)
-
-    def learning_rates(self, params: list[torch.Tensor]) -> list[float]:
-        """The current learning rate of each parameter, read from the followed optimizer."""
-        optimizer = self._link.optimizer
-        if optimizer is None:
-            raise RuntimeError(
-                f"{type(self).__name__} reads the learning rate from its optimizer, which it has not seen "
-                "step yet: pass it to register(ddp, optimizer) or call bind_optimizer(optimizer)"
-            )
-        lr_of = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
-        return [lr_of[id(p)] for p in params]
 
     def time(self, step: int, phase: str, device: torch.device) -> Any:
         """Context manager that adds the block's time to ``compress_s`` or ``decompress_s``."""

@@ -1,0 +1,282 @@
+"""FSDP2 and HSDP: the algorithm runs between the replicas of a ``fully_shard`` model.
+
+In HSDP the parameters are sharded inside a group of ranks (the ``"shard"`` dimension of a 2-D
+device mesh: reduce-scatter and all-gather over the fast fabric) and replicated across the
+groups (the ``"replicate"`` dimension: one all-reduce of every gradient shard per step over the
+slow link). When the model is sharded with the 1-D ``mesh["shard"]`` only, FSDP2 reduce-scatters
+inside the shard group and hands each parameter group's flat reduce-scatter output to the hook
+set with ``FSDPModule.set_all_reduce_hook`` (torch 2.7 and later); this module feeds that
+output to the algorithm as one bucket, between the ranks that hold the same shard.
+
+What the algorithm sees:
+
+* the bucket of a parameter group holds the local shards of its parameters, in FSDP's order,
+  without FSDP's padding (a copy when a shard is padded, the output itself otherwise);
+* the parameters are the local shards (``DTensor.to_local()``): per-parameter memory (errors,
+  momenta, warm-start factors) is kept per shard, and a matrix is its row block;
+* the worker index and count are the replica's (:class:`ReplicaGroup`);
+* the last parameter group reduced in a backward pass ends the step.
+
+Whether a group's gradient is finite is agreed inside the shard group first (one flag per
+group per step over the fast fabric): a non-finite shard on any rank makes the group's
+gradient NaN on every rank, so ``GradScaler`` skips the step everywhere.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+from torch.futures import Future
+
+from ..comm import Transport, partition
+from .bucket import Bucket
+from .carrier import Flat
+from .flags import as_flag, is_set, nonfinite, poison
+from .stats import Stats
+
+#: the torch version whose FSDP2 calls an all-reduce hook with the reduce-scatter output
+MIN_TORCH = (2, 7)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+@dataclass
+class ShardGroup:
+    """One FSDP parameter group: its shards and where each lies in the flat reduce output."""
+
+    name: str
+    params: list[torch.Tensor]
+    #: the parameters the optimizer steps (``DTensor``), one per shard
+    handles: list[torch.Tensor]
+    offsets: list[int]
+    #: whether the shards fill the output with no padding (the output is the bucket)
+    dense: bool
+    #: FSDP's parameter group (its ``all_reduce_grads`` says whether this backward exchanges)
+    fsdp_group: Any = None
+
+    def exchanges(self) -> bool:
+        """False on a micro-step (``set_requires_all_reduce(False)``): the shard stays here."""
+        return bool(getattr(self.fsdp_group, "all_reduce_grads", True))
+
+    def fold(self, output: torch.Tensor) -> None:
+        """Add the gradients FSDP accumulated on earlier micro-steps into ``output`` and zero
+        them (FSDP adds the output to them after the hook), so the whole gradient is exchanged."""
+        for at, p, h in zip(self.offsets, self.params, self.handles):
+            if h.grad is not None:
+                local = cast(Any, h.grad)._local_tensor
+                output[at : at + p.numel()] += local.reshape(-1)
+                local.zero_()
+
+    def bucket_of(self, output: torch.Tensor, is_last: bool) -> Bucket:
+        if self.dense:
+            return Bucket(output[: sum(p.numel() for p in self.params)], self.params, is_last)
+        pieces = [output[at : at + p.numel()] for at, p in zip(self.offsets, self.params)]
+        return Bucket(torch.cat(pieces), self.params, is_last)
+
+    def write_back(self, reduced: torch.Tensor, output: torch.Tensor) -> None:
+        if self.dense and reduced.data_ptr() == output.data_ptr():
+            return
+        for at, piece, p in zip(self.offsets, reduced.split([p.numel() for p in self.params]), self.params):
+            output[at : at + p.numel()].copy_(piece)
+
+    def write_grads(self, reduced: torch.Tensor) -> None:
+        """Write a reduction that finished after FSDP took the output into the gradients."""
+        for piece, h in zip(reduced.split([p.numel() for p in self.params]), self.handles):
+            assert h.grad is not None  # FSDP set it after this group's hook
+            cast(Any, h.grad)._local_tensor.view(-1).copy_(piece)
+
+
+@dataclass
+class Shards:
+    """What :func:`shards_of` finds in a ``fully_shard`` model."""
+
+    #: name -> local shard, for every trainable parameter
+    named: dict[str, torch.Tensor]
+    #: id(local shard) -> the parameter the optimizer steps (the ``DTensor``)
+    handles: dict[int, torch.Tensor]
+    #: (FSDP module, its group), in module order
+    groups: list[tuple[Any, ShardGroup]]
+
+
+class Replicas(Flat):
+    """The carrier of a sharded model: every rank is a worker of its replicate group (the ranks
+    that hold the same shard); ``blocks`` lists every replicate group's global ranks, so that
+    the transport's later stages get groups of their own, created on every rank alike."""
+
+    def __init__(self, blocks: list[list[int]]) -> None:
+        self.blocks = blocks
+
+    def connect(self, group: dist.ProcessGroup, stages: int, stats: Stats) -> Transport:
+        side = partition(group, self.blocks, copies=stages - 1) if stages > 1 else []
+        return Transport(group, stats, stages, side_groups=side)
+
+
+def check_mesh(mesh: Any) -> tuple[dist.ProcessGroup, dist.ProcessGroup, list[list[int]]]:
+    """The replicate and shard process groups of a 2-D mesh, and the global ranks of every
+    replicate group; ValueError for anything else."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh):
+        raise ValueError(f"mesh must be a 2-D DeviceMesh ('replicate', 'shard'), got {type(mesh).__name__}")
+    if mesh.ndim != 2:
+        raise ValueError(
+            f"mesh must be 2-D ('replicate', 'shard'), got a {mesh.ndim}-D mesh: with a 1-D mesh over all ranks "
+            "every rank holds a different shard and there is no exchange between replicas to compress"
+        )
+    names = mesh.mesh_dim_names or ("replicate", "shard")
+    if set(names) != {"replicate", "shard"}:
+        raise ValueError(f"mesh dimensions must be named ('replicate', 'shard'), got {names}")
+    ranks = mesh.mesh if names[0] == "replicate" else mesh.mesh.t()
+    blocks = [ranks[:, j].tolist() for j in range(ranks.shape[1])]
+    return mesh["replicate"].get_group(), mesh["shard"].get_group(), blocks
+
+
+def shards_of(model: torch.nn.Module, shard_group: dist.ProcessGroup) -> Shards:
+    """The local shards of ``model``'s trainable parameters and its FSDP parameter groups.
+    ValueError where the model is not sharded with ``fully_shard(..., mesh=mesh["shard"])``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        raise ValueError(f"register_fsdp() takes the root module sharded with fully_shard, got {type(model).__name__}")
+    model._get_fsdp_state()._lazy_init()  # what the first forward does: fixes the shards' storage
+    owner: dict[int, tuple[Any, Any]] = {}  # id(DTensor parameter) -> (FSDP module, FSDPParam)
+    groups: list[tuple[Any, Any]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        found = _param_groups(module)
+        if len(found) > 1:
+            raise ValueError(f"FSDP module {name or '<root>'} has several parameter groups (per-parameter meshes)")
+        for group in found:
+            _check_group(group, name, shard_group)
+            groups.append((module, group))
+            for fp in group.fsdp_params:
+                owner[id(fp.sharded_param)] = (module, fp)
+    named: dict[str, torch.Tensor] = {}
+    handles: dict[int, torch.Tensor] = {}
+    local_of: dict[int, torch.Tensor] = {}  # id(DTensor parameter) -> its local shard
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) not in owner:
+            raise ValueError(f"parameter {name!r} is not sharded by fully_shard: shard every module that holds one")
+        local = cast(Any, p)._local_tensor  # the shard itself (to_local() may return a new alias)
+        named[name], handles[id(local)], local_of[id(p)] = local, p, local
+    return Shards(named, handles, [(m, _layout(m, g, local_of)) for m, g in groups])
+
+
+def _param_groups(module: Any) -> list[Any]:
+    state = module._get_fsdp_state()
+    many = getattr(state, "_fsdp_param_groups", None)
+    if many is not None:
+        return list(many)
+    one = getattr(state, "_fsdp_param_group", None)
+    return [one] if one is not None else []
+
+
+def _check_group(group: Any, name: str, shard_group: dist.ProcessGroup) -> None:
+    where = name or "<root>"
+    if getattr(group, "_is_hsdp", False):
+        raise ValueError(
+            f"FSDP module {where} is sharded with the 2-D mesh (native HSDP all-reduces between the replicas "
+            "itself): shard with fully_shard(..., mesh=mesh['shard'])"
+        )
+    ranks = dist.get_process_group_ranks(group.mesh_info.shard_process_group)
+    if ranks != dist.get_process_group_ranks(shard_group):
+        raise ValueError(f"FSDP module {where} is sharded over ranks {ranks}, not over mesh['shard']")
+
+
+def _layout(module: Any, group: Any, local_of: dict[int, torch.Tensor]) -> ShardGroup:
+    params: list[torch.Tensor] = []
+    handles: list[torch.Tensor] = []
+    offsets: list[int] = []
+    at, dense = 0, True
+    for fp in group.fsdp_params:
+        local = local_of.get(id(fp.sharded_param))
+        padded = fp.padded_sharded_param_size.numel()
+        if local is not None:  # frozen parameters are in the output too, and skipped
+            params.append(local)
+            handles.append(fp.sharded_param)
+            offsets.append(at)
+            dense = dense and local.numel() == padded
+        else:
+            dense = False
+        at += padded
+    return ShardGroup(type(module).__name__, params, handles, offsets, dense, group)
+
+
+class ShardFeed:
+    """The all-reduce hooks of one state: each parameter group's reduce output goes to
+    ``feed`` (the state's bucket entry) as a bucket; the group's last in the backward ends the
+    step. FSDP's hook must leave the output reduced when it returns, so a group's reduction is
+    waited for there, except where the algorithm ``holds`` groups until the step's last (its
+    decision needs the whole gradient): those are written into the gradients at the last.
+
+    Gradient accumulation: on micro-steps with ``set_requires_all_reduce(False)`` the hook
+    leaves the shard to FSDP, which accumulates it; the exchanging backward folds the
+    accumulated gradient into its output, so the replicas exchange the whole of it."""
+
+    def __init__(
+        self,
+        feed: Callable[[Bucket], Future[torch.Tensor]],
+        shard_group: dist.ProcessGroup,
+        holds: Callable[[], bool],
+    ) -> None:
+        self._feed = feed
+        self._shard_group = shard_group
+        self._holds = holds
+        self._groups: list[ShardGroup] = []
+        self._seen: set[int] = set()
+        self._pending: list[tuple[ShardGroup, Future[torch.Tensor]]] = []
+
+    def install(self, groups: list[tuple[Any, ShardGroup]]) -> None:
+        self._groups = [g for _, g in groups if g.params]
+        for module, group in groups:
+            if group.params:
+                module.set_all_reduce_hook(self._hook(group))
+
+    def _hook(self, group: ShardGroup) -> Callable[[torch.Tensor], None]:
+        def hook(output: torch.Tensor) -> None:
+            self.reduce(group, output)
+
+        return hook
+
+    def reduce(self, group: ShardGroup, output: torch.Tensor) -> None:
+        """Reduce one parameter group's output in place (see the class docstring)."""
+        if not group.exchanges():
+            return  # a micro-step: FSDP accumulates the shard into its gradient
+        group.fold(output)
+        is_last = self._count(group)
+        bucket = group.bucket_of(output, is_last)
+        bad = as_flag(nonfinite(bucket.buffer))
+        dist.all_reduce(bad, group=self._shard_group)  # a bad shard anywhere: bad on every rank
+        poison(bucket.buffer, is_set(bad))
+        future = self._feed(bucket)
+        if not is_last and self._holds():
+            self._pending.append((group, future))
+            return
+        group.write_back(future.wait(), output)
+        pending, self._pending = self._pending, []
+        for held, reduced in pending:
+            held.write_grads(reduced.wait())
+
+    def _count(self, group: ShardGroup) -> bool:
+        """Count ``group`` in this step; whether it is the step's last."""
+        if id(group) in self._seen:
+            missing = len(self._groups) - len(self._seen)
+            self._seen.clear()
+            self._pending.clear()
+            raise RuntimeError(
+                f"an FSDP parameter group was reduced twice in one step while {missing} others got no gradient: "
+                "every fully_shard module must take part in every backward pass"
+            )
+        self._seen.add(id(group))
+        if len(self._seen) < len(self._groups):
+            return False
+        self._seen.clear()
+        return True

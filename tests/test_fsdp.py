@@ -1,0 +1,262 @@
+"""FSDP2 / HSDP: the algorithms between the replicas of a ``fully_shard`` model, on 4 CPU ranks
+(2 replicas x 2 shards, gloo). Rank r holds shard r % 2 of replica r // 2; the replicas of
+shard s are ranks s and 2 + s."""
+
+import io
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import ddp_hooks as dh
+from ddp_hooks import catalog
+from ddp_hooks.core import fsdp
+from ddp_hooks.testing import run_world
+
+OLD_TORCH = fsdp.torch_version() < fsdp.MIN_TORCH
+needs_fsdp2 = pytest.mark.skipif(
+    OLD_TORCH, reason=f"FSDP2's all-reduce hook needs torch 2.7, this is {torch.__version__}"
+)
+REPLICAS, SHARDS = 2, 2
+
+
+def _mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (REPLICAS, SHARDS), mesh_dim_names=("replicate", "shard"))
+
+
+def _model(sizes=(5, 7, 3)):
+    """Linear layers whose rows do not split evenly over 2 shards (FSDP pads them)."""
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _shard(model, mesh, **options):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh, **options)
+    return fully_shard(model, mesh=mesh, **options)
+
+
+def _batch(step, rank, features):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(8, features, generator=g)
+
+
+def _train(model, opt, rank, steps, first=0, micro=1):
+    """``micro`` micro-batches per step, the replica exchange only at the last one."""
+    features = next(model.parameters()).shape[1]
+    for t in range(first, first + steps):
+        for k in range(micro):
+            model.set_requires_all_reduce(k == micro - 1)
+            model(_batch(t * micro + k, rank, features)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.to_local().detach().clone() for p in model.parameters()]
+
+
+def _baseline_world(rank, world, micro):
+    mesh = _mesh()
+    native = _shard(_model(), mesh)  # native HSDP: FSDP all-reduces between the replicas
+    native_params = _train(native, torch.optim.SGD(native.parameters(), lr=0.1), rank, 4, micro=micro)
+    ours = _shard(_model(), mesh["shard"])
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    state = dh.AllReduce().register_fsdp(ours, opt, mesh=mesh)
+    our_params = _train(ours, opt, rank, 4, micro=micro)
+    return native_params, our_params, state.step, state.stats()["total"]["sent_bytes"]
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("micro", [1, 2])
+def test_exact_baseline_equals_native_hsdp_to_the_last_bit(micro):
+    """Padded shards, and gradient accumulation with set_requires_all_reduce(False)."""
+    for rank, (native, ours, steps, sent) in enumerate(run_world(_baseline_world, 4, micro)):
+        assert steps == 4, rank
+        for a, b in zip(native, ours):
+            assert torch.equal(a, b), (rank, (a - b).abs().max())
+        # each rank sends its fp32 shard once per step: (4 + 4) + (2 + 2) or (3 + 3) + (1 + 1) rows
+        assert sent == 4 * 4 * sum([(4 * 5 + 4) + (2 * 7 + 2), (3 * 5 + 3) + (1 * 7 + 1)][rank % 2 : rank % 2 + 1])
+
+
+class _Inputs:
+    """Records each bucket's input (the replica's shard gradient) and its layout."""
+
+    def reduce(self, bucket, step):
+        index = {id(p): k for k, p in enumerate(self.model_view().params)}
+        self.layouts.setdefault(step, []).append([index[id(p)] for p in bucket.params])
+        for p, g in zip(bucket.params, bucket.grads()):
+            self.inputs.setdefault(step, {})[index[id(p)]] = g.float().clone()
+        return super().reduce(bucket, step)
+
+
+def _recording(which):
+    from test_powersgd import _Recording as FirstQ
+
+    if which == "ef-sgdm":
+        return type("EF", (_Inputs, dh.EFSignSGDM), {})(momentum=0.9)
+    state = type("PowerSGD", (_Inputs, FirstQ), {})(rank=2)
+    state.first_q = {}
+    return state
+
+
+def _reference_world(rank, world, which, sizes, steps):
+    from test_ef_signsgdm import _lr
+
+    mesh = _mesh()
+    model = _shard(_model(sizes), mesh["shard"])
+    opt = torch.optim.SGD(model.parameters(), lr=_lr(0))
+    state = _recording(which)
+    state.layouts, state.inputs = {}, {}
+    state.register_fsdp(model, opt, mesh=mesh)
+    outputs = []
+    for t in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(t)
+        model(_batch(t, rank, sizes[0])).square().mean().backward()
+        outputs.append([p.grad.to_local().clone() for p in model.parameters()])
+        opt.step()
+        opt.zero_grad()
+    inputs = [[state.inputs[t][k] for k in range(len(outputs[0]))] for t in range(steps)]
+    shapes = {k: p.shape for k, p in enumerate(state.model_view().params)}
+    # PowerSGD's Q is stored transposed, (rank, m)
+    first_q = {k: q.view(min(2, shapes[k][0]), -1).T for k, q in getattr(state, "first_q", {}).items()}
+    return inputs, outputs, [state.layouts[t] for t in range(steps)], first_q
+
+
+def _check_replicas(results, steps, reference, **tolerance):
+    """For each shard: its replicas' outputs are ``reference(replicas' inputs, first replica's
+    result)``; returns the replicas of shard 0."""
+    for s in range(SHARDS):
+        replicas = [results[r * SHARDS + s] for r in range(REPLICAS)]
+        local = [[replicas[i][0][t] for i in range(REPLICAS)] for t in range(steps)]
+        expected = reference(local, replicas[0])
+        for rep in replicas:
+            for t in range(steps):
+                for got, want in zip(rep[1][t], expected[t]):
+                    torch.testing.assert_close(got.reshape(want.shape), want, **tolerance)
+    return [results[r * SHARDS] for r in range(REPLICAS)]
+
+
+@needs_fsdp2
+def test_ef_sgdm_is_the_reference_between_the_replicas_of_each_shard():
+    from test_ef_signsgdm import _lr, ef_sgdm_reference
+
+    steps = 12
+    results = run_world(_reference_world, 4, "ef-sgdm", (11, 13, 7), steps)
+
+    def reference(local, first):
+        flat = [[[g.reshape(-1) for g in grads] for grads in step] for step in local]
+        return ef_sgdm_reference(flat, [_lr(t) for t in range(steps)], first[2], 0.9, True, None)
+
+    replicas = _check_replicas(results, steps, reference, rtol=1e-5, atol=1e-6)
+    mean = sum(replicas[i][0][5][0] for i in range(REPLICAS)) / REPLICAS
+    assert not torch.allclose(replicas[0][1][5][0], mean, rtol=1e-2, atol=1e-3)  # compressed, not exact
+
+
+@needs_fsdp2
+def test_powersgd_is_one_power_iteration_on_each_row_block():
+    from test_powersgd import powersgd_reference
+
+    steps = 5
+    results = run_world(_reference_world, 4, "powersgd", (32, 24, 6), steps)
+    assert results[0][3], "some row block must be compressed"
+    _check_replicas(results, steps, lambda local, first: powersgd_reference(local, first[3], 2), rtol=1e-4, atol=1e-5)
+
+
+def _resume_world(rank, world, name):
+    mesh = _mesh()
+    entry = catalog.ENTRIES[name]
+
+    def build():
+        model = _shard(_model((9, 12, 4)), mesh["shard"])
+        opt = entry.optimizer(model.parameters(), 0.05 * entry.lr_scale)
+        return model, opt, entry.state().register_fsdp(model, opt, mesh=mesh)
+
+    model, opt, _ = build()
+    straight = _train(model, opt, rank, 8)
+    model, opt, state = build()
+    _train(model, opt, rank, 4)
+    buffer = io.BytesIO()  # what torch.save writes and torch.load reads back
+    torch.save({"hook": state.state_dict(), "opt": opt.state_dict(), "model": model.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    model, opt, state = build()
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    state.load_state_dict(saved["hook"])
+    resumed = _train(model, opt, rank, 4, first=4)
+    return straight, resumed, state.step
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("name", list(catalog.ENTRIES))
+def test_every_hook_trains_and_resumes_bit_exactly(name):
+    results = run_world(_resume_world, 4, name)
+    for rank, (straight, resumed, step) in enumerate(results):
+        assert step == 8
+        for a, b in zip(straight, resumed):
+            assert torch.equal(a, b), (name, rank, (a - b).abs().max())
+    for s in range(SHARDS):  # the replicas of a shard hold the same values
+        for a, b in zip(results[s][0], results[SHARDS + s][0]):
+            assert torch.equal(a, b), (name, s)
+
+
+def _nonfinite_world(rank, world, name):
+    mesh = _mesh()
+    model = _shard(_model(), mesh["shard"])
+    entry = catalog.ENTRIES[name]
+    opt = entry.optimizer(model.parameters(), 0.05)
+    entry.state().register_fsdp(model, opt, mesh=mesh)
+    weight = torch.ones(3)
+    if rank == 1:
+        weight[0] = float("nan")  # output row 0: the last layer's shard 0 only, on rank 1 only
+    (model(_batch(0, rank, 5)) * weight).sum().backward()
+    return [bool(torch.isfinite(p.grad.to_local()).all()) for p in model.parameters()]
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("name", ["fp32", "ef-sgdm"])
+def test_a_non_finite_shard_on_one_rank_is_non_finite_on_every_rank(name):
+    results = run_world(_nonfinite_world, 4, name)
+    assert results[0] == results[1] == results[2] == results[3], results
+    assert not any(results[0]), results
+
+
+def _refusal_world(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = _mesh()
+    errors = []
+
+    def refused(make_state, model, mesh_arg):
+        with pytest.raises(ValueError) as raised:
+            make_state().register_fsdp(model, mesh=mesh_arg)
+        errors.append(str(raised.value))
+
+    flat_mesh = init_device_mesh("cpu", (world,))
+    refused(dh.AllReduce, _shard(_model(), mesh["shard"]), flat_mesh)  # a 1-D mesh over all ranks
+    refused(dh.AllReduce, _shard(_model(), mesh), mesh)  # sharded with the 2-D mesh: native HSDP
+    refused(dh.AllReduce, _model(), mesh)  # not sharded
+    refused(lambda: dh.AllReduce(node_size=2), _shard(_model(), mesh["shard"]), mesh)
+    refused(dh.AllReduce, _shard(_model(), mesh["shard"]), "mesh")
+    return errors
+
+
+@needs_fsdp2
+def test_bad_input_is_refused_at_registration_naming_it():
+    errors = run_world(_refusal_world, 4)[0]
+    for error, words in zip(errors, ["1-D mesh", "native HSDP", "fully_shard", "node_size", "DeviceMesh"]):
+        assert words in error, (words, error)
+
+
+@pytest.mark.skipif(not OLD_TORCH, reason="this torch has FSDP2's all-reduce hook")
+def test_older_torch_is_refused_naming_the_version():
+    with pytest.raises(ValueError, match=f"torch 2.7 or later.*{re.escape(torch.__version__)}"):
+        dh.AllReduce().register_fsdp(nn.Linear(2, 2), mesh=None)
