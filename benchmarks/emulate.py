@@ -19,6 +19,13 @@ node-aware side by side, its inter-node bytes per node counted by the node's sha
 ``benchmarks/nodes.py``):
 
     sudo python benchmarks/emulate.py --nodes 2 --workers-per-node 2 --rates 1gbit,100mbit --size cifar
+
+With ``--fsdp`` as well, the model is sharded with FSDP2 inside each node and replicated
+between nodes (HSDP): native HSDP runs beside every hook registered with ``register_fsdp``,
+each hook's step time and link bytes per node reported as ratios to native HSDP's
+(``benchmarks/fsdp.py``):
+
+    sudo python benchmarks/emulate.py --nodes 2 --workers-per-node 2 --fsdp --rates 100mbit --steps 8 --warmup 4
 """
 
 import argparse
@@ -334,8 +341,9 @@ def run_rate(rate: str, args, hooks: list[str]) -> dict:
 
 
 def run_nodes(rate: str, args, hooks: list[str]) -> dict:
-    """``args.nodes`` namespaces of ``args.workers_per_node`` workers: flat vs node-aware."""
-    from benchmarks import nodes
+    """``args.nodes`` namespaces of ``args.workers_per_node`` workers: flat vs node-aware, or
+    with ``--fsdp`` native HSDP vs every hook on a sharded model (a replica per node)."""
+    from benchmarks import fsdp, nodes
 
     shaped = None if rate == "unshaped" else rate
     with Topology(args.nodes, shaped, args.delay_ms, args.link == "shared") as topo:
@@ -343,7 +351,11 @@ def run_nodes(rate: str, args, hooks: list[str]) -> dict:
         print(f"  {rate}: measured TCP throughput {achieved / 1e6:,.0f} Mb/s between two nodes", flush=True)
         rows = []
         for model in args.models.split(","):
-            rows += nodes.summarize(model, nodes.launch(topo, args, model, hooks), args.nodes, args.workers_per_node)
+            results = nodes.launch(topo, args, model, hooks)
+            if args.fsdp:
+                rows += fsdp.summarize(model, results, args.nodes)
+            else:
+                rows += nodes.summarize(model, results, args.nodes, args.workers_per_node)
     return {
         "rate": rate,
         "link": args.link,
@@ -355,15 +367,16 @@ def run_nodes(rate: str, args, hooks: list[str]) -> dict:
         "batch": args.batch,
         "steps": args.steps,
         "rows": rows,
-        "goals": nodes.goals(rows, rate, args.workers_per_node),
+        "fsdp": args.fsdp,
+        "goals": fsdp.goals(rows, rate) if args.fsdp else nodes.goals(rows, rate, args.workers_per_node),
     }
 
 
 def _report_nodes(result: dict, args) -> None:
-    from benchmarks import nodes
+    from benchmarks import fsdp, nodes
     from benchmarks.common import table
 
-    print(table(result["rows"], nodes.COLUMNS))
+    print(table(result["rows"], fsdp.COLUMNS if args.fsdp else nodes.COLUMNS))
     print("MB: per node per step; link = the node's shaper counter, stats = the library's own count")
     for g in result["goals"]:
         print(f"  {'met ' if g['met'] else 'MISS'} {g['hook']:>8}: {g['goal']} (measured {g['value']:.3f})")
@@ -394,6 +407,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default=None)
     parser.add_argument("--nodes", type=int, default=0, help="emulate this many nodes (each a namespace)")
     parser.add_argument("--workers-per-node", type=int, default=2, help="workers inside each node (with --nodes)")
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --nodes: an FSDP2 model sharded inside each node, native HSDP beside every hook (register_fsdp)",
+    )
     # internal: one worker inside its namespace
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -426,7 +444,7 @@ def main(argv=None) -> list[dict]:
             print(f"{rate}: {args.nodes} nodes x {args.workers_per_node} workers, {args.models} ...", flush=True)
             result = run_nodes(rate, args, hooks)
             _report_nodes(result, args)
-            name = f"emulate_nodes{args.nodes}x{args.workers_per_node}_{rate}"
+            name = f"emulate_{'fsdp' if args.fsdp else 'nodes'}{args.nodes}x{args.workers_per_node}_{rate}"
             path = write_json(name + ("_shared" if args.link == "shared" else ""), result, args.out)
             print(f"wrote {path}\n")
             out.append(result)

@@ -51,7 +51,7 @@ def worker(args) -> None:
     """One rank inside its node's namespace: every hook flat and node-aware, to a JSON file."""
     import torch.distributed as dist
 
-    from benchmarks import step_time
+    from benchmarks import fsdp, step_time
     from ddp_hooks import catalog
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -59,12 +59,18 @@ def worker(args) -> None:
     iface = os.environ["GLOO_SOCKET_IFNAME"]
     counter = (lambda: link_bytes(iface)) if os.environ["LOCAL_RANK"] == "0" else (lambda: 0)
     hooks = args.hooks.split(",")
-    common = (rank, world, args.model)
-    rest = (args.batch, args.steps, args.warmup, args.size, 0.01)
-    flat = step_time._measure(*common, hooks, *rest, counter=counter)
     ours = [h for h in hooks if h in catalog.ENTRIES]
-    node = step_time._measure(*common, ours, *rest, options={"node_size": "auto"}, counter=counter, compute=False)
-    Path(args.result).write_text(json.dumps({"flat": flat, "node": node}))
+    if args.fsdp:  # one replica per node, sharded over the node's workers
+        setting = {"replicas": args.nodes, "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
+        setting.update(size=args.size, lr=0.01)
+        result = {"fsdp": fsdp.measure(rank, world, args.model, ours, setting, counter=counter)}
+    else:
+        common = (rank, world, args.model)
+        rest = (args.batch, args.steps, args.warmup, args.size, 0.01)
+        flat = step_time._measure(*common, hooks, *rest, counter=counter)
+        node = step_time._measure(*common, ours, *rest, options={"node_size": "auto"}, counter=counter, compute=False)
+        result = {"flat": flat, "node": node}
+    Path(args.result).write_text(json.dumps(result))
     dist.barrier()  # no rank tears its connections down while another still reads from them
     dist.destroy_process_group()
 
@@ -93,7 +99,8 @@ def launch(topo, args, model: str, hooks: list[str]) -> list[dict]:
             argv = [sys.executable, str(ROOT / "benchmarks" / "emulate.py"), "--node-worker"]
             argv += ["--store", f"{tmp}/store", "--result", f"{tmp}/r{rank}.json", "--model", model]
             argv += ["--hooks", ",".join(hooks), "--batch", str(args.batch), "--steps", str(args.steps)]
-            argv += ["--warmup", str(args.warmup), "--size", args.size]
+            argv += ["--warmup", str(args.warmup), "--size", args.size, "--nodes", str(nodes)]
+            argv += ["--fsdp"] if args.fsdp else []
             procs.append(topo.run(node, argv, env))
         wait_all(procs, args.timeout, f"on {model}")
         return [json.loads(Path(f"{tmp}/r{r}.json").read_text()) for r in range(world)]

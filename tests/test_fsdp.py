@@ -170,6 +170,54 @@ def test_powersgd_is_one_power_iteration_on_each_row_block():
     _check_replicas(results, steps, lambda local, first: powersgd_reference(local, first[3], 2), rtol=1e-4, atol=1e-5)
 
 
+class _Regularized(nn.Module):
+    """test_laq's model and loss, the regularizer taken inside forward (on the unsharded
+    parameters, so that its gradient goes through FSDP's reduction like the rest)."""
+
+    def __init__(self):
+        super().__init__()
+        from test_laq import _model as linear
+
+        self.linear = linear()
+
+    def forward(self, x, y):
+        reg = 0.01 * 0.5 * sum(p.square().sum() for p in self.linear.parameters())
+        return nn.functional.cross_entropy(self.linear(x), y) + reg
+
+
+def _laq_world(rank, world, iterations, wire):
+    from test_laq import _data
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh()
+    model = fully_shard(_Regularized(), mesh=mesh["shard"])  # 3 rows over 2 shards: padded
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    state = dh.LAQ.paper(bits=4, wire=wire).register_fsdp(model, opt, mesh=mesh)
+    x, y = _data(rank)
+    for _ in range(iterations):
+        model(x, y).backward()  # full local gradient (LAQ is a GD method)
+        opt.step()
+        opt.zero_grad()
+    stats = state.stats()
+    return [p.full_tensor() for p in model.parameters()], stats["uploads"]
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("wire", ["dense", "uploads"])
+def test_laq_decides_once_per_replica_for_the_whole_model(wire):
+    """A replica is LAQ's worker: its gradient is the mean over its shard group, and its grid
+    radius, norms and decision are the whole model's (summed over the shards)."""
+    from test_laq import laq_reference
+
+    iterations = 30
+    results = run_world(_laq_world, 4, iterations, wire)
+    theta, uploads = laq_reference(REPLICAS, iterations, node_size=SHARDS)
+    for rank, (params, uploaded) in enumerate(results):
+        torch.testing.assert_close(torch.cat([p.reshape(-1) for p in params]), theta, rtol=1e-4, atol=1e-5)
+        assert uploaded == uploads[rank // SHARDS], rank
+    assert sum(uploads) < 0.7 * REPLICAS * iterations  # lazy: the rule skipped rounds
+
+
 def _resume_world(rank, world, name):
     mesh = _mesh()
     entry = catalog.ENTRIES[name]
@@ -206,6 +254,27 @@ def test_every_hook_trains_and_resumes_bit_exactly(name):
     for s in range(SHARDS):  # the replicas of a shard hold the same values
         for a, b in zip(results[s][0], results[SHARDS + s][0]):
             assert torch.equal(a, b), (name, s)
+
+
+def _other_shard_world(rank, world):
+    import torch.distributed as dist
+
+    mesh = _mesh()
+    model = _shard(_model((6, 8, 4)), mesh["shard"])  # shards of the same shapes on both ranks
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = dh.EFSignSGDM(momentum=0.9).register_fsdp(model, opt, mesh=mesh)
+    _train(model, opt, rank, 2)
+    saved = [None] * world
+    dist.all_gather_object(saved, state.state_dict())
+    with pytest.raises(ValueError) as raised:
+        state.load_state_dict(saved[rank ^ 1])  # the same replica's other shard
+    return str(raised.value)
+
+
+@needs_fsdp2
+def test_a_checkpoint_of_another_shard_is_refused_naming_it():
+    for error in run_world(_other_shard_world, 4):
+        assert "shard" in error and "rank:" not in error, error  # the same replica index, another shard
 
 
 def _nonfinite_world(rank, world, name):

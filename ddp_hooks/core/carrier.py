@@ -7,7 +7,10 @@ A carrier decides what a worker is and what it hands over:
   as DDP gives it;
 * :class:`~ddp_hooks.core.node.NodeAware`: the ranks of a node form one worker, each rank
   serving a fixed share of its parameters (the exact mean of the share inside the node, the
-  algorithm between the nodes, then the shares gathered back).
+  algorithm between the nodes, then the shares gathered back);
+* :class:`~ddp_hooks.core.fsdp.Replicas`: a sharded model's replica is one worker, each of
+  its ranks serving its own shards (FSDP2 reduces inside the replica; the algorithm runs
+  between the ranks that hold the same shard).
 
 The algorithm is the same under every carrier: it asks the carrier (through its state) which
 parameters it serves, sums quantities of its whole gradient with ``combine`` and, after a
@@ -71,6 +74,10 @@ class Carrier(Protocol):
         """Entries the carrier adds to ``stats()``."""
         ...
 
+    def identity(self) -> dict[str, Any]:
+        """Settings of the carrier that a checkpoint must match (beside the algorithm's)."""
+        ...
+
 
 class Flat:
     """Every rank is a worker: buckets go to the algorithm as DDP gives them."""
@@ -99,4 +106,7 @@ class Flat:
         """Nothing to hand over: this rank is the whole worker."""
 
     def report(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def identity(self) -> dict[str, Any]:
         return {}

@@ -104,16 +104,29 @@ class Shards:
 
 
 class Replicas(Flat):
-    """The carrier of a sharded model: every rank is a worker of its replicate group (the ranks
-    that hold the same shard); ``blocks`` lists every replicate group's global ranks, so that
-    the transport's later stages get groups of their own, created on every rank alike."""
+    """The carrier of a sharded model: a worker is a replica, formed by the ranks of a shard
+    group, each serving its own shards (``ranks_per_worker`` = the shard count). The algorithm
+    runs between the ranks that hold the same shard (the replicate group); quantities of a
+    worker's whole gradient are summed over its shard group. ``blocks`` lists every replicate
+    group's global ranks, so that the transport's later stages get groups of their own, created
+    on every rank alike."""
 
-    def __init__(self, blocks: list[list[int]]) -> None:
+    def __init__(self, blocks: list[list[int]], shard_group: dist.ProcessGroup) -> None:
         self.blocks = blocks
+        self.shard_group = shard_group
+        self.ranks_per_worker = dist.get_world_size(shard_group)
 
     def connect(self, group: dist.ProcessGroup, stages: int, stats: Stats) -> Transport:
         side = partition(group, self.blocks, copies=stages - 1) if stages > 1 else []
         return Transport(group, stats, stages, side_groups=side)
+
+    def combine(self, tensor: torch.Tensor, step: int, largest: bool) -> torch.Tensor:
+        op = dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM
+        dist.all_reduce(tensor, op=op, group=self.shard_group)
+        return tensor
+
+    def identity(self) -> dict[str, Any]:
+        return {"shard": dist.get_rank(self.shard_group), "shards": self.ranks_per_worker}
 
 
 def check_mesh(mesh: Any) -> tuple[dist.ProcessGroup, dist.ProcessGroup, list[list[int]]]:

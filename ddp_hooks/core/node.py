@@ -191,6 +191,10 @@ class NodeAware:
         return _Plan([self._owner[id(p)] for p in params], params, self.size, self.local)
 
     # ---- helpers for algorithms ---------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """Nothing beyond ``node_size``, which the state's configuration holds."""
+        return {}
+
     def report(self, step: int) -> dict[str, Any]:
         """The node size and the intra-node bytes, for ``stats()``."""
         intra = self.stats.summary(step)

@@ -133,7 +133,7 @@ class Registration(Binding):
                 "process_group must be left unset for register_fsdp: the state runs over mesh['replicate']"
             )
         found = fsdp.shards_of(model, shard)
-        self._group_arg, self._carrier = replicate, fsdp.Replicas(blocks)
+        self._group_arg, self._carrier = replicate, fsdp.Replicas(blocks, shard)
         self._adopt(model, ModelView(model, found.named, found.handles))
         self._ready()
         self._follow(optimizer)

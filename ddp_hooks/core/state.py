@@ -90,6 +90,8 @@ class HookState(Registration):
         if self._node_spec is not None:  # the resolved size once a worker has several ranks
             per = self._carrier.ranks_per_worker if self._carrier is not None else 1
             fields["node_size"] = per if per > 1 else self._node_spec
+        if self._carrier is not None:
+            fields.update(self._carrier.identity())
         return fields
 
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
