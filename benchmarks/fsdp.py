@@ -8,6 +8,7 @@ hooks (the state runs the algorithm between the replicas). ``emulate.py --nodes 
 it with one replica per emulated node.
 """
 
+import statistics
 import time
 from typing import Any
 
@@ -113,7 +114,7 @@ def summarize(model: str, results: list[dict], nodes: int) -> list[dict]:
     step, each beside native HSDP's, as ratios."""
 
     def step_ms(hook: str) -> float:
-        return 1000 * max(_median(r["fsdp"][hook]["times"]) for r in results)
+        return 1000 * max(statistics.median(r["fsdp"][hook]["times"]) for r in results)
 
     def link_mb(hook: str, key: str) -> float | None:
         values = [r["fsdp"][hook][key] for r in results]
@@ -157,12 +158,6 @@ def goals(rows: list[dict], rate: str) -> list[dict]:
 
 def _goal(goal: str, hook: str, value: float, want: float) -> dict:
     return {"goal": goal, "hook": hook, "value": value, "met": bool(value >= want)}
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 COLUMNS = [
