@@ -85,6 +85,50 @@ def test_exact_baseline_equals_native_hsdp_to_the_last_bit(micro):
         assert sent == 4 * 4 * sum([(4 * 5 + 4) + (2 * 7 + 2), (3 * 5 + 3) + (1 * 7 + 1)][rank % 2 : rank % 2 + 1])
 
 
+def _policy_world(rank, world, reduce_dtype, wrap):
+    """Native HSDP and AllReduce through the hook, alike: bf16 parameters reduced in
+    ``reduce_dtype``; ``wrap``: each block also activation-checkpointed and compiled."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
+    mesh = _mesh()
+    out = []
+    for native in (True, False):
+        model = _model((6, 10, 4))
+        if wrap:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            model = nn.Sequential(*[checkpoint_wrapper(m) if isinstance(m, nn.Linear) else m for m in model])
+        blocks = [m for m in model if not isinstance(m, nn.Tanh)]
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks:
+            fully_shard(block, mesh=mesh if native else mesh["shard"], mp_policy=policy)
+            if wrap:
+                block.compile(backend="aot_eager")
+        fully_shard(model, mesh=mesh if native else mesh["shard"], mp_policy=policy)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if not native:
+            dh.AllReduce().register_fsdp(model, opt, mesh=mesh)
+        out.append(_train(model, opt, rank, 3))
+    return out
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("reduce_dtype", [torch.float32, torch.bfloat16], ids=["fp32-reduce", "bf16-reduce"])
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "checkpointed-compiled"])
+def test_mixed_precision_checkpointing_and_compile_match_native_hsdp(reduce_dtype, wrap):
+    """bf16 parameters: an fp32 reduce is native HSDP's to the last bit; a bf16 reduce rounds
+    where native HSDP does not (the hook scales by 1/n before summing, as DDP does; FSDP
+    averages), so it agrees to bf16's precision."""
+    for rank, (native, ours) in enumerate(run_world(_policy_world, 4, reduce_dtype, wrap)):
+        for a, b in zip(native, ours):
+            if reduce_dtype == torch.float32:
+                assert torch.equal(a, b), (rank, (a - b).abs().max())
+            else:
+                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
 class _Inputs:
     """Records each bucket's input (the replica's shard gradient) and its layout."""
 
@@ -296,6 +340,40 @@ def test_a_non_finite_shard_on_one_rank_is_non_finite_on_every_rank(name):
     results = run_world(_nonfinite_world, 4, name)
     assert results[0] == results[1] == results[2] == results[3], results
     assert not any(results[0]), results
+
+
+def _dead_world(rank, world, name):
+    """Rank 1 dies inside its hook at step 3; every survivor must raise."""
+    import os
+    import time
+
+    mesh = _mesh()
+    model = _shard(_model((6, 10, 4)), mesh["shard"])
+    entry = catalog.ENTRIES[name]
+    opt = entry.optimizer(model.parameters(), 0.05 * entry.lr_scale)
+    state = entry.state().register_fsdp(model, opt, mesh=mesh)
+    if rank == 1:
+        reduce = state.reduce
+        state.reduce = lambda bucket, step: os._exit(7) if step == 3 else reduce(bucket, step)
+    for t in range(8):
+        start = time.monotonic()
+        try:
+            model(_batch(t, rank, 6)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        except Exception as exc:  # noqa: BLE001 - what the survivor saw is the result
+            return {"failed_at": t, "seconds": time.monotonic() - start, "error": f"{type(exc).__name__}: {exc}"}
+    return {"failed_at": None}
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("name", list(catalog.ENTRIES))
+def test_a_dead_peer_fails_every_survivor(name):
+    results = run_world(_dead_world, 4, name, may_die=(1,), timeout=120)
+    for rank, r in enumerate(results):
+        if rank != 1:
+            assert r["failed_at"] in (3, 4), (rank, r)  # the step of the failure, or the next one
+            assert r["seconds"] < 30, (rank, r)
 
 
 def _refusal_world(rank, world):

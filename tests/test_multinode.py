@@ -16,12 +16,14 @@ import pytest
 
 from benchmarks.emulate import Topology, check_privileges
 from ddp_hooks import catalog
+from ddp_hooks.core import fsdp
 
 CLIENTS = Path(__file__).resolve().parent / "clients"
 HOOKS = list(catalog.ENTRIES)
 REPLICATED = {"fp32", "fp16", "bf16", "ef-sgdm", "powersgd", "laq"}  # one model on every rank
 GATHERED = {"ef-sgdm", "qsparse", "laq"}  # inter-node bytes per node drop to about 1/L
 PER_NODE = 2
+FSDP2 = fsdp.torch_version() >= fsdp.MIN_TORCH  # FSDP2's all-reduce hook
 
 
 def _torchrun(topo: Topology, node: int, out: Path, log) -> subprocess.Popen:
@@ -32,6 +34,7 @@ def _torchrun(topo: Topology, node: int, out: Path, log) -> subprocess.Popen:
     # the store's host is node 0: torchrun cannot tell from a namespace's address that it is its own
     argv += ["--rdzv-conf", f"is_host={int(node == 0)}"]
     argv += ["--local-addr", topo.ips[node], "nodes_run.py", "--hooks", ",".join(HOOKS), "--out", str(out)]
+    argv += ["--fsdp"] if FSDP2 else []
     return topo.run(node, argv, env, cwd=CLIENTS, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -102,6 +105,20 @@ def test_every_algorithm_flat_and_node_aware_across_two_nodes(ranks, hook):
             assert all(run["node_size"] is None and run["intra_bytes"] == 0 for run in runs)
         if hook in REPLICATED:
             assert all(_same(run["params"], runs[0]["params"]) for run in runs), (hook, mode)
+
+
+@pytest.mark.skipif(not FSDP2, reason="FSDP2's all-reduce hook needs torch 2.7")
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_algorithm_under_fully_shard_across_two_nodes(ranks, hook):
+    """HSDP: sharded inside each node, the algorithm between the nodes (register_fsdp)."""
+    runs = [r["runs"][f"{hook}/fsdp"] for r in ranks]
+    for run in runs:
+        assert run["accuracy"] > 0.8, run["accuracy"]
+        assert run["wire_bytes"] > 0 and run["steps"] == runs[0]["steps"] > 0
+    for node in range(2):  # the ranks of a node hold one replica
+        assert _same(runs[node * PER_NODE]["params"], runs[node * PER_NODE + 1]["params"]), hook
+    if hook in REPLICATED:  # and the replicas agree
+        assert _same(runs[0]["params"], runs[PER_NODE]["params"]), hook
 
 
 @pytest.mark.parametrize("hook", sorted(GATHERED))
