@@ -17,13 +17,18 @@ Suites:
            and SGD (the Qsparse paper's Fig. 1c comparison)
   nodes    every hook of the catalog flat and node-aware (``--node-size``, default 2: with the
            default 4 workers, 2 nodes of 2); node-aware wire bytes are the bytes between nodes
+  fsdp     native HSDP and every hook of the catalog through ``register_fsdp`` on the model
+           sharded over ``--node-size`` ranks and replicated across the rest (default: 2 x 2);
+           wire bytes are the bytes between replicas (``benchmarks/fsdp.py``)
 
     python benchmarks/convergence.py --suite hooks
     python benchmarks/convergence.py --suite cser --steps 600
     python benchmarks/convergence.py --suite nodes --workers 4 --node-size 2
+    python benchmarks/convergence.py --suite fsdp --workers 4 --node-size 2
 """
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -37,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ddp_hooks as dh  # noqa: E402
-from benchmarks import launch  # noqa: E402
+from benchmarks import fsdp, launch  # noqa: E402
 from benchmarks.common import RESULTS, comma_choices, table, write_json  # noqa: E402
 from ddp_hooks import catalog, demo  # noqa: E402
 from ddp_hooks.catalog import Setup  # noqa: E402
@@ -98,6 +103,10 @@ def suite(name: str, node_size: int = 2) -> list[dict]:
             out.append({"label": f"{n} flat", "kind": "catalog", "name": n})
             out.append({"label": f"{n} node", "kind": "catalog", "name": n, "options": {"node_size": node_size}})
         return out
+    if name == "fsdp":
+        return [{"label": "native HSDP", "kind": "fsdp", "name": None}] + [
+            {"label": n, "kind": "fsdp", "name": n} for n in catalog.ENTRIES
+        ]
     if name == "cser":
         out = [{"label": "SGD", "rc": 1, "kind": "catalog", "name": "fp32"}]
         for rc in (32, 256, 1024):
@@ -142,7 +151,7 @@ def suite(name: str, node_size: int = 2) -> list[dict]:
         out.append({"label": "TopK-SGD", "kind": "qsparse", "args": {"compressor": "topk", "k": 0.01, "period": 1}})
         out.append({"label": "EF-signSGD", "kind": "qsparse", "args": {"compressor": "sign", "period": 1}})
         return out
-    raise ValueError(f"suite must be one of hooks, cser, qsparse, nodes; got {name!r}")
+    raise ValueError(f"suite must be one of hooks, cser, qsparse, nodes, fsdp; got {name!r}")
 
 
 # ---------------------------------------------------------------- one run
@@ -165,39 +174,42 @@ def _averaged_eval(model, x, y, batch=1000):
     return loss / len(x), correct / len(x)
 
 
-def _run(rank, world, spec, steps, eval_every, batch, lr, data_dir, seed):
+def _run(rank, world, spec, steps, eval_every, batch, lr, data_dir, seed, node_size=2):
     dev = launch.device()
     x_train, y_train, x_test, y_test, make_model, _ = load_data(data_dir)
     x_local, y_local = x_train[rank::world].to(dev), y_train[rank::world].to(dev)
     x_test, y_test = x_test.to(dev), y_test.to(dev)
     torch.manual_seed(seed)
     model = make_model().to(dev)
-    ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    setup = build(ddp, lr, spec)
+    if spec["kind"] == "fsdp":  # sharded over node_size ranks, replicated across the rest
+        sharded = fsdp.Sharded(model, fsdp.mesh_of(world // node_size, world, dev), spec["name"], lr)
+        wrapped, optimizer = model, sharded.optimizer
+        evaluate, traffic = sharded.evaluate, sharded.traffic
+    else:
+        wrapped = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        setup = build(wrapped, lr, spec)
+        optimizer, sharded = setup.optimizer, None
+        evaluate = functools.partial(_averaged_eval, model)
+
+        def traffic() -> dict:
+            return {k: setup.state.stats()["total"][k] for k in ("wire_bytes", "paper_bits")}
+
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     points, elapsed = [], 0.0
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(x_local), (batch,), generator=g).to(dev)
         t0 = time.perf_counter()
-        setup.optimizer.zero_grad()
-        F.cross_entropy(ddp(x_local[idx]), y_local[idx]).backward()
-        setup.optimizer.step()
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(x_local[idx]), y_local[idx]).backward()
+        optimizer.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
+        if sharded is not None:
+            sharded.count_native_step()
         if step % eval_every == 0 or step == steps:
-            loss, acc = _averaged_eval(model, x_test, y_test)
-            total = setup.state.stats()["total"]
-            points.append(
-                {
-                    "step": step,
-                    "seconds": elapsed,
-                    "wire_bytes": total["wire_bytes"],
-                    "paper_bits": total["paper_bits"],
-                    "test_loss": loss,
-                    "accuracy": acc,
-                }
-            )
+            loss, acc = evaluate(x_test, y_test)
+            points.append({"step": step, "seconds": elapsed, **traffic(), "test_loss": loss, "accuracy": acc})
     return points
 
 
@@ -264,8 +276,8 @@ def plot(runs: list[dict], path: Path, title: str) -> Path | None:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="hooks", choices=["hooks", "cser", "qsparse", "nodes"])
-    parser.add_argument("--node-size", type=int, default=2, help="ranks per node (suite nodes)")
+    parser.add_argument("--suite", default="hooks", choices=["hooks", "cser", "qsparse", "nodes", "fsdp"])
+    parser.add_argument("--node-size", type=int, default=2, help="ranks per node (suites nodes, fsdp)")
     parser.add_argument("--only", default=None, help="comma-separated labels to run (default: the whole suite)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=400)
@@ -278,10 +290,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
 
-    if args.suite == "nodes" and (
+    if args.suite in ("nodes", "fsdp") and (
         args.node_size < 2 or args.workers % args.node_size or args.workers == args.node_size
     ):
-        parser.error("--suite nodes needs --node-size >= 2 dividing --workers into at least 2 nodes")
+        parser.error(f"--suite {args.suite} needs --node-size >= 2 dividing --workers into at least 2 nodes")
     specs = suite(args.suite, args.node_size)
     if args.only:
         wanted = set(comma_choices(parser, "--only", args.only, [s["label"] for s in specs]))
@@ -291,7 +303,16 @@ def main(argv=None) -> list[dict]:
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec['label']} ...", flush=True)
         results = launch.run(
-            _run, args.workers, spec, args.steps, args.eval_every, args.batch, args.lr, args.data_dir, args.seed
+            _run,
+            args.workers,
+            spec,
+            args.steps,
+            args.eval_every,
+            args.batch,
+            args.lr,
+            args.data_dir,
+            args.seed,
+            args.node_size,
         )
         if results is None:  # another torchrun rank: it takes part in every run, rank 0 reports
             continue
@@ -315,7 +336,7 @@ def main(argv=None) -> list[dict]:
         )
     if not runs:
         return []
-    sgd = next((r for r in runs if r["label"] in ("SGD", "fp32")), None)
+    sgd = next((r for r in runs if r["label"] in ("SGD", "fp32", "native HSDP")), None)
     for r in runs:
         r["bits_vs_sgd"] = (
             sgd["bits_to_target"] / r["bits_to_target"]
@@ -340,6 +361,7 @@ def main(argv=None) -> list[dict]:
         )
     )
     out_dir = Path(args.out or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
     name = f"convergence_{args.suite}_{dataset}"
     png = plot(runs, out_dir / f"{name}.png", f"{args.suite} on {dataset}, {args.workers} workers")
     path = write_json(

@@ -169,3 +169,57 @@ COLUMNS = [
     ("bytes_ratio", "native/hook bytes", ".1f"),
     ("stats_mb", "stats MB", ".3f"),
 ]
+
+
+# ---------------------------------------------------------------- convergence (suite fsdp)
+class Sharded:
+    """A model sharded for a convergence run: native HSDP (``name`` None) or a catalog hook
+    through ``register_fsdp``; ``step`` is what the training loop calls."""
+
+    def __init__(self, model: nn.Module, mesh: Any, name: str | None, lr: float) -> None:
+        self.model, self.mesh = model, mesh
+        shard(model, mesh if name is None else mesh["shard"])
+        if name is None:
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+            self.state = None
+        else:
+            entry = catalog.ENTRIES[name]
+            self.optimizer = entry.optimizer(model.parameters(), lr * entry.lr_scale)
+            self.state = entry.state().register_fsdp(model, self.optimizer, mesh=mesh)
+        self._native_bytes = 0.0
+
+    def traffic(self) -> dict[str, float]:
+        """Wire bytes and paper bits per worker so far (native HSDP: an fp32 ring all-reduce of
+        every shard between the replicas, counted here)."""
+        if self.state is not None:
+            total = self.state.stats()["total"]
+            return {"wire_bytes": total["wire_bytes"], "paper_bits": total["paper_bits"]}
+        return {"wire_bytes": self._native_bytes, "paper_bits": 8 * self._native_bytes}
+
+    def count_native_step(self) -> None:
+        if self.state is None:
+            from ddp_hooks.core.stats import wire_factor
+
+            replicas = self.mesh["replicate"].size()
+            numel = sum(p.to_local().numel() for p in self.model.parameters())
+            self._native_bytes += 4 * numel * wire_factor("all_reduce", replicas)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:
+        """Test loss and accuracy of the replicas' mean model (every rank takes part)."""
+        group = self.mesh["replicate"].get_group()
+        locals_ = [p.to_local() for p in self.model.parameters()]
+        saved = [t.clone() for t in locals_]
+        for t in locals_:
+            dist.all_reduce(t, group=group)
+            t.div_(dist.get_world_size(group))
+        self.model.eval()
+        loss, correct = 0.0, 0
+        for i in range(0, len(x), batch):
+            logits = self.model(x[i : i + batch])
+            loss += nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum").item()
+            correct += (logits.argmax(1) == y[i : i + batch]).sum().item()
+        self.model.train()
+        for t, s in zip(locals_, saved):
+            t.copy_(s)
+        return loss / len(x), correct / len(x)

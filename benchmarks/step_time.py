@@ -11,6 +11,11 @@ and it aborts ("Received data size doesn't match expected size").
 
     python benchmarks/step_time.py --models resnet18 --workers 2          # local workers
     torchrun --nnodes 2 --nproc-per-node 8 ... benchmarks/step_time.py   # a cluster
+
+With ``--fsdp R`` the model is sharded with FSDP2 and replicated ``R`` times (HSDP: under
+torchrun on N nodes, ``--fsdp N`` shards inside each node): native HSDP runs beside every hook
+of the catalog through ``register_fsdp`` (``benchmarks/fsdp.py``); MB are the library's bytes
+between replicas per rank per step.
 """
 
 import argparse
@@ -211,9 +216,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--workers", type=int, default=2, help="local workers when not under torchrun")
     parser.add_argument("--name", default=None, help="results file name (default step_time_<backend>)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--fsdp", type=int, default=0, metavar="R", help="HSDP with R replicas (FSDP2, torch 2.7+)")
     args = parser.parse_args(argv)
     names = comma_choices(parser, "--hooks", args.hooks, hooks())
     models = comma_choices(parser, "--models", args.models, MODEL_NAMES)
+    if args.fsdp:
+        return _main_fsdp(args, [n for n in names if n in catalog.ENTRIES], models)
     rows, world = [], 0
     for model_name in models:
         print(f"{model_name}: {', '.join(names)} ...", flush=True)
@@ -243,6 +251,32 @@ def main(argv=None) -> list[dict]:
         {"backend": backend, "world_size": world, "batch": args.batch, "rows": rows},
         args.out,
     )
+    print(f"\nwrote {path}")
+    return rows
+
+
+def _fsdp_rank(rank: int, world: int, model_name: str, names: list[str], setting: dict) -> dict:
+    from benchmarks import fsdp
+
+    return {"fsdp": fsdp.measure(rank, world, model_name, names, setting)}
+
+
+def _main_fsdp(args, names: list[str], models: list[str]) -> list[dict]:
+    from benchmarks import fsdp
+
+    setting = {"replicas": args.fsdp, "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
+    setting.update(size=args.size, lr=args.lr)
+    rows: list[dict] = []
+    for model_name in models:
+        print(f"{model_name} (HSDP, {args.fsdp} replicas): {', '.join(names)} ...", flush=True)
+        results = launch.run(_fsdp_rank, args.workers, model_name, names, setting)
+        if results is not None:
+            rows += fsdp.summarize(model_name, results, len(results))
+    if not rows:
+        return []
+    print(table(rows, [c for c in fsdp.COLUMNS if c[0] not in ("link_mb", "bytes_ratio")]))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    path = write_json(args.name or f"step_time_fsdp_{backend}", {"backend": backend, **setting, "rows": rows}, args.out)
     print(f"\nwrote {path}")
     return rows
 

@@ -45,6 +45,12 @@ def _shard(model, mesh, **options):
     return fully_shard(model, mesh=mesh, **options)
 
 
+def _shard_one(module, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(module, mesh=mesh)
+
+
 def _batch(step, rank, features):
     g = torch.Generator().manual_seed(1000 * step + rank)
     return torch.randn(8, features, generator=g)
@@ -260,6 +266,43 @@ def test_laq_decides_once_per_replica_for_the_whole_model(wire):
         torch.testing.assert_close(torch.cat([p.reshape(-1) for p in params]), theta, rtol=1e-4, atol=1e-5)
         assert uploaded == uploads[rank // SHARDS], rank
     assert sum(uploads) < 0.7 * REPLICAS * iterations  # lazy: the rule skipped rounds
+
+
+def _qsparse_world(rank, world, steps, period, k):
+    from test_qsparse import _lr, _Net
+
+    from models import batches
+
+    mesh = _mesh()
+    model = _Net()
+    for layer in (model.a, model.b):
+        _shard_one(layer, mesh["shard"])
+    _shard_one(model, mesh["shard"])
+    opt = torch.optim.SGD(model.parameters(), lr=_lr(0), momentum=0.9)
+    state = dh.QsparseLocalSGD("signtopk", k=k, period=period, wipe_memory_on_lr_change=True)
+    state.register_fsdp(model, opt, mesh=mesh)
+    for t, (x, y) in enumerate(batches(rank, steps)):
+        for group in opt.param_groups:
+            group["lr"] = _lr(t)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.full_tensor() for p in model.parameters()]
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("period", [1, 4])
+def test_qsparse_is_the_reference_with_each_shard_compressed_apart(period):
+    """A replica is a worker (its gradient the mean over its shard group); SignTopK selects
+    within each shard (row block) of a tensor."""
+    from test_qsparse import qsparse_reference
+
+    steps, k = 12, 10
+    results = run_world(_qsparse_world, 4, steps, period, k)
+    expected, _ = qsparse_reference(REPLICAS, steps, period, k, True, node_size=SHARDS, shards=SHARDS)
+    for rank, params in enumerate(results):
+        for got, want in zip(params, expected[rank // SHARDS]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def _resume_world(rank, world, name):

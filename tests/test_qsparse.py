@@ -144,10 +144,16 @@ def _signtopk(v, k):
     return out
 
 
-def qsparse_reference(world, steps, period, k, wipe, mu=0.9, node_size=1):
+def _compress(v, k, shards):
+    """SignTopK of each of ``shards`` row blocks of ``v`` (FSDP's dim-0 shards)."""
+    return torch.cat([_signtopk(block.reshape(-1), k).view_as(block) for block in v.chunk(shards)])
+
+
+def qsparse_reference(world, steps, period, k, wipe, mu=0.9, node_size=1, shards=1):
     """Qsparse-local-SGD (synchronous, SignTopK per tensor) for n simulated workers; H = 1 is
     error-compensated SignTopK SGD with momentum after aggregation. With ``node_size`` L, worker
-    i is a node: its gradient is the mean of the gradients of ranks i L ... i L + L - 1."""
+    i is a node: its gradient is the mean of the gradients of ranks i L ... i L + L - 1.
+    ``shards``: each tensor is compressed in that many row blocks (a sharded model's shards)."""
     models = [_Net() for _ in range(world)]
     moms = [[torch.zeros_like(p) for p in models[0].parameters()] for _ in range(world)]
     mem = [[torch.zeros_like(p) for p in models[0].parameters()] for _ in range(world)]
@@ -172,7 +178,7 @@ def qsparse_reference(world, steps, period, k, wipe, mu=0.9, node_size=1):
                 qs = []
                 for i in range(world):
                     p_i = grads[i][kk] + mem[i][kk]
-                    q = _signtopk(p_i.reshape(-1), k).view_as(p_i)
+                    q = _compress(p_i, k, shards)
                     mem[i][kk] = p_i - q
                     qs.append(q)
                 for i in range(world):
@@ -190,7 +196,7 @@ def qsparse_reference(world, steps, period, k, wipe, mu=0.9, node_size=1):
                 qs = []
                 for i, m in enumerate(models):
                     delta = mem[i][kk] + (x_last[kk] - list(m.parameters())[kk].detach())
-                    q = _signtopk(delta.reshape(-1), k).view_as(delta)
+                    q = _compress(delta, k, shards)
                     mem[i][kk] = delta - q
                     qs.append(q)
                 x_last[kk] = x_last[kk] - sum(qs) / world
