@@ -385,8 +385,9 @@ def test_a_non_finite_shard_on_one_rank_is_non_finite_on_every_rank(name):
     assert not any(results[0]), results
 
 
-def _dead_world(rank, world, name):
-    """Rank 1 dies inside its hook at step 3; every survivor must raise."""
+def _fault_world(rank, world, name, stall_s=0.0):
+    """Rank 1 dies (or, with ``stall_s``, stays silent that long, then dies) inside its hook at
+    step 3; every survivor must raise."""
     import os
     import time
 
@@ -397,7 +398,14 @@ def _dead_world(rank, world, name):
     state = entry.state().register_fsdp(model, opt, mesh=mesh)
     if rank == 1:
         reduce = state.reduce
-        state.reduce = lambda bucket, step: os._exit(7) if step == 3 else reduce(bucket, step)
+
+        def failing(bucket, step):
+            if step == 3:
+                time.sleep(stall_s)
+                os._exit(7)
+            return reduce(bucket, step)
+
+        state.reduce = failing
     for t in range(8):
         start = time.monotonic()
         try:
@@ -412,11 +420,26 @@ def _dead_world(rank, world, name):
 @needs_fsdp2
 @pytest.mark.parametrize("name", list(catalog.ENTRIES))
 def test_a_dead_peer_fails_every_survivor(name):
-    results = run_world(_dead_world, 4, name, may_die=(1,), timeout=120)
+    results = run_world(_fault_world, 4, name, may_die=(1,), timeout=120)
     for rank, r in enumerate(results):
         if rank != 1:
             assert r["failed_at"] in (3, 4), (rank, r)  # the step of the failure, or the next one
             assert r["seconds"] < 30, (rank, r)
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("name", ["fp32", "ef-sgdm", "laq"])
+def test_a_stalled_peer_fails_its_replica_at_the_process_group_timeout(name):
+    """The rank that exchanges with the stalled one between replicas (rank 3) fails at the
+    timeout given to init_process_group; the others wait on FSDP's own groups (the device mesh's
+    timeout) and fail when the stalled rank finally exits."""
+    timeout_s = 2
+    stall_s = 4 * timeout_s
+    results = run_world(_fault_world, 4, name, stall_s, may_die=(1,), timeout=120, group_timeout=timeout_s)
+    partner = results[3]
+    assert partner["failed_at"] == 3 and 0.8 * timeout_s <= partner["seconds"] < stall_s, partner
+    for rank in (0, 2):
+        assert results[rank]["failed_at"] in (3, 4), (rank, results[rank])
 
 
 def _refusal_world(rank, world):

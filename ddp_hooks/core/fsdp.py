@@ -117,8 +117,13 @@ class Replicas(Flat):
         self.ranks_per_worker = dist.get_world_size(shard_group)
 
     def connect(self, group: dist.ProcessGroup, stages: int, stats: Stats) -> Transport:
-        side = partition(group, self.blocks, copies=stages - 1) if stages > 1 else []
-        return Transport(group, stats, stages, side_groups=side)
+        """The transport over groups of this rank's replicate group made here, one per stage,
+        with the default group's timeout (a device mesh's groups take torch's default of 30
+        minutes, whatever timeout the user gave ``init_process_group``)."""
+        world = dist.group.WORLD
+        assert world is not None  # the default group exists once bound
+        groups = partition(world, self.blocks, copies=stages)
+        return Transport(groups[0], stats, stages, side_groups=groups[1:])
 
     def combine(self, tensor: torch.Tensor, step: int, largest: bool) -> torch.Tensor:
         op = dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM
