@@ -142,3 +142,21 @@ def _format2_world(rank, world, name):
 
 def test_a_checkpoint_of_the_previous_format_still_resumes_exactly():
     assert all(run_world(_format2_world, 2, "ef-sgdm"))
+
+
+def _get_state_dict_world(rank, world, name):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, ddp, setup = _setup(name)
+    _train(ddp, setup, batches(rank, 3, features=16))
+    setup.optimizer.zero_grad(set_to_none=True)
+    before = copy.deepcopy(setup.state.state_dict())
+    get_state_dict(ddp, setup.optimizer)  # creates the optimizer's state with a step at lr 0
+    return _same(before, setup.state.state_dict())
+
+
+@pytest.mark.parametrize("name", ["ef-sgdm", "laq"])  # plain SGD: no optimizer state yet
+def test_torch_checkpoint_state_dict_step_is_not_the_algorithms(name):
+    """torch.distributed.checkpoint's get_state_dict steps an optimizer without state once
+    (zero gradients, learning rate 0): the hook state must not count it as a training step."""
+    assert all(run_world(_get_state_dict_world, 2, name))

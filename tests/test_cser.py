@@ -141,7 +141,9 @@ def _reference_world(rank, world, steps, config):
 
 def cser_reference(world, steps, log, lr=0.1, mu=0.9, node_size=1):
     """CSER for n simulated workers, written plainly with flat parameter vectors. With
-    ``node_size`` L, worker i is a node: its gradient is the mean of ranks i L ... i L + L - 1's."""
+    ``node_size`` L, worker i is a node: its gradient is the mean of ranks i L ... i L + L - 1's.
+    A logged event with no members gives its positions in the flat model already; several
+    resets may follow one step (a sharded model: one per shard)."""
     models = [_Net() for _ in range(world)]
     shapes = [p.shape for p in models[0].parameters()]
     numels = [s.numel() for s in shapes]
@@ -169,8 +171,11 @@ def cser_reference(world, steps, log, lr=0.1, mu=0.9, node_size=1):
         event = next(events)
         while event[0] == "grad" and event[1] == t:
             members, idx = event[2], event[3]
-            flat_pos = torch.cat([torch.arange(offsets[k], offsets[k] + numels[k]) for k in members])
-            pos = flat_pos[idx]
+            if members is None:
+                pos = idx
+            else:
+                flat_pos = torch.cat([torch.arange(offsets[k], offsets[k] + numels[k]) for k in members])
+                pos = flat_pos[idx]
             mean = sum(g[pos] for g in grads) / world
             for s in synced:
                 s[pos] = mean
@@ -179,15 +184,15 @@ def cser_reference(world, steps, log, lr=0.1, mu=0.9, node_size=1):
         for i in range(world):
             momentum[i] = mu * momentum[i] + synced[i]
             x[i] = x[i] - lr * momentum[i]
-        if event[0] == "reset":
+        while event[0] == "reset":
             idx = event[3]
             c = [xi[idx] - agreed[idx] for xi in x]
             c_mean = sum(c) / world
             agreed[idx] += c_mean
             for i in range(world):
                 x[i][idx] = x[i][idx] - c[i] + c_mean
-            event = None
-        if event is not None and event[0] != "end":
+            event = next(events, ("end", None, None, None))
+        if event[0] != "end":
             events = iter([event, *events])
     return x
 

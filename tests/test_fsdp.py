@@ -151,6 +151,8 @@ def _recording(which):
 
     if which == "ef-sgdm":
         return type("EF", (_Inputs, dh.EFSignSGDM), {})(momentum=0.9)
+    if which in ("fp16", "bf16"):
+        return type(which, (_Inputs, dh.FP16Compress if which == "fp16" else dh.BF16Compress), {})()
     state = type("PowerSGD", (_Inputs, FirstQ), {})(rank=2)
     state.first_q = {}
     return state
@@ -208,6 +210,21 @@ def test_ef_sgdm_is_the_reference_between_the_replicas_of_each_shard():
     replicas = _check_replicas(results, steps, reference, rtol=1e-5, atol=1e-6)
     mean = sum(replicas[i][0][5][0] for i in range(REPLICAS)) / REPLICAS
     assert not torch.allclose(replicas[0][1][5][0], mean, rtol=1e-2, atol=1e-3)  # compressed, not exact
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("which", ["fp16", "bf16"])
+def test_16_bit_baselines_are_the_16_bit_mean_of_the_replicas_shards(which):
+    dtype = torch.float16 if which == "fp16" else torch.bfloat16
+    steps = 4
+    results = run_world(_reference_world, 4, which, (11, 13, 7), steps)
+
+    def reference(local, first):
+        return [[sum(g.to(dtype) / REPLICAS for g in grads).float() for grads in zip(*step)] for step in local]
+
+    replicas = _check_replicas(results, steps, reference, rtol=0, atol=0)
+    exact = sum(replicas[i][0][1][0] for i in range(REPLICAS)) / REPLICAS
+    assert not torch.equal(replicas[0][1][1][0].reshape(exact.shape), exact)  # rounded, not exact
 
 
 @needs_fsdp2
@@ -305,7 +322,32 @@ def test_qsparse_is_the_reference_with_each_shard_compressed_apart(period):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _resume_world(rank, world, name):
+def _through_dcp(folder, rank, saved, build, mesh):
+    """Save with torch.distributed.checkpoint (model and optimizer) and the hook state per rank
+    beside it, as a torchtitan-style script does; load into a fresh build. The local-step
+    algorithms keep a model per replica between synchronizations: each replica saves its own
+    (DCP sees a shard of the 1-D shard mesh on both replicas and would keep one of them)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt, state = saved
+    if state.keeps_local_models:
+        folder, group = f"{folder}/replica{mesh['replicate'].get_local_rank()}", mesh["shard"].get_group()
+    else:
+        group = None
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder, process_group=group)
+    torch.save(state.state_dict(), f"{folder}/hook_rank{rank}.pt")
+    model, opt, state = build()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=folder, process_group=group)
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    state.load_state_dict(torch.load(f"{folder}/hook_rank{rank}.pt", weights_only=False))
+    return model, opt, state
+
+
+def _resume_world(rank, world, name, folder=None):
     mesh = _mesh()
     entry = catalog.ENTRIES[name]
 
@@ -318,16 +360,28 @@ def _resume_world(rank, world, name):
     straight = _train(model, opt, rank, 8)
     model, opt, state = build()
     _train(model, opt, rank, 4)
-    buffer = io.BytesIO()  # what torch.save writes and torch.load reads back
-    torch.save({"hook": state.state_dict(), "opt": opt.state_dict(), "model": model.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    model, opt, state = build()
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    state.load_state_dict(saved["hook"])
+    if folder is not None:
+        model, opt, state = _through_dcp(folder, rank, (model, opt, state), build, mesh)
+    else:
+        buffer = io.BytesIO()  # what torch.save writes and torch.load reads back
+        torch.save({"hook": state.state_dict(), "opt": opt.state_dict(), "model": model.state_dict()}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=False)
+        model, opt, state = build()
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        state.load_state_dict(saved["hook"])
     resumed = _train(model, opt, rank, 4, first=4)
     return straight, resumed, state.step
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("name", ["ef-sgdm", "laq", "qsparse", "cser"])
+def test_resume_through_distributed_checkpoint_is_bit_exact(name, tmp_path):
+    for rank, (straight, resumed, step) in enumerate(run_world(_resume_world, 4, name, str(tmp_path))):
+        assert step == 8
+        for a, b in zip(straight, resumed):
+            assert torch.equal(a, b), (name, rank, (a - b).abs().max())
 
 
 @needs_fsdp2
@@ -440,6 +494,20 @@ def test_a_stalled_peer_fails_its_replica_at_the_process_group_timeout(name):
     assert partner["failed_at"] == 3 and 0.8 * timeout_s <= partner["seconds"] < stall_s, partner
     for rank in (0, 2):
         assert results[rank]["failed_at"] in (3, 4), (rank, results[rank])
+
+
+def _mismatch_world(rank, world):
+    mesh = _mesh()
+    model = _shard(_model(), mesh["shard"])
+    with pytest.raises(dh.ConfigMismatch) as raised:  # rank 3 differs: its shard group and its replica's
+        dh.EFSignSGDM(momentum=0.8 if rank == 3 else 0.9).register_fsdp(model, mesh=mesh)
+    return str(raised.value)
+
+
+@needs_fsdp2
+def test_every_rank_refuses_a_configuration_that_differs_anywhere():
+    for error in run_world(_mismatch_world, 4):
+        assert "momentum" in error, error
 
 
 def _refusal_world(rank, world):

@@ -21,6 +21,11 @@ class LocalSteps:
         """Optimizer steps between synchronizations (0: never)."""
         return self.period
 
+    @property
+    def keeps_local_models(self) -> bool:
+        """Between synchronizations every worker trains its own model."""
+        return self.sync_every != 1
+
     def after_step(self) -> None:
         self.local_steps += 1
         if self.sync_every and self.local_steps % self.sync_every == 0:

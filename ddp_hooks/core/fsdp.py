@@ -5,7 +5,7 @@ device mesh: reduce-scatter and all-gather over the fast fabric) and replicated 
 groups (the ``"replicate"`` dimension: one all-reduce of every gradient shard per step over the
 slow link). When the model is sharded with the 1-D ``mesh["shard"]`` only, FSDP2 reduce-scatters
 inside the shard group and hands each parameter group's flat reduce-scatter output to the hook
-set with ``FSDPModule.set_all_reduce_hook`` (torch 2.7 and later); this module feeds that
+set with ``FSDPModule.set_all_reduce_hook`` (torch 2.7 and later); :mod:`.fsdp_hook` feeds that
 output to the algorithm as one bucket, between the ranks that hold the same shard.
 
 What the algorithm sees:
@@ -22,22 +22,27 @@ group per step over the fast fabric): a non-finite shard on any rank makes the g
 gradient NaN on every rank, so ``GradScaler`` skips the step everywhere.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-from torch.futures import Future
 
 from ..comm import Transport, partition
 from .bucket import Bucket
 from .carrier import Flat
-from .flags import as_flag, is_set, nonfinite, poison
 from .stats import Stats
 
 #: the torch version whose FSDP2 calls an all-reduce hook with the reduce-scatter output
 MIN_TORCH = (2, 7)
+
+
+def world() -> dist.ProcessGroup:
+    """The default process group (it exists once a state is bound)."""
+    group = dist.group.WORLD
+    if group is None:
+        raise RuntimeError("register_fsdp needs an initialized default process group")
+    return group
 
 
 def torch_version() -> tuple[int, int]:
@@ -120,9 +125,7 @@ class Replicas(Flat):
         """The transport over groups of this rank's replicate group made here, one per stage,
         with the default group's timeout (a device mesh's groups take torch's default of 30
         minutes, whatever timeout the user gave ``init_process_group``)."""
-        world = dist.group.WORLD
-        assert world is not None  # the default group exists once bound
-        groups = partition(world, self.blocks, copies=stages)
+        groups = partition(world(), self.blocks, copies=stages)
         return Transport(groups[0], stats, stages, side_groups=groups[1:])
 
     def combine(self, tensor: torch.Tensor, step: int, largest: bool) -> torch.Tensor:
@@ -226,75 +229,3 @@ def _layout(module: Any, group: Any, local_of: dict[int, torch.Tensor]) -> Shard
             dense = False
         at += padded
     return ShardGroup(type(module).__name__, params, handles, offsets, dense, group)
-
-
-class ShardFeed:
-    """The all-reduce hooks of one state: each parameter group's reduce output goes to
-    ``feed`` (the state's bucket entry) as a bucket; the group's last in the backward ends the
-    step. FSDP's hook must leave the output reduced when it returns, so a group's reduction is
-    waited for there, except where the algorithm ``holds`` groups until the step's last (its
-    decision needs the whole gradient): those are written into the gradients at the last.
-
-    Gradient accumulation: on micro-steps with ``set_requires_all_reduce(False)`` the hook
-    leaves the shard to FSDP, which accumulates it; the exchanging backward folds the
-    accumulated gradient into its output, so the replicas exchange the whole of it."""
-
-    def __init__(
-        self,
-        feed: Callable[[Bucket], Future[torch.Tensor]],
-        shard_group: dist.ProcessGroup,
-        holds: Callable[[], bool],
-    ) -> None:
-        self._feed = feed
-        self._shard_group = shard_group
-        self._holds = holds
-        self._groups: list[ShardGroup] = []
-        self._seen: set[int] = set()
-        self._pending: list[tuple[ShardGroup, Future[torch.Tensor]]] = []
-
-    def install(self, groups: list[tuple[Any, ShardGroup]]) -> None:
-        self._groups = [g for _, g in groups if g.params]
-        for module, group in groups:
-            if group.params:
-                module.set_all_reduce_hook(self._hook(group))
-
-    def _hook(self, group: ShardGroup) -> Callable[[torch.Tensor], None]:
-        def hook(output: torch.Tensor) -> None:
-            self.reduce(group, output)
-
-        return hook
-
-    def reduce(self, group: ShardGroup, output: torch.Tensor) -> None:
-        """Reduce one parameter group's output in place (see the class docstring)."""
-        if not group.exchanges():
-            return  # a micro-step: FSDP accumulates the shard into its gradient
-        group.fold(output)
-        is_last = self._count(group)
-        bucket = group.bucket_of(output, is_last)
-        bad = as_flag(nonfinite(bucket.buffer))
-        dist.all_reduce(bad, group=self._shard_group)  # a bad shard anywhere: bad on every rank
-        poison(bucket.buffer, is_set(bad))
-        future = self._feed(bucket)
-        if not is_last and self._holds():
-            self._pending.append((group, future))
-            return
-        group.write_back(future.wait(), output)
-        pending, self._pending = self._pending, []
-        for held, reduced in pending:
-            held.write_grads(reduced.wait())
-
-    def _count(self, group: ShardGroup) -> bool:
-        """Count ``group`` in this step; whether it is the step's last."""
-        if id(group) in self._seen:
-            missing = len(self._groups) - len(self._seen)
-            self._seen.clear()
-            self._pending.clear()
-            raise RuntimeError(
-                f"an FSDP parameter group was reduced twice in one step while {missing} others got no gradient: "
-                "every fully_shard module must take part in every backward pass"
-            )
-        self._seen.add(id(group))
-        if len(self._seen) < len(self._groups):
-            return False
-        self._seen.clear()
-        return True

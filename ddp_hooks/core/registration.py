@@ -9,9 +9,12 @@ from torch._C._distributed_c10d import GradBucket
 from torch.futures import Future
 from typing_extensions import Self
 
+from .._version import __version__
 from . import fsdp
+from .agree import agree
 from .binding import Binding
 from .bucket import Bucket
+from .fsdp_hook import ShardFeed
 from .model import ModelView, SeenParameters, check_ddp, model_problems
 from .optimizer import OptimizerLink
 
@@ -134,8 +137,13 @@ class Registration(Binding):
             )
         found = fsdp.shards_of(model, shard)
         self._group_arg, self._carrier = replicate, fsdp.Replicas(blocks, shard)
+        # every rank alike (the model by its global shapes) before any group is made; each
+        # replicate group then agrees on its shards at binding
+        fields = {k: v for k, v in self.config().items() if k != "shard"}
+        fields.update(algorithm=type(self).__name__, version=__version__, model=ModelView(model).digest())
+        agree(fsdp.world(), fields, type(self).__name__)
         self._adopt(model, ModelView(model, found.named, found.handles))
         self._ready()
         self._follow(optimizer)
-        fsdp.ShardFeed(self.feed, shard, self.needs_last_bucket).install(found.groups)
+        ShardFeed(self.feed, shard, self.needs_last_bucket).install(found.groups)
         return self

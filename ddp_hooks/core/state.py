@@ -81,7 +81,8 @@ class HookState(Registration):
         self._seen = SeenParameters()
         self._held = HeldBuckets()
         self._local = LocalPhase()
-        self._link = OptimizerLink(self.check_optimizer, self.after_step, self._param_ids)
+        self._stepped_at = 0  # the step the optimizer last stepped after
+        self._link = OptimizerLink(self.check_optimizer, self._optimizer_stepped, self._param_ids)
 
     # ---- what an algorithm defines ----------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -93,6 +94,13 @@ class HookState(Registration):
         if self._carrier is not None:
             fields.update(self._carrier.identity())
         return fields
+
+    @property
+    def keeps_local_models(self) -> bool:
+        """Whether the workers' models (and optimizer states) differ between synchronizations
+        (the local-step algorithms): a checkpoint must then hold every worker's, e.g. one
+        ``torch.distributed.checkpoint`` folder per replica of a sharded model."""
+        return False
 
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         """Compress, communicate and decompress one bucket; the future holds the new gradient."""
@@ -108,6 +116,16 @@ class HookState(Registration):
 
     def after_step(self) -> None:
         """The algorithm's work after each step of the optimizer it follows (override)."""
+
+    def _optimizer_stepped(self) -> None:
+        """After an optimizer step: :meth:`after_step`, once per reduced step. A step that no
+        backward through the hook came before is not the algorithm's: e.g. the one
+        ``torch.distributed.checkpoint.state_dict.get_state_dict`` takes at learning rate 0,
+        with zero gradients, to create the optimizer's state."""
+        if self.step == self._stepped_at:
+            return
+        self._stepped_at = self.step
+        self.after_step()
 
     def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
         """Size of ``param``'s piece in ``slot``; None: no such slot (checkpoint validation)."""
@@ -233,3 +251,4 @@ class HookState(Registration):
             raise ValueError(f"cannot load {type(self).__name__} state: " + "; ".join(problems))
         checkpoint.apply(self, state, self._stats)
         self._steps_agreed = False
+        self._stepped_at = self.step  # a checkpoint is taken after the optimizer's step
