@@ -16,13 +16,24 @@ import torch
 
 from .algorithms.baselines import AllReduce, BF16Compress, FP16Compress
 from .algorithms.cser import CSER
+from .algorithms.diloco import DiLoCo
 from .algorithms.ef_signsgdm import EFSignSGDM
 from .algorithms.laq import LAQ
 from .algorithms.powersgd import PowerSGD
 from .algorithms.qsparse import QsparseLocalSGD
 from .core import HookState
 
-__all__ = ["CSER", "LAQ", "AllReduce", "BF16Compress", "EFSignSGDM", "FP16Compress", "PowerSGD", "QsparseLocalSGD"]
+__all__ = [
+    "CSER",
+    "LAQ",
+    "AllReduce",
+    "BF16Compress",
+    "DiLoCo",
+    "EFSignSGDM",
+    "FP16Compress",
+    "PowerSGD",
+    "QsparseLocalSGD",
+]
 
 
 @dataclass
@@ -40,6 +51,10 @@ def _sgdm(params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
 
 def _sgd(params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr)
+
+
+def _adamw(params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr)
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,15 @@ ENTRIES: dict[str, Entry] = {
             lr_scale=2.0,
         ),
         Entry("powersgd", "PowerSGD rank 4, warm start, error feedback", lambda **kw: PowerSGD(rank=4, **kw)),
+        # DiLoCo's inner optimizer is AdamW (at a tenth of the SGD learning rate); its outer
+        # step is the paper's (0.7, Nesterov 0.9), every 8 steps at these small scales
+        Entry(
+            "diloco",
+            "DiLoCo: 8 inner AdamW steps, outer Nesterov step on fp32 pseudo-gradients",
+            lambda **kw: DiLoCo(period=8, **kw),
+            _adamw,
+            lr_scale=0.1,
+        ),
     ]
 }
 

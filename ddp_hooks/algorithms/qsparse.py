@@ -67,6 +67,11 @@ class QsparseLocalSGD(LocalSteps, HookState):
             the last synchronization (default False: the paper keeps it).
         seed: seeds the per-worker generator (offset by rank) for randk and stochastic rounding,
             and the generator all ranks share for grbs.
+        outer_lr: with ``period > 1``, the outer step's learning rate on the averaged compressed
+            progress ``Delta`` (default 1: ``x_last -= Delta``, the paper's averaging), in (0, 10].
+        outer_momentum: the outer step's Nesterov momentum ``mu`` in [0, 1) (default 0): ``m = mu
+            m + Delta``, ``x_last -= outer_lr (Delta + mu m)`` (DiLoCo's outer optimizer; see
+            :class:`~ddp_hooks.algorithms.diloco.DiLoCo`).
         **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
 
@@ -79,6 +84,8 @@ class QsparseLocalSGD(LocalSteps, HookState):
         levels: int = 16,
         wipe_memory_on_lr_change: bool = False,
         seed: int = 0,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
         **runtime: Unpack[Runtime],
     ) -> None:
         self.compressor = check_choice("compressor", compressor, set(KINDS))
@@ -90,6 +97,8 @@ class QsparseLocalSGD(LocalSteps, HookState):
         self.levels = check_int("levels", levels, 1, 255)
         self.wipe_memory_on_lr_change = check_bool("wipe_memory_on_lr_change", wipe_memory_on_lr_change)
         self.seed = check_seed("seed", seed)
+        self.outer_lr = check_float("outer_lr", outer_lr, 0.0, 10.0, low_open=True)
+        self.outer_momentum = check_float("outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
         super().__init__(**runtime)
         self.rng = Generators(self.seed)
         self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
@@ -99,6 +108,8 @@ class QsparseLocalSGD(LocalSteps, HookState):
         )
         self._lr_at_sync: list[float] | None = None
         self.memory_slots = ("error",) if self.period == 1 else ("memory", "x_last")
+        if self.period > 1 and self.outer_momentum:
+            self.memory_slots += ("outer_momentum",)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -109,7 +120,15 @@ class QsparseLocalSGD(LocalSteps, HookState):
             "levels": self.levels,
             "wipe_memory_on_lr_change": self.wipe_memory_on_lr_change,
             "seed": self.seed,
+            **self._outer_config(),
         }
+
+    def _outer_config(self) -> dict[str, Any]:
+        """The outer step's settings, where they differ from the paper's averaging (so that
+        configurations and checkpoints of plain Qsparse-local-SGD stay as they were)."""
+        if self.outer_lr == 1.0 and not self.outer_momentum:
+            return {}
+        return {"outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum}
 
     @property
     def sync_every(self) -> int:
@@ -178,9 +197,18 @@ class QsparseLocalSGD(LocalSteps, HookState):
             with self.time(step, "decompress", last.device):
                 bad = plan.mean(gathered, mean.split(numels), local)
                 keep_unless(bad, memory, candidate)  # mem = Delta - q_i
-                add_unless(bad, last, mean, alpha=-1.0)
+                add_unless(bad, last, self._outer_step(params, mean, bad), alpha=-self.outer_lr)
                 for p, piece in zip(params, last.split(numels)):
                     p.copy_(piece.view_as(p))
+
+    def _outer_step(self, params: list[torch.Tensor], mean: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """The outer step's direction: ``Delta``, or with Nesterov momentum ``Delta + mu m``
+        after ``m = mu m + Delta`` (``m`` unchanged when ``bad``)."""
+        if not self.outer_momentum:
+            return mean
+        momentum = self.memory.flat("outer_momentum", params)
+        keep_unless(bad, momentum, momentum * self.outer_momentum + mean)
+        return mean + self.outer_momentum * momentum
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Per tensor (flattened, ``d`` elements, ``k`` kept):
 * ``qsgd``: the s-level stochastic quantizer of the whole tensor (unbiased):
   ``Q(v)_i = ||v||_2 * sgn(v_i) * xi_i / s`` with ``xi_i`` = ``floor(s|v_i|/||v||)`` rounded up
   with probability equal to the remainder.
+* ``none``: the tensor itself, fp32 (no compression; its error is always zero).
 
 Payload sizes follow from ``(d, k, s)`` only, never from the data. :meth:`Codec.paper_bits` is
 what the Qsparse paper counts: index bits ``ceil(log2 d)``, 1 sign bit, ``ceil(log2(s+1))``
@@ -29,8 +30,8 @@ from .._ext import cuda
 from . import dispatch
 from .bits import bytes_as, pack_signs, unpack_signs
 
-KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd")
-_DENSE = ("sign", "qsgd")
+KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd", "none")
+_DENSE = ("sign", "qsgd", "none")
 _FUSED = ("topk", "signtopk")  # top-k with error feedback in one CUDA kernel when it is loaded
 Encoded = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # payload, indices or None, values
 
@@ -82,7 +83,7 @@ class Codec:
         self.kind, self.numel, self.s = kind, numel, levels
         self.k = numel if kind in _DENSE else keep_count(numel, k)
         sizes = {"idx": 4 * self.k} if kind not in _DENSE and kind != "grbs" else {}
-        if kind in ("topk", "randk", "grbs"):
+        if kind in ("topk", "randk", "grbs", "none"):
             sizes["values"] = 4 * self.k
         if kind in ("signtopk", "qtopk", "sign", "qsgd"):
             sizes["signs"] = -(-self.k // 8)
@@ -105,6 +106,7 @@ class Codec:
             "qtopk": k * (1 + level + index) + 32,
             "sign": d + 32,
             "qsgd": d * (1 + level) + 32,
+            "none": 32 * d,
         }[self.kind]
 
     # ---- encode -----------------------------------------------------------------------------
@@ -147,7 +149,7 @@ class Codec:
         self, kept: torch.Tensor, generator: torch.Generator | None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The payload fields of the kept values, and the values the receivers will add."""
-        if self.kind in ("topk", "randk", "grbs"):
+        if self.kind in ("topk", "randk", "grbs", "none"):
             values = kept.clone()
             return {"values": values}, values
         if self.kind in ("signtopk", "sign"):
