@@ -16,7 +16,9 @@ def test_checkpoints_of_the_recorded_version_resume_bit_exactly():
         pytest.skip(f"no recorded checkpoints for {old_checkpoints.key()} (python tests/old_checkpoints.py)")
     recorded = torch.load(path, weights_only=False)
     results = run_world(old_checkpoints.resume, 2, str(path))
-    assert set(results[0]) == set(catalog.ENTRIES)
+    # every hook of the recorded version is still here (hooks added since have no record)
+    assert set(results[0]) == set(recorded["ranks"][0]) <= set(catalog.ENTRIES)
+    assert len(results[0]) >= 8
     for rank, by_hook in enumerate(results):
         for name, verdict in by_hook.items():
             assert verdict == "same", (recorded["version"], name, rank, verdict)
