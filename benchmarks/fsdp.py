@@ -69,21 +69,14 @@ def measure(rank: int, world: int, model_name: str, names: list[str], setting: d
         torch.manual_seed(0)
         model, x, y, loss_fn = build_model(model_name, setting["batch"], setting["size"])
         model = model.to(dev)
-        state = None
-        if name == NATIVE:
-            shard(model, mesh)
-            opt = torch.optim.SGD(model.parameters(), lr=setting["lr"], momentum=0.9)
-        else:
-            entry = catalog.ENTRIES[name]
-            shard(model, mesh["shard"])
-            opt = entry.optimizer(model.parameters(), setting["lr"] * entry.lr_scale)
-            state = entry.state().register_fsdp(model, opt, mesh=mesh)
+        sharded = Sharded(model, mesh, None if name == NATIVE else name, setting["lr"])
+        opt, state, batch = sharded.optimizer, sharded.state, (x.to(dev), y.to(dev), loss_fn)
         times, counted, before = [], None, None
         for i in range(warmup + steps):
             if i == warmup:
                 counted = _count(counter)
                 before = state.stats()["total"]["wire_bytes"] if state is not None else None
-            times.append(_step(model, opt, (x.to(dev), y.to(dev), loss_fn), dev))
+            times.append(_step(model, opt, batch, dev))
         after = _count(counter)
         out[name] = {
             "times": times[warmup:],
@@ -91,7 +84,7 @@ def measure(rank: int, world: int, model_name: str, names: list[str], setting: d
             "counted_bytes": (after - counted) / steps if counted is not None and after is not None else None,
             "params": sum(p.numel() for p in model.parameters()),
         }
-        del model, opt, state
+        del model, opt, state, sharded
     return out
 
 
@@ -186,23 +179,19 @@ class Sharded:
             entry = catalog.ENTRIES[name]
             self.optimizer = entry.optimizer(model.parameters(), lr * entry.lr_scale)
             self.state = entry.state().register_fsdp(model, self.optimizer, mesh=mesh)
-        self._native_bytes = 0.0
+        self._shard_numel = sum(p.to_local().numel() for p in model.parameters())
 
-    def traffic(self) -> dict[str, float]:
-        """Wire bytes and paper bits per worker so far (native HSDP: an fp32 ring all-reduce of
-        every shard between the replicas, counted here)."""
+    def traffic(self, steps: int) -> dict[str, float]:
+        """Wire bytes and paper bits per worker after ``steps`` steps (native HSDP: an fp32 ring
+        all-reduce of every shard between the replicas each step, counted here)."""
         if self.state is not None:
             total = self.state.stats()["total"]
             return {"wire_bytes": total["wire_bytes"], "paper_bits": total["paper_bits"]}
-        return {"wire_bytes": self._native_bytes, "paper_bits": 8 * self._native_bytes}
+        from ddp_hooks.core.stats import wire_factor
 
-    def count_native_step(self) -> None:
-        if self.state is None:
-            from ddp_hooks.core.stats import wire_factor
-
-            replicas = self.mesh["replicate"].size()
-            numel = sum(p.to_local().numel() for p in self.model.parameters())
-            self._native_bytes += 4 * numel * wire_factor("all_reduce", replicas)
+        payload = 4 * self._shard_numel * steps  # the fp32 shard, every step
+        factor = wire_factor("all_reduce", self.mesh["replicate"].size())
+        return {"wire_bytes": payload * factor, "paper_bits": 8 * payload}
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> tuple[float, float]:

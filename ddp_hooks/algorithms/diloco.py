@@ -51,8 +51,6 @@ class DiLoCo(QsparseLocalSGD):
         seed: int = 0,
         **runtime: Unpack[Runtime],
     ) -> None:
-        if not isinstance(period, bool) and isinstance(period, int) and period == 1:
-            raise ValueError("period must be at least 2 for DiLoCo (with 1, use QsparseLocalSGD), got 1")
         super().__init__(
             "none" if compressor is None else compressor,
             k=k,
@@ -63,3 +61,5 @@ class DiLoCo(QsparseLocalSGD):
             outer_momentum=outer_momentum,
             **runtime,
         )
+        if self.period < 2:
+            raise ValueError(f"period must be at least 2 for DiLoCo (with 1, use QsparseLocalSGD), got {period}")

@@ -14,7 +14,7 @@ What the algorithm sees:
   without FSDP's padding (a copy when a shard is padded, the output itself otherwise);
 * the parameters are the local shards (``DTensor.to_local()``): per-parameter memory (errors,
   momenta, warm-start factors) is kept per shard, and a matrix is its row block;
-* the worker index and count are the replica's (:class:`ReplicaGroup`);
+* the worker index and count are the replica's (:class:`Replicas`);
 * the last parameter group reduced in a backward pass ends the step.
 
 Whether a group's gradient is finite is agreed inside the shard group first (one flag per
@@ -54,7 +54,6 @@ def torch_version() -> tuple[int, int]:
 class ShardGroup:
     """One FSDP parameter group: its shards and where each lies in the flat reduce output."""
 
-    name: str
     params: list[torch.Tensor]
     #: the parameters the optimizer steps (``DTensor``), one per shard
     handles: list[torch.Tensor]
@@ -62,11 +61,11 @@ class ShardGroup:
     #: whether the shards fill the output with no padding (the output is the bucket)
     dense: bool
     #: FSDP's parameter group (its ``all_reduce_grads`` says whether this backward exchanges)
-    fsdp_group: Any = None
+    fsdp_group: Any
 
     def exchanges(self) -> bool:
         """False on a micro-step (``set_requires_all_reduce(False)``): the shard stays here."""
-        return bool(getattr(self.fsdp_group, "all_reduce_grads", True))
+        return bool(self.fsdp_group.all_reduce_grads)
 
     def fold(self, output: torch.Tensor) -> None:
         """Add the gradients FSDP accumulated on earlier micro-steps into ``output`` and zero
@@ -84,7 +83,9 @@ class ShardGroup:
         return Bucket(torch.cat(pieces), self.params, is_last)
 
     def write_back(self, reduced: torch.Tensor, output: torch.Tensor) -> None:
-        if self.dense and reduced.data_ptr() == output.data_ptr():
+        if self.dense:
+            if reduced.data_ptr() != output.data_ptr():
+                output[: reduced.numel()].copy_(reduced)
             return
         for at, piece, p in zip(self.offsets, reduced.split([p.numel() for p in self.params]), self.params):
             output[at : at + p.numel()].copy_(piece)
@@ -165,7 +166,7 @@ def shards_of(model: torch.nn.Module, shard_group: dist.ProcessGroup) -> Shards:
     if not isinstance(model, FSDPModule):
         raise ValueError(f"register_fsdp() takes the root module sharded with fully_shard, got {type(model).__name__}")
     model._get_fsdp_state()._lazy_init()  # what the first forward does: fixes the shards' storage
-    owner: dict[int, tuple[Any, Any]] = {}  # id(DTensor parameter) -> (FSDP module, FSDPParam)
+    sharded: set[int] = set()  # ids of the DTensor parameters FSDP shards
     groups: list[tuple[Any, Any]] = []
     for name, module in model.named_modules():
         if not isinstance(module, FSDPModule):
@@ -177,18 +178,18 @@ def shards_of(model: torch.nn.Module, shard_group: dist.ProcessGroup) -> Shards:
             _check_group(group, name, shard_group)
             groups.append((module, group))
             for fp in group.fsdp_params:
-                owner[id(fp.sharded_param)] = (module, fp)
+                sharded.add(id(fp.sharded_param))
     named: dict[str, torch.Tensor] = {}
     handles: dict[int, torch.Tensor] = {}
     local_of: dict[int, torch.Tensor] = {}  # id(DTensor parameter) -> its local shard
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) not in owner:
+        if id(p) not in sharded:
             raise ValueError(f"parameter {name!r} is not sharded by fully_shard: shard every module that holds one")
         local = cast(Any, p)._local_tensor  # the shard itself (to_local() may return a new alias)
         named[name], handles[id(local)], local_of[id(p)] = local, p, local
-    return Shards(named, handles, [(m, _layout(m, g, local_of)) for m, g in groups])
+    return Shards(named, handles, [(m, _layout(g, local_of)) for m, g in groups])
 
 
 def _param_groups(module: Any) -> list[Any]:
@@ -212,7 +213,7 @@ def _check_group(group: Any, name: str, shard_group: dist.ProcessGroup) -> None:
         raise ValueError(f"FSDP module {where} is sharded over ranks {ranks}, not over mesh['shard']")
 
 
-def _layout(module: Any, group: Any, local_of: dict[int, torch.Tensor]) -> ShardGroup:
+def _layout(group: Any, local_of: dict[int, torch.Tensor]) -> ShardGroup:
     params: list[torch.Tensor] = []
     handles: list[torch.Tensor] = []
     offsets: list[int] = []
@@ -228,4 +229,4 @@ def _layout(module: Any, group: Any, local_of: dict[int, torch.Tensor]) -> Shard
         else:
             dense = False
         at += padded
-    return ShardGroup(type(module).__name__, params, handles, offsets, dense, group)
+    return ShardGroup(params, handles, offsets, dense, group)

@@ -5,7 +5,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.futures import Future
 
 from .bucket import Bucket
@@ -22,16 +21,18 @@ class ShardFeed:
 
     Gradient accumulation: on micro-steps with ``set_requires_all_reduce(False)`` the hook
     leaves the shard to FSDP, which accumulates it; the exchanging backward folds the
-    accumulated gradient into its output, so the replicas exchange the whole of it."""
+    accumulated gradient into its output, so the replicas exchange the whole of it.
+
+    ``agree_flag`` takes the maximum of a flag over the ranks of this rank's replica."""
 
     def __init__(
         self,
         feed: Callable[[Bucket], Future[torch.Tensor]],
-        shard_group: dist.ProcessGroup,
+        agree_flag: Callable[[torch.Tensor], torch.Tensor],
         holds: Callable[[], bool],
     ) -> None:
         self._feed = feed
-        self._shard_group = shard_group
+        self._agree_flag = agree_flag
         self._holds = holds
         self._groups: list[ShardGroup] = []
         self._seen: set[int] = set()
@@ -56,9 +57,8 @@ class ShardFeed:
         group.fold(output)
         is_last = self._count(group)
         bucket = group.bucket_of(output, is_last)
-        bad = as_flag(nonfinite(bucket.buffer))
-        dist.all_reduce(bad, group=self._shard_group)  # a bad shard anywhere: bad on every rank
-        poison(bucket.buffer, is_set(bad))
+        # a bad shard on any rank of the replica: bad on each of them
+        poison(bucket.buffer, is_set(self._agree_flag(as_flag(nonfinite(bucket.buffer)))))
         future = self._feed(bucket)
         if not is_last and self._holds():
             self._pending.append((group, future))

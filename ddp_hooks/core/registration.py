@@ -32,6 +32,7 @@ class Registration(Binding):
     """The model-facing half of :class:`~ddp_hooks.core.HookState`."""
 
     sparse_gradients: bool
+    step: int
     _seen: SeenParameters
     _link: OptimizerLink
 
@@ -136,14 +137,19 @@ class Registration(Binding):
                 "process_group must be left unset for register_fsdp: the state runs over mesh['replicate']"
             )
         found = fsdp.shards_of(model, shard)
-        self._group_arg, self._carrier = replicate, fsdp.Replicas(blocks, shard)
         # every rank alike (the model by its global shapes) before any group is made; each
-        # replicate group then agrees on its shards at binding
-        fields = {k: v for k, v in self.config().items() if k != "shard"}
-        fields.update(algorithm=type(self).__name__, version=__version__, model=ModelView(model).digest())
-        agree(fsdp.world(), fields, type(self).__name__)
+        # replicate group then agrees on its shards, and which shard, at binding
+        name = type(self).__name__
+        fields = {"algorithm": name, "version": __version__, **self.config(), "model": ModelView(model).digest()}
+        agree(fsdp.world(), fields, name)
+        self._group_arg, self._carrier = replicate, fsdp.Replicas(blocks, shard)
         self._adopt(model, ModelView(model, found.named, found.handles))
         self._ready()
         self._follow(optimizer)
-        ShardFeed(self.feed, shard, self.needs_last_bucket).install(found.groups)
+        carrier = self._carrier
+
+        def agree_flag(flag: torch.Tensor) -> torch.Tensor:
+            return carrier.combine(flag, self.step, largest=True)
+
+        ShardFeed(self.feed, agree_flag, self.needs_last_bucket).install(found.groups)
         return self

@@ -29,9 +29,9 @@ from .model import PYTHON_REDUCER, ModelView, SeenParameters
 from .node import NodeSize, check_node_size
 from .optimizer import OptimizerLink
 from .registration import Registration, comm_hook
+from .stats import Stats
 
 __all__ = ["HookState", "comm_hook"]
-from .stats import Stats
 
 
 class HookState(Registration):
