@@ -8,7 +8,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
 from ddp_hooks._ext import cpu
-from ddp_hooks.compress.laq import pack_codes, quantize_step, unpack_codes
+from ddp_hooks.compress.bits import pack_codes, unpack_codes
+from ddp_hooks.compress.laq import quantize_step
 from ddp_hooks.testing import run_world
 
 from models import value_errors

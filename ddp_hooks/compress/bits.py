@@ -12,7 +12,16 @@ from .._ext import cpu
 from . import dispatch, reference
 from .reference import pack_bits, packed_size, unpack_bits
 
-__all__ = ["bytes_as", "pack_bits", "pack_signs", "packed_size", "unpack_bits", "unpack_signs"]
+__all__ = [
+    "bytes_as",
+    "pack_bits",
+    "pack_codes",
+    "pack_signs",
+    "packed_size",
+    "unpack_bits",
+    "unpack_codes",
+    "unpack_signs",
+]
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
@@ -40,3 +49,20 @@ def bytes_as(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if out.numel():  # an empty field (a tensor of no elements) has no bytes to copy
         out.view(torch.uint8).copy_(raw)
     return out
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes of ``bits`` bits each into ``ceil(len * bits / 8)`` bytes."""
+    if dispatch.usable("pack_codes", codes) and codes.dtype == torch.uint8:
+        return cpu.pack_codes(codes, bits)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    planes = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)  # bit j of code i at i*bits + j
+    return pack_bits(planes.bool())
+
+
+def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`; ``packed`` may be ``(..., nbytes)``."""
+    planes = unpack_bits(packed, count * bits).view(torch.uint8)
+    planes = planes.view(*packed.shape[:-1], count, bits)
+    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
+    return (planes * weights).sum(-1, dtype=torch.uint8)

@@ -18,7 +18,7 @@ import torch
 
 from .._ext import cpu
 from . import dispatch
-from .bits import bytes_as, pack_bits, unpack_bits
+from .bits import bytes_as, pack_codes, unpack_codes
 
 
 @dataclass
@@ -108,23 +108,6 @@ def add_dequantized(total: torch.Tensor, packed: torch.Tensor, radius: torch.Ten
         return cpu.unpack_dequantize(packed, n, bits, (float(radius), float(unit)), total, accumulate=True)
     codes = unpack_codes(packed, n, bits).to(total.dtype)
     return total.add_(torch.zeros_like(total).sub_(radius).add_(codes.mul_(unit)))
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes of ``bits`` bits each into ``ceil(len * bits / 8)`` bytes."""
-    if dispatch.usable("pack_codes", codes) and codes.dtype == torch.uint8:
-        return cpu.pack_codes(codes, bits)
-    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
-    planes = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)  # bit j of code i at i*bits + j
-    return pack_bits(planes.bool())
-
-
-def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`; ``packed`` may be ``(..., nbytes)``."""
-    planes = unpack_bits(packed, count * bits).view(torch.uint8)
-    planes = planes.view(*packed.shape[:-1], count, bits)
-    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
-    return (planes * weights).sum(-1, dtype=torch.uint8)
 
 
 def model_change(params: list[torch.Tensor], previous: torch.Tensor) -> torch.Tensor:
