@@ -15,11 +15,16 @@ Per tensor (flattened, ``d`` elements, ``k`` kept):
 * ``qsgd``: the s-level stochastic quantizer of the whole tensor (unbiased):
   ``Q(v)_i = ||v||_2 * sgn(v_i) * xi_i / s`` with ``xi_i`` = ``floor(s|v_i|/||v||)`` rounded up
   with probability equal to the remainder.
+* ``int8`` / ``2bit``: the uniform ``b``-bit quantizer of the whole tensor (``b`` = 8 or 2):
+  ``2^b`` levels evenly spaced over ``[-m, m]``, ``m = max |v|``, each element rounded to the
+  nearest (deterministic, biased; error feedback carries the rest): packed codes + one fp32 ``m``.
+* ``topk-int8`` / ``topk-2bit``: top-k, then that quantizer on the kept values (SparseLoCo's
+  2-bit top-k): int32 indices + packed codes + one fp32 ``m``.
 * ``none``: the tensor itself, fp32 (no compression; its error is always zero).
 
 Payload sizes follow from ``(d, k, s)`` only, never from the data. :meth:`Codec.paper_bits` is
 what the Qsparse paper counts: index bits ``ceil(log2 d)``, 1 sign bit, ``ceil(log2(s+1))``
-level bits, 32 bits per value or scale (docs/algorithms.md, "Qsparse").
+level bits, ``b`` bits per uniform code, 32 bits per value or scale (docs/algorithms.md, "Qsparse").
 """
 
 import math
@@ -28,10 +33,11 @@ import torch
 
 from .._ext import cuda
 from . import dispatch
-from .bits import bytes_as, pack_signs, unpack_signs
+from .bits import bytes_as, pack_codes, pack_signs, unpack_codes, unpack_signs
 
-KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd", "none")
-_DENSE = ("sign", "qsgd", "none")
+KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd", "int8", "2bit", "topk-int8", "topk-2bit", "none")
+UNIFORM_BITS = {"int8": 8, "2bit": 2, "topk-int8": 8, "topk-2bit": 2}  # the uniform quantizers' code bits
+_DENSE = ("sign", "qsgd", "int8", "2bit", "none")
 _FUSED = ("topk", "signtopk")  # top-k with error feedback in one CUDA kernel when it is loaded
 Encoded = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # payload, indices or None, values
 
@@ -70,6 +76,22 @@ def quantize(v: torch.Tensor, s: int, noise: torch.Tensor) -> torch.Tensor:
     return quantized
 
 
+def uniform_codes(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest of ``2^bits`` levels evenly spaced over ``[-m, m]``, ``m = max |v|``: (uint8
+    codes, ``m`` as a 1-element fp32 tensor)."""
+    top = 2**bits - 1
+    scale = v.abs().amax().reshape(1) if v.numel() else v.new_zeros(1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = ((v / safe + 1.0) * (top / 2)).round_().clamp_(0, top).to(torch.uint8)
+    return codes, scale
+
+
+def uniform_values(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The values of :func:`uniform_codes`' codes (any leading shape; ``scale`` broadcasts)."""
+    values: torch.Tensor = (codes.to(torch.float32) * (2.0 / (2**bits - 1)) - 1.0) * scale
+    return values
+
+
 def qtopk_beta(k: int, s: int) -> float:
     return min(k / s**2, math.sqrt(k) / s)
 
@@ -90,6 +112,10 @@ class Codec:
             sizes["scale"] = 4
         if kind in ("qtopk", "qsgd"):
             sizes["levels"] = self.k
+        self.bits = UNIFORM_BITS.get(kind, 0)
+        if self.bits:
+            sizes["codes"] = -(-self.k * self.bits // 8)
+            sizes["scale"] = 4
         self._fields = sizes
         self.nbytes = sum(sizes.values())
 
@@ -107,7 +133,7 @@ class Codec:
             "sign": d + 32,
             "qsgd": d * (1 + level) + 32,
             "none": 32 * d,
-        }[self.kind]
+        }.get(self.kind, k * (self.bits + index) + 32)
 
     # ---- encode -----------------------------------------------------------------------------
     def encode(self, v: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
@@ -155,6 +181,10 @@ class Codec:
         if self.kind in ("signtopk", "sign"):
             scale = sign_scale(kept, self.k)
             return {"signs": pack_signs(kept), "scale": scale.view(1)}, torch.where(kept >= 0, scale, -scale)
+        if self.bits:
+            codes, scale = uniform_codes(kept, self.bits)
+            packed = codes if self.bits == 8 else pack_codes(codes, self.bits)
+            return {"codes": packed, "scale": scale}, uniform_values(codes, scale, self.bits)
         noise = torch.rand(self.k, generator=generator).to(kept.device, non_blocking=True)  # qtopk, qsgd
         norm = torch.linalg.vector_norm(kept)
         safe = torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -185,6 +215,9 @@ class Codec:
         if "values" in parts:
             return idx, bytes_as(parts["values"], torch.float32).view(n, self.k)
         scale = bytes_as(parts["scale"], torch.float32)  # (n, 1)
+        if self.bits:
+            codes = parts["codes"] if self.bits == 8 else unpack_codes(parts["codes"], self.k, self.bits)
+            return idx, uniform_values(codes, scale, self.bits)
         signs = unpack_signs(parts["signs"], self.k)
         if "levels" in parts:
             signs = signs * parts["levels"].to(torch.float32)
