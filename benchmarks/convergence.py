@@ -13,8 +13,9 @@ Suites:
   hooks    every hook of the catalog (the demo's settings)
   cser     CSER vs EF-SGD and Qsparse-local-SGD with the same shared-random compressor, and
            uncompressed SGD, at overall ratios 32, 256 and 1024 (the CSER paper's comparison)
-  qsparse  bits to reach a target accuracy: SignTopK with H in {1, 4, 8}, TopK-SGD, EF-signSGD
-           and SGD (the Qsparse paper's Fig. 1c comparison)
+  qsparse  bits to reach a target accuracy: SignTopK with H in {1, 4, 8}, synchronous and
+           asynchronous (H = 8, staggered and random schedules), TopK-SGD, EF-signSGD and SGD
+           (the Qsparse paper's Fig. 1c and Fig. 3 comparisons)
   nodes    every hook of the catalog flat and node-aware (``--node-size``, default 2: with the
            default 4 workers, 2 nodes of 2); node-aware wire bytes are the bytes between nodes
   fsdp     native HSDP and every hook of the catalog through ``register_fsdp`` on the model
@@ -146,6 +147,14 @@ def suite(name: str, node_size: int = 2) -> list[dict]:
                     "label": f"SignTopK H={h}",
                     "kind": "qsparse",
                     "args": {"compressor": "signtopk", "k": 0.01, "period": h},
+                }
+            )
+        for schedule in ("staggered", "random"):  # asynchronous: each worker on its own steps
+            out.append(
+                {
+                    "label": f"SignTopK H=8 {schedule}",
+                    "kind": "qsparse",
+                    "args": {"compressor": "signtopk", "k": 0.01, "period": 8, "schedule": schedule},
                 }
             )
         out.append({"label": "TopK-SGD", "kind": "qsparse", "args": {"compressor": "topk", "k": 0.01, "period": 1}})

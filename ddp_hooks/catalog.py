@@ -16,7 +16,7 @@ import torch
 
 from .algorithms.baselines import AllReduce, BF16Compress, FP16Compress
 from .algorithms.cser import CSER
-from .algorithms.diloco import DiLoCo
+from .algorithms.diloco import DiLoCo, SparseLoCo
 from .algorithms.ef_signsgdm import EFSignSGDM
 from .algorithms.laq import LAQ
 from .algorithms.powersgd import PowerSGD
@@ -33,6 +33,7 @@ __all__ = [
     "FP16Compress",
     "PowerSGD",
     "QsparseLocalSGD",
+    "SparseLoCo",
 ]
 
 
@@ -117,6 +118,13 @@ ENTRIES: dict[str, Entry] = {
             _adamw,
             lr_scale=0.02,
         ),
+        Entry(
+            "sparseloco",
+            "SparseLoCo: 8 inner AdamW steps, 2-bit top-5% pseudo-gradients with decaying error feedback",
+            lambda **kw: SparseLoCo(period=8, k=0.05, **kw),
+            _adamw,
+            lr_scale=0.02,
+        ),
     ]
 }
 
@@ -154,6 +162,18 @@ PATHS: dict[str, Entry] = {
         ),
         Entry(
             "qsparse-topk-p1", "Qsparse, top-k every step", lambda **kw: QsparseLocalSGD("topk", k=0.1, period=1, **kw)
+        ),
+        Entry(
+            "qsparse-staggered",
+            "Qsparse, asynchronous: workers take turns every 2 steps",
+            lambda **kw: QsparseLocalSGD("signtopk", k=0.1, period=2, schedule="staggered", **kw),
+        ),
+        Entry(
+            "diloco-streaming",
+            "DiLoCo, 2 fragments, int8, applied 1 step late",
+            lambda **kw: DiLoCo(period=2, fragments=2, delay=1, compressor="int8", **kw),
+            _adamw,
+            lr_scale=0.02,
         ),
         Entry("laq-dense", "LAQ, dense wire", lambda **kw: LAQ(bits=4, wire="dense", **kw), _sgd),
         Entry("laq-uploads", "LAQ, uploads wire (reads its flags on the host)", lambda **kw: LAQ(bits=4, **kw), _sgd),

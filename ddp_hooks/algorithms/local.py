@@ -28,10 +28,18 @@ class LocalSteps:
 
     def after_step(self) -> None:
         self.local_steps += 1
-        if self.sync_every and self.local_steps % self.sync_every == 0:
-            step = max(0, self.step - 1)
-            self.synchronize(step)
+        step = max(0, self.step - 1)
+        if self.sync_every and self.synchronize_at(self.local_steps, step):
             self.publish(step)  # every rank serving this worker takes the owners' values
+
+    def synchronize_at(self, t: int, step: int) -> bool:
+        """After the ``t``-th optimizer step (training step ``step``): synchronize if due.
+        Returns whether this worker's parameters changed (default: every ``sync_every`` steps,
+        :meth:`synchronize`)."""
+        if t % self.sync_every:
+            return False
+        self.synchronize(step)
+        return True
 
     def synchronize(self, step: int) -> None:
         """The algorithm's periodic synchronization, attributed to training step ``step``."""

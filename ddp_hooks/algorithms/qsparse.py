@@ -20,8 +20,13 @@ With ``period = 1`` it is error-compensated compressed SGD as a plain gradient h
 (gradient units, momentum in the optimizer after aggregation): ``p_i = g_i + e_i``,
 ``q_i = QComp(p_i)``, ``e_i = p_i - q_i``, gradient ``= mean_j q_j``.
 
-The asynchronous variant (each worker on its own schedule) needs a parameter server and is not
-offered: DDP's collectives need every rank at every synchronization.
+Asynchronous mode (``schedule="staggered"`` or ``"random"``): each worker synchronizes on its
+own schedule (any gap at most ``H``) with the master model, which takes each worker's
+compressed update ``q_r / n`` as it arrives. Every rank keeps a replica of the master (one more
+model copy), the due workers' payloads cross, every rank applies them in worker order, and the
+due workers adopt the master (:mod:`.outer`). ``fragments`` and ``delay`` stream the
+synchronization (Streaming DiLoCo): fragment ``f`` of the parameters is exchanged every ``H``
+steps at offset ``f H / F``, and applied ``delay`` steps later.
 """
 
 from typing import Any
@@ -38,20 +43,19 @@ from ..core import (
     Generators,
     HookState,
     Runtime,
-    add_unless,
     check_bool,
     check_choice,
     check_float,
     check_int,
     check_seed,
-    keep_unless,
     poison,
 )
 from ..core.layouts import LayoutCache
-from .local import LocalSteps
+from .outer import OuterSteps
+from .schedules import SCHEDULES, Schedule
 
 
-class QsparseLocalSGD(LocalSteps, HookState):
+class QsparseLocalSGD(OuterSteps, HookState):
     """Qsparse-local-SGD state.
 
     ``state = ddp_hooks.QsparseLocalSGD("signtopk", k=1000, period=8).register(ddp, optimizer)``
@@ -59,7 +63,9 @@ class QsparseLocalSGD(LocalSteps, HookState):
     Args:
         compressor: ``"signtopk"`` (the paper's choice), ``"qtopk"``, ``"topk"``, ``"randk"``,
             ``"grbs"`` (shared random elements: with ``period=1`` EF-SGD over GRBS, the CSER
-            paper's baseline), ``"sign"`` (EF-signSGD) or ``"qsgd"``.
+            paper's baseline), ``"sign"`` (EF-signSGD), ``"qsgd"``, the uniform quantizers
+            ``"int8"`` / ``"2bit"`` (dense) and ``"topk-int8"`` / ``"topk-2bit"`` (of the top-k),
+            or ``"none"`` (fp32).
         k: elements kept per tensor, a count (int >= 1) or a fraction in (0, 1).
         period: local steps between synchronizations ``H`` (1: a plain gradient hook).
         levels: quantization levels ``s`` for ``qtopk`` / ``qsgd``, in [1, 255].
@@ -72,6 +78,18 @@ class QsparseLocalSGD(LocalSteps, HookState):
         outer_momentum: the outer step's Nesterov momentum ``mu`` in [0, 1) (default 0): ``m = mu
             m + Delta``, ``x_last -= outer_lr (Delta + mu m)`` (DiLoCo's outer optimizer; see
             :class:`~ddp_hooks.algorithms.diloco.DiLoCo`).
+        schedule: ``"sync"`` (default: every worker every ``period`` steps), or asynchronous:
+            ``"staggered"`` (worker ``r`` of ``n`` at offset ``r period / n``) or ``"random"``
+            (seeded gaps of ``ceil(period/2) ... period`` steps, different per worker).
+        fragments: ``F`` >= 1, at most ``period``: the parameters in ``F`` consecutive groups of
+            whole tensors balanced by size, fragment ``f`` synchronized every ``period`` steps at
+            offset ``f period / F`` (streaming: the link carries ``1/F`` of the model at a time).
+        delay: ``tau`` in [0, period): the exchange launched after a step is applied ``tau``
+            steps later, overlapping the inner steps in between (streaming).
+        mix: when a delayed exchange lands, the worker takes ``mix x_local + (1 - mix) x``, in
+            [0, 1) (default 0.5).
+        error_decay: ``beta`` in (0, 1]: the memory decays by ``beta`` before the next progress
+            is added (SparseLoCo's error-feedback accumulator; default 1: the paper's memory).
         **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
 
@@ -86,6 +104,11 @@ class QsparseLocalSGD(LocalSteps, HookState):
         seed: int = 0,
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
+        schedule: str = "sync",
+        fragments: int = 1,
+        delay: int = 0,
+        mix: float = 0.5,
+        error_decay: float = 1.0,
         **runtime: Unpack[Runtime],
     ) -> None:
         self.compressor = check_choice("compressor", compressor, set(KINDS))
@@ -99,7 +122,10 @@ class QsparseLocalSGD(LocalSteps, HookState):
         self.seed = check_seed("seed", seed)
         self.outer_lr = check_float("outer_lr", outer_lr, 0.0, 10.0, low_open=True)
         self.outer_momentum = check_float("outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
+        self._check_streaming(schedule, fragments, delay, mix, error_decay)
         super().__init__(**runtime)
+        self.schedule = Schedule(schedule, self.period, self.seed)
+        self._init_outer()
         self.rng = Generators(self.seed)
         self._plans = LayoutCache(lambda params: MessagePlan(params, self.compressor, self.k, self.levels))
         # fp32 workspaces of a layout (p = g + e or the progress, the decoded mean): none per step
@@ -107,9 +133,20 @@ class QsparseLocalSGD(LocalSteps, HookState):
             lambda params: [torch.empty(sum(t.numel() for t in params), device=params[0].device) for _ in range(2)]
         )
         self._lr_at_sync: list[float] | None = None
-        self.memory_slots = ("error",) if self.period == 1 else ("memory", "x_last")
-        if self.period > 1 and self.outer_momentum:
-            self.memory_slots += ("outer_momentum",)
+        self.memory_slots = ("error",) if self.period == 1 else self.outer_slots()
+
+    def _check_streaming(self, schedule: str, fragments: int, delay: int, mix: float, decay: float) -> None:
+        check_choice("schedule", schedule, set(SCHEDULES))
+        self.fragments = check_int("fragments", fragments, 1, max(1, self.period))
+        self.delay = check_int("delay", delay, 0, self.period - 1)
+        self.mix = check_float("mix", mix, 0.0, 1.0, high_open=True)
+        self.error_decay = check_float("error_decay", decay, 0.0, 1.0, low_open=True)
+        if schedule != "sync" and (self.period == 1 or self.fragments > 1 or self.delay):
+            raise ValueError(f"schedule={schedule!r} needs period > 1, fragments=1 and delay=0")
+        if self.compressor == "grbs" and (schedule != "sync" or self.delay):
+            raise ValueError("compressor 'grbs' draws its elements together on every rank: schedule='sync', delay=0")
+        if self.fragments > 1 and self.wipe_memory_on_lr_change:
+            raise ValueError("wipe_memory_on_lr_change works with fragments=1")
 
     def config(self) -> dict[str, Any]:
         return {
@@ -124,11 +161,18 @@ class QsparseLocalSGD(LocalSteps, HookState):
         }
 
     def _outer_config(self) -> dict[str, Any]:
-        """The outer step's settings, where they differ from the paper's averaging (so that
-        configurations and checkpoints of plain Qsparse-local-SGD stay as they were)."""
-        if self.outer_lr == 1.0 and not self.outer_momentum:
-            return {}
-        return {"outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum}
+        """The outer loop's settings, where they differ from the paper's synchronous averaging
+        (so that configurations and checkpoints of plain Qsparse-local-SGD stay as they were)."""
+        out: dict[str, Any] = {}
+        if self.outer_lr != 1.0 or self.outer_momentum:
+            out.update(outer_lr=self.outer_lr, outer_momentum=self.outer_momentum)
+        if self.schedule.kind != "sync":
+            out["schedule"] = self.schedule.kind
+        if self.fragments > 1 or self.delay:
+            out.update(fragments=self.fragments, delay=self.delay, mix=self.mix)
+        if self.error_decay != 1.0:
+            out["error_decay"] = self.error_decay
+        return out
 
     @property
     def sync_every(self) -> int:
@@ -142,9 +186,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
 
     def on_attach(self) -> None:
         if self.period > 1:
-            for p in self.served_params():
-                if self.memory.get("x_last", p) is None:
-                    self.memory.set("x_last", p, p)
+            self.start_outer()
 
     # ---- the hook ---------------------------------------------------------------------------
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
@@ -173,46 +215,18 @@ class QsparseLocalSGD(LocalSteps, HookState):
 
         return chain(self.transport.all_gather(payload, step), finish)
 
-    # ---- synchronization (period > 1, after every `period` optimizer steps) -----------------
-    def synchronize(self, step: int) -> None:
-        """Delta_i = mem_i + (x_last - x_i); q_i = QComp(Delta_i); mem_i = Delta_i - q_i;
-        x_i = x_last = x_last - mean_j q_j. Nothing moves if any rank's Delta is not finite."""
-        params = self.served_params()
-        plan = self._plans.get(params, step)
-        candidate, mean = self._workspaces.get(params, step)
+    # ---- synchronization (period > 1: :mod:`.outer`) ------------------------------------------
+    def before_send(self, params: list[torch.Tensor]) -> None:
+        """Zero the memory at a learning-rate change, if asked to."""
         lrs = self.learning_rates(params)
         if self.wipe_memory_on_lr_change and self._lr_at_sync is not None and lrs != self._lr_at_sync:
             self.memory.clear("memory")
         self._lr_at_sync = lrs
-        memory = self.memory.flat("memory", params)
-        last = self.memory.flat("x_last", params)
-        numels = [p.numel() for p in params]
-        with torch.no_grad():
-            with self.time(step, "compress", last.device):
-                progress = [x0 - p.detach().reshape(-1) for x0, p in zip(last.split(numels), params)]  # x_last - x
-                candidate.copy_(memory)
-                payload, local = plan.encode_ef(progress, candidate.split(numels), (self.rng.rank, self.rng.shared))
-            self.count_bits(step, plan.paper_bits)
-            gathered = self.transport.all_gather(payload, step).wait()
-            with self.time(step, "decompress", last.device):
-                bad = plan.mean(gathered, mean.split(numels), local)
-                keep_unless(bad, memory, candidate)  # mem = Delta - q_i
-                add_unless(bad, last, self._outer_step(params, mean, bad), alpha=-self.outer_lr)
-                for p, piece in zip(params, last.split(numels)):
-                    p.copy_(piece.view_as(p))
-
-    def _outer_step(self, params: list[torch.Tensor], mean: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-        """The outer step's direction: ``Delta``, or with Nesterov momentum ``Delta + mu m``
-        after ``m = mu m + Delta`` (``m`` unchanged when ``bad``)."""
-        if not self.outer_momentum:
-            return mean
-        momentum = self.memory.flat("outer_momentum", params)
-        keep_unless(bad, momentum, momentum * self.outer_momentum + mean)
-        return mean + self.outer_momentum * momentum
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"rng": self.rng.state_dict(), "lr_at_sync": self._lr_at_sync, **self.local_state()}
+        own = {"rng": self.rng.state_dict(), "lr_at_sync": self._lr_at_sync}
+        return {**own, **self.local_state(), **self.flights_state()}
 
     def check_extra(self, extra: Any) -> list[str]:
         lrs = extra.get("lr_at_sync")
@@ -220,6 +234,7 @@ class QsparseLocalSGD(LocalSteps, HookState):
         return (
             Generators.problems(extra.get("rng"))
             + self.check_local_state(extra)
+            + self.check_flights(extra)
             + ([] if ok_lrs else ["extra['lr_at_sync'] must be None or a list of floats"])
         )
 
@@ -227,3 +242,4 @@ class QsparseLocalSGD(LocalSteps, HookState):
         self.rng.load_state_dict(state["rng"])
         self._lr_at_sync = state["lr_at_sync"]
         self.load_local_state(state)
+        self.load_flights(state)

@@ -24,6 +24,9 @@ class MessagePlan:
         for c in self.codecs:
             self.offsets.append(self.offsets[-1] + c.nbytes)
         self.paper_bits = sum(c.paper_bits() for c in self.codecs)
+        self.nbytes = self.offsets[-1] + 4  # a message: the payloads and the flag
+        #: fp32 values and an fp32 flag: messages that add up (an all-reduce carries them)
+        self.summable = all(c.kind == "none" for c in self.codecs)
 
     def encode(
         self, vectors: Sequence[torch.Tensor], generator: torch.Generator, shared: torch.Generator
@@ -51,18 +54,34 @@ class MessagePlan:
         bad = as_flag(torch.stack([nonfinite(v) for v in inputs]).any())
         return torch.cat([*payloads, bad.view(torch.uint8)])
 
-    def mean(self, gathered: torch.Tensor, outputs: Sequence[torch.Tensor], local: list[Message]) -> torch.Tensor:
-        """Write ``mean_j q_j`` of every tensor into ``outputs`` (flat fp32, zeroed here);
-        workers are added in rank order, so every rank computes the same floats. Returns the
-        0-d flag: was any rank's message not finite?"""
+    def mean(
+        self,
+        gathered: torch.Tensor,
+        outputs: Sequence[torch.Tensor],
+        local: list[Message] | None,
+        divisor: int | None = None,
+    ) -> torch.Tensor:
+        """Write ``sum_j q_j / divisor`` (default: the mean over the rows) of every tensor into
+        ``outputs`` (flat fp32, zeroed here); the rows are added in order, so every rank
+        computes the same floats. ``local``: this rank's own messages (the indices of a
+        shared-index codec). Returns the 0-d flag: was any row's message not finite?"""
         n = gathered.shape[0]
         for k, (codec, out) in enumerate(zip(self.codecs, outputs)):
-            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]], local[k][0])
+            own = None if local is None else local[k][0]
+            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]], own)
             out.zero_()
             for j in range(n):
                 if idx is None:
                     out.add_(values[j])
                 else:
                     out.index_add_(0, idx[j], values[j])  # indices unique within a payload
-            out.div_(n)
+            out.div_(n if divisor is None else divisor)
         return is_set(bytes_as(gathered[:, -4:], torch.float32))
+
+    def mean_of_sum(self, summed: torch.Tensor, outputs: Sequence[torch.Tensor], divisor: int) -> torch.Tensor:
+        """Like :meth:`mean` for the element-wise sum of :attr:`summable` messages (one row of
+        bytes): ``outputs = sum / divisor``; the flag is set if any message's was."""
+        values = bytes_as(summed[:, :-4], torch.float32).reshape(-1)
+        for k, out in enumerate(outputs):
+            out.copy_(values[self.offsets[k] // 4 : self.offsets[k + 1] // 4]).div_(divisor)
+        return is_set(bytes_as(summed[:, -4:], torch.float32))

@@ -56,6 +56,7 @@ class Stats:
         self._lock = threading.Lock()
         self._steps: dict[int, dict[str, float]] = {}
         self._total = dict.fromkeys(COUNTERS, 0.0)
+        self._peak = 0.0  # the most bytes this rank sent in one step
         self._pending_events: list[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def _add(self, step: int, key: str, value: float) -> None:
@@ -67,6 +68,8 @@ class Stats:
                     del self._steps[old]
             record[key] += value
             self._total[key] += value
+            if key == "sent_bytes":
+                self._peak = max(self._peak, record[key])
 
     def collective(self, step: int, kind: str, sent: int, received: int, wire: float | None = None) -> None:
         """Record one collective of ``kind`` with input ``sent`` and output ``received`` bytes;
@@ -124,15 +127,17 @@ class Stats:
             bits = record["paper_bits"]
             record["paper_ratio"] = 32 * record["elements"] / bits if bits > 0 else float("inf")
         total["steps"] = completed_steps
+        total["peak_sent_bytes"] = self._peak
         return {"world_size": self.world_size, "last_step": last, "total": total}
 
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
-            return {"total": dict(self._total)}
+            return {"total": dict(self._total), "peak_sent_bytes": self._peak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self._lock:
             self._total.update({k: float(v) for k, v in state["total"].items()})
+            self._peak = float(state.get("peak_sent_bytes", 0.0))
 
     @staticmethod
     def problems(saved: object) -> list[str]:
@@ -143,4 +148,7 @@ class Stats:
         bad = [
             k for k, v in total.items() if k not in COUNTERS or isinstance(v, bool) or not isinstance(v, (int, float))
         ]
+        peak = saved.get("peak_sent_bytes", 0.0) if isinstance(saved, dict) else 0.0
+        if isinstance(peak, bool) or not isinstance(peak, (int, float)):
+            bad.append("peak_sent_bytes")
         return [f"stats: unknown or non-numeric counters {sorted(bad)}"] if bad else []
