@@ -7,6 +7,7 @@ dead peers."""
 
 import copy
 import math
+import os
 import random
 
 import pytest
@@ -21,6 +22,8 @@ from ddp_hooks.compress.sparse_plan import MessagePlan
 from ddp_hooks.testing import run_world
 
 from models import batches, params_of, value_errors
+
+OLD_TORCH = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7)
 
 PERIOD, STEPS = 4, 12
 
@@ -254,21 +257,30 @@ def _resume_world(rank, world, kind, kw, cut):
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()})
     in_flight = len(saved["hook"]["extra"].get("in_flight", []))
     model, ddp, opt, state = _setup(kind, kw)
+    refused = ""
+    if in_flight:  # an exchange that does not fit this run is refused, naming it
+        bad = copy.deepcopy(saved["hook"])
+        bad["extra"]["in_flight"][0]["land"] = 10**6
+        try:
+            state.load_state_dict(bad)
+        except ValueError as exc:
+            refused = str(exc)
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
     state.load_state_dict(saved["hook"])
     _steps(ddp, opt, data[cut:])
-    return straight, params_of(model), in_flight
+    return straight, params_of(model), in_flight, refused
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_resumes_bit_exactly_mid_schedule(name):
     kind, kw = CONFIGS[name]
     cut = 6  # streaming: fragment 1 launched after step 6, applied after step 7 or 8
-    for straight, resumed, in_flight in run_world(_resume_world, 2, kind, kw, cut):
+    for straight, resumed, in_flight, refused in run_world(_resume_world, 2, kind, kw, cut):
         for a, b in zip(straight, resumed):
             assert torch.equal(a, b)
         assert in_flight == (1 if kw.get("delay") else 0)
+        assert ("in_flight" in refused) == bool(in_flight), refused
 
 
 def _nonfinite_world(rank, world, kind, kw, bad_step):
@@ -314,3 +326,65 @@ def test_bad_arguments_raise_value_error_naming_them():
         assert name in message, message
     for message, name in zip(value_errors(dh.SparseLoCo, [{"bits": 4}, {"period": 1}]), ["bits", "period"]):
         assert name in message, message
+
+
+def _dead_peer_world(rank, world, kind, kw):
+    model, ddp, opt, state = _setup(kind, kw)
+    for t, (x, y) in enumerate(batches(rank, STEPS)):
+        if rank == 1 and t == 5:
+            os._exit(7)  # dies between its steps; the others are mid-schedule
+        try:
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        except Exception as exc:  # noqa: BLE001 - what the survivor saw is the result
+            return t, f"{type(exc).__name__}: {exc}"
+    return None, ""
+
+
+@pytest.mark.parametrize("name", ["staggered", "streaming-in-flight"])
+def test_a_dead_peer_fails_every_survivor(name):
+    kind, kw = CONFIGS[name]
+    results = run_world(_dead_peer_world, 3, kind, kw, may_die=(1,), timeout=120)
+    for rank in (0, 2):
+        failed_at, error = results[rank]
+        assert failed_at == 5, results[rank]
+        assert "ddp_hooks:" in error or "Connection closed" in error or "Timed out" in error, error
+
+
+def _fsdp_world(rank, world, kind, kw):
+    from test_fsdp import _mesh, _shard_one
+
+    mesh = _mesh()
+    model = _Net()
+    for layer in (model.a, model.b):
+        _shard_one(layer, mesh["shard"])
+    _shard_one(model, mesh["shard"])
+    opt = _inner_of(kind)(model.parameters())
+    state = dh.QsparseLocalSGD("none", period=PERIOD, **kw) if kind == "qsparse" else _state(kind, **kw)
+    state.register_fsdp(model, opt, mesh=mesh)
+    for x, y in batches(rank, STEPS):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.full_tensor() for p in model.parameters()]
+
+
+@pytest.mark.skipif(OLD_TORCH, reason=f"FSDP2's all-reduce hook needs torch 2.7, this is {torch.__version__}")
+@pytest.mark.parametrize(
+    "kind, kw",
+    [("qsparse", {"schedule": "staggered"}), ("diloco", {"fragments": 2, "delay": 1})],
+    ids=["staggered", "streaming"],
+)
+def test_the_replicas_of_a_sharded_model_are_the_workers(kind, kw):
+    """2 replicas x 2 shards (FSDP2): a replica is one worker, fragments are cut from whole
+    tensors although each rank holds shards of them."""
+    results = run_world(_fsdp_world, 4, kind, kw)
+    if kind == "qsparse":
+        expected = family_reference(2, lambda v: v, _sgdm, schedule="staggered", node_size=2)
+    else:
+        groups = [[0], [1, 2, 3]]
+        expected = family_reference(2, lambda v: v, _adamw, groups=groups, delay=1, outer=(0.7, 0.9), node_size=2)
+    for rank, params in enumerate(results):
+        for got, want in zip(params, expected[rank // 2]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

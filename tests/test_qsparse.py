@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ddp_hooks as dh
-from ddp_hooks.compress.sparse import Codec, quantize, stochastic_levels, top_indices
+from ddp_hooks.compress.sparse import KINDS, Codec, quantize, stochastic_levels, top_indices
 from ddp_hooks.testing import run_world
 
 from models import batches, params_of, value_errors
@@ -53,6 +53,23 @@ def test_qtopk_math_against_plain_reference():
         assert float(values[j]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("kind, bits", [("int8", 8), ("2bit", 2), ("topk-int8", 8), ("topk-2bit", 2)])
+def test_uniform_quantizers_round_to_the_nearest_level(kind, bits):
+    v = torch.randn(200, generator=torch.Generator().manual_seed(6))
+    codec = Codec(kind, 200, k=20)
+    payload, idx, values = codec.encode(v)
+    kept = v if idx is None else v[idx]
+    if idx is not None:
+        assert set(idx.tolist()) == set(torch.topk(v.abs(), 20).indices.tolist())
+    m = float(kept.abs().max())
+    levels = [-m + 2 * m * i / (2**bits - 1) for i in range(2**bits)]
+    for x, q in zip(kept.tolist(), values.tolist()):
+        nearest = min(levels, key=lambda level: abs(level - x))
+        assert q == pytest.approx(nearest, abs=1e-6)
+    assert payload.numel() == (4 * (idx is not None) * 20) + -(-len(kept) * bits // 8) + 4
+    assert codec.paper_bits() == (200 * bits if idx is None else 20 * (bits + 8)) + 32
+
+
 def test_s_level_quantizer_is_unbiased():
     # fixed seed; tolerance: 5 standard errors of the mean of 20000 draws (variance <= norm^2/(4 s^2))
     g = torch.Generator().manual_seed(3)
@@ -70,7 +87,7 @@ def test_stochastic_levels_stay_in_range():
     assert levels.tolist() == [0.0, 4.0, 8.0]
 
 
-@pytest.mark.parametrize("kind", ["topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_payload_size_is_fixed_and_round_trips(kind):
     codec = Codec(kind, 333, k=0.05, levels=8)
     g = torch.Generator().manual_seed(0)
@@ -246,7 +263,7 @@ def test_bad_arguments_raise_value_error_naming_them():
 
 
 # ---------------------------------------------------------------- one gathered row, any offset
-@pytest.mark.parametrize("kind", ["topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_decode_reads_any_row_count_at_any_byte_offset(kind):
     codec = Codec(kind, 37, k=5, levels=8)
     g = torch.Generator().manual_seed(4)

@@ -9,7 +9,7 @@ workers ``D`` (all of them unless asynchronous)::
                     q_r = QComp(Delta_r);  mem_r = Delta_r - q_r
     every rank:     Delta = sum_{r in D} q_r / n                  in worker order
                     m = mu m + Delta;  x -= outer_lr (Delta + mu m)   (mu = 0: x -= outer_lr Delta)
-    worker r in D:  x_r = x_last_r = x       (delayed: x_r = alpha x_r + (1 - alpha) x)
+    worker r in D:  x_r = x_last_r = x       (delayed: x_r = mix x_r + (1 - mix) x)
 
 With every worker due together, ``x_last`` *is* the master model; asynchronously every rank
 keeps one more copy (``master``), since a worker that was not due keeps the model it last
@@ -134,13 +134,15 @@ class OuterSteps(LocalSteps, _State):
             return served
         key = tuple(id(p) for p in served)
         if self._fragment_cache is None or self._fragment_cache[0] != key:
-            model = self.model_view().params
+            view = self.model_view()
+            model = view.params
             if len(model) < self.fragments:
                 raise ValueError(
                     f"fragments={self.fragments} needs as many parameter tensors; the model has {len(model)}"
                 )
             mine = set(key)
-            groups = [[model[i] for i in g] for g in schedules.fragments([p.numel() for p in model], self.fragments)]
+            sizes = [view.handle(p).numel() for p in model]  # whole tensors, also where sharded
+            groups = [[model[i] for i in g] for g in schedules.fragments(sizes, self.fragments)]
             self._fragment_cache = (key, [[p for p in g if id(p) in mine] for g in groups])
         return self._fragment_cache[1][index]
 
@@ -238,11 +240,14 @@ class OuterSteps(LocalSteps, _State):
         flights = extra.get("in_flight")
         if not isinstance(flights, list) or len(flights) > self.fragments:
             return [f"extra['in_flight'] must be a list of at most {self.fragments} exchanges"]
+        now = extra.get("local_steps")
+        now = now if isinstance(now, int) else 0
         out = []
         for i, f in enumerate(flights):
             ok = (
                 isinstance(f, dict)
-                and isinstance(f.get("land"), int)
+                and all(isinstance(f.get(key), int) for key in ("land", "fragment"))
+                and now < f["land"] <= now + self.delay
                 and 0 <= f["fragment"] < self.fragments
                 and f.get("workers") == list(range(self.world_size))
                 and torch.is_tensor(f.get("rows"))
