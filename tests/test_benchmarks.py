@@ -92,7 +92,8 @@ def test_language_tiny(tmp_path):
     finally:
         del language.CONFIGS["Streaming DiLoCo H=4 F=2"]
     ddp, streaming = runs
-    assert all(0 < p["val_loss"] < 30 for r in runs for p in r["points"])  # finite: an untrained model this small starts near 10
+    # finite: an untrained model this small starts near 10
+    assert all(0 < p["val_loss"] < 30 for r in runs for p in r["points"])
     assert streaming["fewer_bytes"] > 1.5  # two syncs of each fragment against 8 all-reduces
     assert streaming["peak_sent_bytes"] < 0.8 * ddp["peak_sent_bytes"]
     assert (tmp_path / "language_stdlib.json").exists()

@@ -180,7 +180,7 @@ class OuterSteps(LocalSteps, _State):
                 self.transport.broadcast(payload if j == self.rank else torch.empty_like(payload), j, step)
                 for j in workers
             ]
-        return Flight(land, fragment, workers, rows, error, local, summed)
+        return Flight(land, fragment, workers, rows, error, local=local, summed=summed)
 
     def before_send(self, params: list[torch.Tensor]) -> None:
         """This worker's work before it sends ``params``' progress (override)."""
@@ -270,8 +270,7 @@ class OuterSteps(LocalSteps, _State):
                 f["workers"],
                 f["rows"].to(device),
                 None if f["error"] is None else f["error"].to(device),
-                None,
-                f.get("summed", False),
+                summed=f.get("summed", False),
             )
             for f in extra.get("in_flight", [])
         ]
