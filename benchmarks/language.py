@@ -13,7 +13,7 @@ Recorded per point: step, validation loss, bytes sent per worker (what left the 
 payloads of every collective), wire bytes per worker, and the most bytes one step sent.
 
     python benchmarks/language.py                      # every configuration, 4 workers
-    python benchmarks/language.py --only "DDP fp32,DiLoCo H=50" --steps 400
+    python benchmarks/language.py --only "DDP fp32,DiLoCo H=50" --steps 2000
 """
 
 import argparse
@@ -41,7 +41,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "DiLoCo H=50": ("diloco", {"period": 50}),
     "DiLoCo H=50 int8": ("diloco", {"period": 50, "compressor": "int8"}),
     "Streaming DiLoCo H=50 F=4": ("diloco", {"period": 50, "fragments": 4, "delay": 1}),
-    "SparseLoCo H=50": ("sparseloco", {"period": 50}),
+    "SparseLoCo H=25": ("sparseloco", {"period": 25}),
     "Qsparse H=8 sync": ("qsparse", {"period": 8}),
     "Qsparse H=8 staggered": ("qsparse", {"period": 8, "schedule": "staggered"}),
 }
@@ -155,12 +155,12 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16, help="windows per worker per step")
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--corpus", type=int, default=8_000_000, help="bytes of source read")
     parser.add_argument("--val-windows", type=int, default=256)
