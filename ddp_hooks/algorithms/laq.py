@@ -39,6 +39,7 @@ from typing_extensions import Unpack
 from ..comm import done
 from ..compress.laq import Quantized, UploadMessage, apply_codes, grid_radius, quantize_step
 from ..core import Bucket, Held, HookState, Runtime, check_bool, check_choice, check_float, check_int, is_set, nonfinite
+from ..core.flags import keep_unless
 from .laq_state import LAQMemory, write_mean
 
 
@@ -269,7 +270,7 @@ class LAQ(HookState):
             if bool(keep):  # the flags were read on the host already
                 apply_codes(q_ref, ws["codes"], quantized.radius, self.bits)
         else:
-            torch.where(keep, ws["q_new"], q_ref, out=q_ref)
+            keep_unless(~keep, q_ref, ws["q_new"])
 
     # ---- reporting and checkpoints -------------------------------------------------------------
     def upload_bits(self, numel: int) -> int:
