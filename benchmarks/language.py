@@ -14,6 +14,7 @@ payloads of every collective), wire bytes per worker, and the most bytes one ste
 
     python benchmarks/language.py                      # every configuration, 4 workers
     python benchmarks/language.py --only "DDP fp32,DiLoCo H=50" --steps 2000
+    python benchmarks/language.py --only "DDP fp32,SparseLoCo H=25,SparseLoCo H=60 k=10%" --name language_sweep
 """
 
 import argparse
@@ -44,6 +45,17 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "SparseLoCo H=25": ("sparseloco", {"period": 25}),
     "Qsparse H=8 sync": ("qsparse", {"period": 8}),
     "Qsparse H=8 staggered": ("qsparse", {"period": 8, "schedule": "staggered"}),
+}
+# more configurations, run only when named in --only: DiLoCo's outer learning rate, SparseLoCo's
+# period, density, code bits and error decay, one at a time
+SWEEP: dict[str, tuple[str, dict]] = {
+    "DiLoCo H=50 outer lr 0.4": ("diloco", {"period": 50, "outer_lr": 0.4}),
+    "SparseLoCo H=8": ("sparseloco", {"period": 8}),
+    "SparseLoCo H=15": ("sparseloco", {"period": 15}),
+    "SparseLoCo H=25 8-bit": ("sparseloco", {"period": 25, "bits": 8}),
+    "SparseLoCo H=25 no decay": ("sparseloco", {"period": 25, "error_decay": 1.0}),
+    "SparseLoCo H=30 k=5%": ("sparseloco", {"period": 30, "k": 0.05}),
+    "SparseLoCo H=60 k=10%": ("sparseloco", {"period": 60, "k": 0.1}),
 }
 
 
@@ -153,7 +165,9 @@ def plot(runs: list[dict], path: Path, title: str) -> Path | None:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated configurations (default: all but the SparseLoCo sweep)"
+    )
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--eval-every", type=int, default=1000)
@@ -166,10 +180,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--val-windows", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    parser.add_argument("--name", default="language_stdlib", help="results file name, without .json / .png")
     args = parser.parse_args(argv)
+    configs = {**CONFIGS, **SWEEP}
     labels = list(CONFIGS)
     if args.only:
-        labels = comma_choices(parser, "--only", args.only, labels)
+        labels = comma_choices(parser, "--only", args.only, configs)
     opts = {k: getattr(args, k) for k in ("steps", "eval_every", "batch", "context", "layers", "width", "lr")}
     opts.update(corpus=args.corpus, val_windows=args.val_windows, seed=args.seed)
     train, val, files = corpus(args.corpus)
@@ -177,14 +193,14 @@ def main(argv=None) -> list[dict]:
     runs = []
     for i, label in enumerate(labels, 1):
         print(f"[{i}/{len(labels)}] {label} ...", flush=True)
-        results = launch.run(_run, args.workers, CONFIGS[label], opts)
+        results = launch.run(_run, args.workers, configs[label], opts)
         if results is None:
             continue
         last = results[0][-1]
         runs.append(
             {
                 "label": label,
-                "config": CONFIGS[label],
+                "config": configs[label],
                 "points": results[0],
                 "val_loss": last["val_loss"],
                 "sent_bytes": last["sent_bytes"],
@@ -197,7 +213,7 @@ def main(argv=None) -> list[dict]:
     summarize(runs)
     out_dir = Path(args.out or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "language_stdlib"
+    name = args.name
     png = plot(runs, out_dir / f"{name}.png", f"byte-level GPT on the standard library, {args.workers} workers")
     meta = {"workers": args.workers, "corpus_files": files, "train_bytes": len(train), "val_bytes": len(val), **opts}
     path = write_json(name, {**meta, "runs": runs}, out_dir)

@@ -87,7 +87,7 @@ def test_language_tiny(tmp_path):
         runs = language.main(
             ["--only", "DDP fp32,Streaming DiLoCo H=4 F=2", "--steps", "8", "--eval-every", "4", "--workers", "2"]
             + ["--width", "16", "--layers", "1", "--context", "16", "--batch", "4", "--corpus", "300000"]
-            + ["--val-windows", "8", "--out", str(tmp_path)]
+            + ["--val-windows", "8", "--out", str(tmp_path), "--name", "tiny_language"]
         )
     finally:
         del language.CONFIGS["Streaming DiLoCo H=4 F=2"]
@@ -96,7 +96,15 @@ def test_language_tiny(tmp_path):
     assert all(0 < p["val_loss"] < 30 for r in runs for p in r["points"])
     assert streaming["fewer_bytes"] > 1.5  # two syncs of each fragment against 8 all-reduces
     assert streaming["peak_sent_bytes"] < 0.8 * ddp["peak_sent_bytes"]
-    assert (tmp_path / "language_stdlib.json").exists()
+    saved = json.loads((tmp_path / "tiny_language.json").read_text())
+    assert [r["label"] for r in saved["runs"]] == ["DDP fp32", "Streaming DiLoCo H=4 F=2"]
+
+
+def test_language_sweep_runs_only_when_named():
+    """The SparseLoCo sweep is not in the default list, and --only accepts its names."""
+    assert not set(language.SWEEP) & set(language.CONFIGS)
+    with pytest.raises(SystemExit):
+        language.main(["--only", "SparseLoCo H=7", "--steps", "1"])
 
 
 def test_language_corpus_splits_by_file():
