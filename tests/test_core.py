@@ -211,3 +211,25 @@ def test_the_sync_free_switch_reaches_every_rank(monkeypatch):
     assert run_world(_branch_world, 2) == [True, True]
     monkeypatch.setenv("DDP_HOOKS_SYNC_FREE", "1")
     assert run_world(_branch_world, 2) == [False, False]
+
+
+# ---------------------------------------------------------------- the flag at a message's tail
+@pytest.mark.parametrize("bad_ranks", [(), (1,), (0, 2)])
+def test_flag_tail_survives_a_sum_and_a_gather(bad_ranks):
+    """A summed message keeps its values and says whether any rank's flag was set; so do
+    gathered byte rows (and one summed byte row), whatever their alignment."""
+    from ddp_hooks.compress.bits import FLAG_BYTES, flag_bytes, flag_of_rows
+    from ddp_hooks.core import split_flag, with_flag
+
+    values = [torch.arange(5, dtype=torch.float32) * (r + 1) for r in range(3)]
+    flags = [torch.tensor(r in bad_ranks) for r in range(3)]
+    summed, bad = split_flag(sum(with_flag(v, f) for v, f in zip(values, flags)))
+    assert torch.equal(summed, sum(values)) and bool(bad) == bool(bad_ranks)
+    assert with_flag(values[0].double(), flags[0]).dtype == torch.float64
+    # a flag that traveled in a non-finite scaled payload is NaN: it counts as set
+    assert bool(split_flag(torch.tensor([1.0, float("nan")]))[1])
+    payloads = [torch.full((3,), r, dtype=torch.uint8) for r in range(3)]
+    rows = torch.stack([torch.cat([p, flag_bytes(f)]) for p, f in zip(payloads, flags)])
+    assert rows.shape[1] == 3 + FLAG_BYTES
+    assert bool(flag_of_rows(rows)) == bool(bad_ranks)
+    assert bool(flag_of_rows(rows[2])) == (2 in bad_ranks)  # one row, at an unaligned offset

@@ -35,15 +35,15 @@ from ..core import (
     HookState,
     Runtime,
     add_unless,
-    as_flag,
     check_choice,
     check_float,
     check_int,
     check_seed,
-    is_set,
     keep_unless,
     nonfinite,
     poison,
+    split_flag,
+    with_flag,
 )
 from ..core.layouts import LayoutCache
 from ..core.model import flat_param
@@ -184,14 +184,14 @@ class CSER(LocalSteps, HookState):
         buf = bucket.buffer
         with self.time(step, "compress", buf.device):
             idx = self.selection(bucket.params, step).to(buf.device, non_blocking=True)  # no sync
-            flag = as_flag(nonfinite(buf), buf.dtype)
-            payload = torch.cat([grbs.gather(buf, idx), flag]).mul_(1.0 / self.world_size)
+            payload = with_flag(grbs.gather(buf, idx), nonfinite(buf)).mul_(1.0 / self.world_size)
         self.count_bits(step, 8 * buf.element_size() * idx.numel())
 
-        def finish(values: torch.Tensor) -> torch.Tensor:
+        def finish(message: torch.Tensor) -> torch.Tensor:
+            values, bad = split_flag(message)
             with self.time(step, "decompress", buf.device):
-                grbs.scatter(buf, idx, values[:-1])
-                return poison(buf, is_set(values[-1]))
+                grbs.scatter(buf, idx, values)
+                return poison(buf, bad)
 
         return chain(self.transport.all_reduce(payload, step), finish)
 
@@ -217,12 +217,12 @@ class CSER(LocalSteps, HookState):
                     sel = sel.to(p.device, non_blocking=True)
                     pieces.append((p, sel, grbs.gather(p.detach().reshape(-1), sel).float()))
             values = torch.cat([v for *_, v in pieces])
-            payload = torch.cat([values, as_flag(nonfinite(values))]).mul_(1.0 / self.world_size)
+            payload = with_flag(values, nonfinite(values)).mul_(1.0 / self.world_size)
         self.count_bits(step, 32 * values.numel())
-        mean = self.transport.all_reduce(payload, step).wait()
-        bad = is_set(mean[-1])  # some rank's model is not finite
+        # bad: some rank's model is not finite
+        mean, bad = split_flag(self.transport.all_reduce(payload, step).wait())
         with torch.no_grad(), self.time(step, "decompress", params[0].device):
-            for (p, sel, current), piece in zip(pieces, mean[:-1].split([s.numel() for _, s, _ in pieces])):
+            for (p, sel, current), piece in zip(pieces, mean.split([s.numel() for _, s, _ in pieces])):
                 with flat_param(p) as flat:
                     grbs.scatter(flat, sel, keep_unless(bad, current, piece))  # no reset anywhere if bad
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compress.bits import packed_size
+from ..compress.bits import FLAG_BYTES, flag_bytes, packed_size
 from ..compress.scaled_sign import Blocks, BlockSet, SignMessage, block_sizes, ranges
 
 #: longest server block (elements); a multiple of 8, small enough for one CUDA block per piece
@@ -204,7 +204,7 @@ class ShardPlan:
                 rows[j, position : position + end - first] = packed[first:end]
             scales[j, : row.blocks.numel()] = block_scales[row.blocks]
         rows[:, width : width + 4 * k] = scales.view(torch.uint8)
-        rows[:, -4:] = bad.float().reshape(1).view(torch.uint8)
+        rows[:, -FLAG_BYTES:] = flag_bytes(bad)
         return rows
 
     def row_scales(self, j: int, real_scales: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,15 @@ Bit ``i % 8`` of byte ``i // 8`` holds flag ``i``; padding bits are 1. Signs are
 import torch
 
 from .._ext import cpu
+from ..core.flags import as_flag, is_set
 from . import dispatch, reference
 from .reference import pack_bits, packed_size, unpack_bits
 
 __all__ = [
+    "FLAG_BYTES",
     "bytes_as",
+    "flag_bytes",
+    "flag_of_rows",
     "pack_bits",
     "pack_codes",
     "pack_signs",
@@ -66,3 +70,17 @@ def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     planes = planes.view(*packed.shape[:-1], count, bits)
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device)).to(torch.uint8)
     return (planes * weights).sum(-1, dtype=torch.uint8)
+
+
+#: the non-finite flag at the tail of a byte message: one fp32 element (1.0: not finite)
+FLAG_BYTES = 4
+
+
+def flag_bytes(bad: torch.Tensor) -> torch.Tensor:
+    """The :data:`FLAG_BYTES` bytes of the 0-d flag ``bad``, to end a byte message."""
+    return as_flag(bad).view(torch.uint8)
+
+
+def flag_of_rows(rows: torch.Tensor) -> torch.Tensor:
+    """0-d bool: does any row (gathered messages, or one summed row) carry a set flag at its tail?"""
+    return is_set(bytes_as(rows[..., -FLAG_BYTES:], torch.float32))

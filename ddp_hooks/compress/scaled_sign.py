@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .._ext import cpu, cuda
-from ..core.flags import as_flag, is_set, may_read_host
+from ..core.flags import may_read_host
 from . import dispatch, reference
-from .bits import bytes_as, pack_signs, packed_size, unpack_bits
+from .bits import FLAG_BYTES, bytes_as, flag_bytes, flag_of_rows, pack_signs, packed_size, unpack_bits
 
 Blocks = list[tuple[int, int]]
 
@@ -149,7 +149,7 @@ class SignMessage:
 
     @property
     def nbytes(self) -> int:
-        return packed_size(self.count) + 4 * self.nscales + 4
+        return packed_size(self.count) + 4 * self.nscales + FLAG_BYTES
 
     def pack(self, packed: torch.Tensor, scales: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         """One row from packed signs (at most ``count`` signs' bytes, padded with 1 bits),
@@ -159,7 +159,7 @@ class SignMessage:
         row[:signs].fill_(255)
         row[: packed.numel()].copy_(packed)
         row[signs : signs + 4 * scales.numel()].copy_(scales.contiguous().view(torch.uint8))
-        row[-4:].copy_(as_flag(bad).view(torch.uint8))
+        row[-FLAG_BYTES:].copy_(flag_bytes(bad))
         return row
 
     def signs(self, rows: torch.Tensor) -> torch.Tensor:
@@ -171,4 +171,4 @@ class SignMessage:
 
     def any_bad(self, rows: torch.Tensor) -> torch.Tensor:
         """0-d bool: does any row carry the non-finite flag?"""
-        return is_set(bytes_as(rows[..., -4:], torch.float32))
+        return flag_of_rows(rows)

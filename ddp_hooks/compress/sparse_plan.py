@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.flags import as_flag, is_set, nonfinite
-from .bits import bytes_as
+from ..core.flags import nonfinite
+from .bits import FLAG_BYTES, bytes_as, flag_bytes, flag_of_rows
 from .sparse import Codec
 
 Message = tuple[torch.Tensor | None, torch.Tensor]  # indices (None: dense), values
@@ -24,7 +24,7 @@ class MessagePlan:
         for c in self.codecs:
             self.offsets.append(self.offsets[-1] + c.nbytes)
         self.paper_bits = sum(c.paper_bits() for c in self.codecs)
-        self.nbytes = self.offsets[-1] + 4  # a message: the payloads and the flag
+        self.nbytes = self.offsets[-1] + FLAG_BYTES  # a message: the payloads and the flag
         #: fp32 values and an fp32 flag: messages that add up (an all-reduce carries them)
         self.summable = all(c.kind == "none" for c in self.codecs)
 
@@ -51,8 +51,7 @@ class MessagePlan:
 
     @staticmethod
     def _message(payloads: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        bad = as_flag(torch.stack([nonfinite(v) for v in inputs]).any())
-        return torch.cat([*payloads, bad.view(torch.uint8)])
+        return torch.cat([*payloads, flag_bytes(torch.stack([nonfinite(v) for v in inputs]).any())])
 
     def mean(
         self,
@@ -76,12 +75,12 @@ class MessagePlan:
                 else:
                     out.index_add_(0, idx[j], values[j])  # indices unique within a payload
             out.div_(n if divisor is None else divisor)
-        return is_set(bytes_as(gathered[:, -4:], torch.float32))
+        return flag_of_rows(gathered)
 
     def mean_of_sum(self, summed: torch.Tensor, outputs: Sequence[torch.Tensor], divisor: int) -> torch.Tensor:
         """Like :meth:`mean` for the element-wise sum of :attr:`summable` messages (one row of
         bytes): ``outputs = sum / divisor``; the flag is set if any message's was."""
-        values = bytes_as(summed[:, :-4], torch.float32).reshape(-1)
+        values = bytes_as(summed[:, :-FLAG_BYTES], torch.float32).reshape(-1)
         for k, out in enumerate(outputs):
             out.copy_(values[self.offsets[k] // 4 : self.offsets[k + 1] // 4]).div_(divisor)
-        return is_set(bytes_as(summed[:, -4:], torch.float32))
+        return flag_of_rows(summed)

@@ -4,7 +4,18 @@ from .agree import ConfigMismatch
 from .binding import Runtime
 from .bucket import Bucket
 from .checks import check_bool, check_choice, check_float, check_int, check_seed
-from .flags import add_unless, as_flag, is_set, keep_unless, may_read_host, nonfinite, poison, sync_free
+from .flags import (
+    add_unless,
+    as_flag,
+    is_set,
+    keep_unless,
+    may_read_host,
+    nonfinite,
+    poison,
+    split_flag,
+    sync_free,
+    with_flag,
+)
 from .held import Held
 from .memory import ParameterMemory
 from .rng import Generators
@@ -33,5 +44,7 @@ __all__ = [
     "nonfinite",
     "poison",
     "may_read_host",
+    "split_flag",
     "sync_free",
+    "with_flag",
 ]

@@ -49,6 +49,18 @@ def is_set(flags: torch.Tensor) -> torch.Tensor:
     return (flags != 0).any()
 
 
+def with_flag(values: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``[values | flag]``: a message that is summed or averaged over ranks, its last element
+    this rank's flag (in ``values``' dtype). Read it back with :func:`split_flag`."""
+    return torch.cat([values, as_flag(bad, values.dtype)])
+
+
+def split_flag(message: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, 0-d bool: was any rank's flag set?) of a :func:`with_flag` message after the
+    ranks' messages were summed or averaged."""
+    return message[:-1], is_set(message[-1])
+
+
 def may_read_host(device: torch.device) -> bool:
     """Whether code on ``device`` may read a tensor's value on the host, e.g. a flag (on a CPU,
     unless :func:`sync_free` is on; never on a GPU, where the read would wait for the device)."""

@@ -34,7 +34,7 @@ from torch.futures import Future
 from ..comm import Transport, chain, done, partition
 from .bucket import Bucket
 from .carrier import Reduce
-from .flags import as_flag, is_set, nonfinite, poison
+from .flags import as_flag, nonfinite, poison, split_flag
 from .layouts import LayoutCache
 from .stats import Stats
 
@@ -156,7 +156,8 @@ class NodeAware:
         total = rows[0].clone()
         for r in range(1, self.size):
             total += rows[r]
-        share = poison(total[:mine].mul_(1.0 / self.size), is_set(total[mine]))
+        summed, bad = split_flag(total)
+        share = poison(summed.mul_(1.0 / self.size), bad)
         share = share.to(buf.dtype) if buf.dtype != torch.float32 else share
         owned = plan.owned[self.local]
         if not owned and not (bucket.is_last and needs_last):
