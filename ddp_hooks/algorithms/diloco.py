@@ -79,8 +79,7 @@ class DiLoCo(QsparseLocalSGD):
             mix=mix,
             **runtime,
         )
-        if self.period < 2:
-            raise ValueError(f"period must be at least 2 for DiLoCo (with 1, use QsparseLocalSGD), got {period}")
+        _needs_local_steps("DiLoCo", self.period)
 
 
 class SparseLoCo(QsparseLocalSGD):
@@ -116,7 +115,6 @@ class SparseLoCo(QsparseLocalSGD):
     ) -> None:
         if bits not in (2, 8):
             raise ValueError(f"bits must be 2 or 8, got {bits!r}")
-        self.bits = bits
         super().__init__(
             "topk-2bit" if bits == 2 else "topk-int8",
             k=k,
@@ -129,5 +127,10 @@ class SparseLoCo(QsparseLocalSGD):
             mix=mix,
             **runtime,
         )
-        if self.period < 2:
-            raise ValueError(f"period must be at least 2 for SparseLoCo (with 1, use QsparseLocalSGD), got {period}")
+        _needs_local_steps("SparseLoCo", self.period)
+
+
+def _needs_local_steps(name: str, period: int) -> None:
+    """The presets are local-step algorithms: ``period`` of at least 2."""
+    if period < 2:
+        raise ValueError(f"period must be at least 2 for {name} (with 1, use QsparseLocalSGD), got {period}")

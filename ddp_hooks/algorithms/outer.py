@@ -161,10 +161,7 @@ class OuterSteps(LocalSteps, _State):
             numels = [p.numel() for p in params]
             with torch.no_grad(), self.time(step, "compress", last.device):
                 progress = [x0 - p.detach().reshape(-1) for x0, p in zip(last.split(numels), params)]  # x_last - x
-                if self.error_decay == 1.0:
-                    candidate.copy_(memory)
-                else:
-                    torch.mul(memory, self.error_decay, out=candidate)
+                torch.mul(memory, self.error_decay, out=candidate)  # beta mem (exact when beta = 1)
                 payload, local = plan.encode_ef(progress, candidate.split(numels), (self.rng.rank, self.rng.shared))
             self.count_bits(step, plan.paper_bits)
             error = candidate
