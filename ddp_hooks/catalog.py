@@ -15,11 +15,13 @@ from typing import Any
 import torch
 
 from .algorithms.baselines import AllReduce, BF16Compress, FP16Compress
-from .algorithms.cser import CSER
-from .algorithms.diloco import DiLoCo, SparseLoCo
-from .algorithms.ef_signsgdm import EFSignSGDM
+from .algorithms.cser import CSER, CSERSettings
+from .algorithms.diloco import DiLoCo, DiLoCoSettings, SparseLoCo, SparseLoCoSettings
+from .algorithms.ef_signsgdm import EFSignSGDM, EFSignSGDMSettings
 from .algorithms.laq import LAQ
-from .algorithms.powersgd import PowerSGD
+from .algorithms.laq_state import LAQSettings
+from .algorithms.local_settings import QsparseSettings
+from .algorithms.powersgd import PowerSGD, PowerSGDSettings
 from .algorithms.qsparse import QsparseLocalSGD
 from .core import HookState
 
@@ -34,6 +36,14 @@ __all__ = [
     "PowerSGD",
     "QsparseLocalSGD",
     "SparseLoCo",
+    # each algorithm's hyper-parameters (``state.settings``, ``Class.from_settings``)
+    "CSERSettings",
+    "DiLoCoSettings",
+    "EFSignSGDMSettings",
+    "LAQSettings",
+    "PowerSGDSettings",
+    "QsparseSettings",
+    "SparseLoCoSettings",
 ]
 
 

@@ -219,12 +219,18 @@ def test_flag_tail_survives_a_sum_and_a_gather(bad_ranks):
     """A summed message keeps its values and says whether any rank's flag was set; so do
     gathered byte rows (and one summed byte row), whatever their alignment."""
     from ddp_hooks.compress.bits import FLAG_BYTES, flag_bytes, flag_of_rows
-    from ddp_hooks.core import split_flag, with_flag
+    from ddp_hooks.core import split_flag, with_flag, write_flag
 
     values = [torch.arange(5, dtype=torch.float32) * (r + 1) for r in range(3)]
     flags = [torch.tensor(r in bad_ranks) for r in range(3)]
     summed, bad = split_flag(sum(with_flag(v, f) for v, f in zip(values, flags)))
     assert torch.equal(summed, sum(values)) and bool(bad) == bool(bad_ranks)
+    # a message of several parts, and a preallocated one whose last slot takes the flag
+    parts = [with_flag([v[:2], v[2:]], f) for v, f in zip(values, flags)]
+    assert all(torch.equal(p, with_flag(v, f)) for p, v, f in zip(parts, values, flags))
+    written = [write_flag(torch.cat([v, torch.full((1,), 7.0)]), f) for v, f in zip(values, flags)]
+    assert all(torch.equal(w, p) for w, p in zip(written, parts))
+    assert bool(split_flag(sum(written))[1]) == bool(bad_ranks)
     assert with_flag(values[0].double(), flags[0]).dtype == torch.float64
     # a flag that traveled in a non-finite scaled payload is NaN: it counts as set
     assert bool(split_flag(torch.tensor([1.0, float("nan")]))[1])

@@ -120,7 +120,14 @@ class _Recording(dh.CSER):
     def synchronize(self, step):
         state = self.rng.shared.get_state()
         total = sum(p.numel() for p in self.model_view().params)
-        self.log.append(("reset", step, None, grbs.select(total, self.block_size, self.model_ratio, self.rng.shared)))
+        self.log.append(
+            (
+                "reset",
+                step,
+                None,
+                grbs.select(total, self.settings.block_size, self.settings.model_ratio, self.rng.shared),
+            )
+        )
         self.rng.shared.set_state(state)
         super().synchronize(step)
 
@@ -250,8 +257,8 @@ def test_ratio_helper_and_proposals():
 def test_csea_and_partial_local_sgd_constructors():
     csea = dh.CSER.csea(32)
     pl = dh.CSER.partial_local_sgd(8, 4)
-    assert (csea.grad_ratio, csea.period, csea.ratio) == (None, 1, 32.0)
-    assert (pl.grad_ratio, pl.period, pl.ratio) == (None, 4, 32.0)
+    assert (csea.settings.grad_ratio, csea.settings.period, csea.ratio) == (None, 1, 32.0)
+    assert (pl.settings.grad_ratio, pl.settings.period, pl.ratio) == (None, 4, 32.0)
 
 
 def test_bad_arguments_raise_value_error_naming_them():

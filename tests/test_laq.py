@@ -234,4 +234,4 @@ def test_bad_arguments_and_optimizers_raise_value_error_naming_them():
 
 
 def test_default_wire_sends_only_uploads():
-    assert dh.LAQ().wire == "uploads"
+    assert dh.LAQ().settings.wire == "uploads"

@@ -19,6 +19,7 @@ With GRBS the reset is partial model averaging on the selected blocks. Special c
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,18 +31,21 @@ from ..compress import grbs
 from ..compress.sparse import KINDS, subtract_message
 from ..compress.sparse_plan import MessagePlan
 from ..core import (
+    SEED,
     Bucket,
+    Choice,
+    Float,
     Generators,
     HookState,
+    Int,
+    Maybe,
     Runtime,
+    Settings,
     add_unless,
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
     keep_unless,
     nonfinite,
     poison,
+    setting,
     split_flag,
     with_flag,
 )
@@ -56,26 +60,36 @@ RESET_CODECS = tuple(k for k in KINDS if k != "grbs")
 __all__ = ["CSER", "RESET_CODECS", "overall_ratio", "propose"]
 
 
+@dataclass(frozen=True, kw_only=True)
+class CSERSettings(Settings):
+    """CSER's hyper-parameters."""
+
+    grad_ratio: float | None = setting(
+        64.0, Maybe(Float(1.0)), "GRBS ratio of the every-step gradient sync (None: no gradient sync)."
+    )
+    model_ratio: float = setting(4.0, Float(1.0), "ratio of the error reset (1 resets the residual completely).")
+    period: int = setting(16, Int(1), "steps ``H`` between error resets.")
+    block_size: int = setting(256, Int(1), "GRBS block size in elements.")
+    model_compressor: str = setting(
+        "grbs",
+        Choice(("grbs", *RESET_CODECS)),
+        '``"grbs"``: the reset is partial model averaging; the others (keeping ``1 / model_ratio`` of each '
+        "tensor where they sparsify) track the residual ``e_i = x_i - x^`` against an explicitly stored "
+        "agreed model ``x^`` (one more copy of the model) and all-gather their fixed-size payloads.",
+    )
+    levels: int = setting(16, Int(1, 255), "quantization levels for ``qtopk`` / ``qsgd``.")
+    seed: int = setting(0, SEED, "seed of the generator shared by all ranks (independent of the global RNG).")
+
+
 class CSER(LocalSteps, HookState):
     """CSER state: the partial-gradient-sync hook and the error reset after optimizer steps.
 
     ``state = ddp_hooks.CSER(grad_ratio=64, model_ratio=4, period=16).register(ddp, optimizer)``;
     ``state.averaged()`` averages the local models for evaluation or checkpointing.
-
-    Args:
-        grad_ratio: GRBS ratio of the every-step gradient sync (>= 1), or ``None`` for none.
-        model_ratio: ratio of the error reset (>= 1; 1 resets the residual completely).
-        period: steps between error resets (``H`` >= 1).
-        block_size: GRBS block size in elements.
-        model_compressor: ``"grbs"`` (default: the reset is partial model averaging) or one of
-            ``"topk"``, ``"randk"``, ``"signtopk"``, ``"qtopk"``, ``"sign"``, ``"qsgd"`` (keeping
-            ``1 / model_ratio`` of each tensor where it sparsifies); these track the residual
-            ``e_i = x_i - x^`` against an explicitly stored agreed model ``x^`` (one more copy
-            of the model) and all-gather their fixed-size payloads.
-        levels: quantization levels for ``qtopk`` / ``qsgd``.
-        seed: seed of the generator shared by all ranks (independent of the global RNG).
-        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
+
+    settings_type = CSERSettings
+    settings: CSERSettings
 
     def __init__(
         self,
@@ -89,49 +103,37 @@ class CSER(LocalSteps, HookState):
         seed: int = 0,
         **runtime: Unpack[Runtime],
     ) -> None:
-        self.grad_ratio = None if grad_ratio is None else check_float("grad_ratio", grad_ratio, 1.0)
-        self.model_ratio = check_float("model_ratio", model_ratio, 1.0)
-        self.period = check_int("period", period, 1)
-        self.block_size = check_int("block_size", block_size, 1)
-        self.model_compressor = check_choice("model_compressor", model_compressor, {"grbs", *RESET_CODECS})
-        self.levels = check_int("levels", levels, 1, 255)
-        self.seed = check_seed("seed", seed)
-        super().__init__(**runtime)
+        settings = CSERSettings.of(locals())
+        super().__init__(settings, **runtime)
         self._offsets: dict[int, int] | None = None  # each parameter's start in the model order
         self._total = 0
         self._drawn: tuple[int | None, torch.Tensor | None] = (None, None)
-        self.rng = Generators(self.seed)
-        keep = 1.0 / self.model_ratio
+        self.rng = Generators(self.settings.seed)
+        keep = 1.0 / self.settings.model_ratio
         self._plans = LayoutCache(
-            lambda params: MessagePlan(params, self.model_compressor, keep if keep < 1 else 2**31 - 1, self.levels)
+            lambda params: MessagePlan(
+                params, self.settings.model_compressor, keep if keep < 1 else 2**31 - 1, self.settings.levels
+            )
         )
 
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(),
-            "grad_ratio": self.grad_ratio,
-            "model_ratio": self.model_ratio,
-            "period": self.period,
-            "block_size": self.block_size,
-            "model_compressor": self.model_compressor,
-            "levels": self.levels,
-            "seed": self.seed,
-        }
+    @property
+    def sync_every(self) -> int:
+        return self.settings.period
 
     def needs_last_bucket(self) -> bool:
-        return self.grad_ratio is None  # local phases agree on finiteness at the last bucket
+        return self.settings.grad_ratio is None  # local phases agree on finiteness at the last bucket
 
     def on_bind(self) -> None:
         self.rng.bind(self.rank)
 
     def on_attach(self) -> None:
-        if self.model_compressor != "grbs":
+        if self.settings.model_compressor != "grbs":
             for p in self.served_params():  # x^ starts as the common initial model
                 if self.memory.get("agreed", p) is None:
                     self.memory.set("agreed", p, p)
 
     def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
-        return param.numel() if slot == "agreed" and self.model_compressor != "grbs" else None
+        return param.numel() if slot == "agreed" and self.settings.model_compressor != "grbs" else None
 
     @classmethod
     def csea(cls, ratio: float, **kwargs: Any) -> "CSER":
@@ -146,7 +148,7 @@ class CSER(LocalSteps, HookState):
     @property
     def ratio(self) -> float:
         """The overall compression ratio RC of this configuration."""
-        return overall_ratio(self.grad_ratio, self.model_ratio, self.period)
+        return overall_ratio(self.settings.grad_ratio, self.settings.model_ratio, self.settings.period)
 
     # ---- partial gradient synchronization (every step) -----------------------------------
     def _model_offsets(self) -> dict[int, int]:
@@ -168,7 +170,10 @@ class CSER(LocalSteps, HookState):
         """
         offsets = self._model_offsets()
         if self._drawn[0] != step:
-            self._drawn = (step, grbs.select(self._total, self.block_size, self.grad_ratio or 1.0, self.rng.shared))
+            self._drawn = (
+                step,
+                grbs.select(self._total, self.settings.block_size, self.settings.grad_ratio or 1.0, self.rng.shared),
+            )
         chosen = self._drawn[1]
         assert chosen is not None
         cuts = grbs.cuts(chosen, [b for p in params for b in (offsets[id(p)], offsets[id(p)] + p.numel())])
@@ -179,7 +184,7 @@ class CSER(LocalSteps, HookState):
         return torch.cat(pieces)
 
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
-        if self.grad_ratio is None:
+        if self.settings.grad_ratio is None:
             return self.keep_local(bucket, step)
         buf = bucket.buffer
         with self.time(step, "compress", buf.device):
@@ -203,11 +208,11 @@ class CSER(LocalSteps, HookState):
         ``x^``, this is ``x_i[S] <- mean_j x_j[S]``: partial model averaging, computed directly.
         If any rank's model is not finite, nothing changes anywhere.
         """
-        if self.model_compressor != "grbs":
+        if self.settings.model_compressor != "grbs":
             return self._reset_with_codec(step)
         params = self.served_params()
         starts = self._model_offsets()
-        idx = grbs.select(self._total, self.block_size, self.model_ratio, self.rng.shared)
+        idx = grbs.select(self._total, self.settings.block_size, self.settings.model_ratio, self.rng.shared)
         bounds = grbs.cuts(idx, [b for p in params for b in (starts[id(p)], starts[id(p)] + p.numel())])
         pieces = []
         with self.time(step, "compress", params[0].device):

@@ -25,31 +25,64 @@ accumulator itself: ``e = beta e + Delta_i``, the top-k of ``e`` quantized to 2 
 subtracted from ``e``, and the global model takes the plain mean of what was sent.
 """
 
+from dataclasses import dataclass
+
 from typing_extensions import Unpack
 
-from ..core import Runtime
+from ..core import Int, Runtime, setting
+from .local_settings import QsparseSettings
 from .qsparse import QsparseLocalSGD
+
+_PERIOD_DOC = "inner steps ``H`` between synchronizations, at least 2"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiLoCoSettings(QsparseSettings):
+    """DiLoCo's hyper-parameters: Qsparse-local-SGD's with the paper's outer optimizer."""
+
+    period: int = QsparseSettings.redefault("period", 500, f"{_PERIOD_DOC} (the paper: 500).")
+    outer_lr: float = QsparseSettings.redefault("outer_lr", 0.7, "the outer SGD step's learning rate (the paper: 0.7).")
+    outer_momentum: float = QsparseSettings.redefault("outer_momentum", 0.9, "its Nesterov momentum (the paper: 0.9).")
+    compressor: str = QsparseSettings.redefault(
+        "compressor",
+        "none",
+        '``"none"`` (fp32 pseudo-gradients, one all-reduce; None says the same), or one of '
+        'Qsparse-local-SGD\'s compressors (``"topk"``, ``"signtopk"``, ``"int8"``, ...), with error feedback.',
+    )
+    k: int | float = QsparseSettings.redefault("k", 0.01)
+
+    def check(self) -> None:
+        super().check()
+        _needs_local_steps("DiLoCo", self.period)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseLoCoSettings(QsparseSettings):
+    """SparseLoCo's hyper-parameters: the compressor is the top-k quantized to ``bits``."""
+
+    period: int = QsparseSettings.redefault("period", 50, f"{_PERIOD_DOC}.")
+    k: int | float = QsparseSettings.redefault("k", 0.02, "elements kept per tensor (2%: the paper's).")
+    bits: int = setting(2, Int(2, 8), "code bits of each kept value: 2 or 8.")
+    compressor: str = QsparseSettings.redefault("compressor", "topk-2bit", "set by ``bits``.")
+    error_decay: float = QsparseSettings.redefault("error_decay", 0.95, "the accumulator's decay ``beta``.")
+
+    def check(self) -> None:
+        if self.bits not in (2, 8):
+            raise ValueError(f"bits must be 2 or 8, got {self.bits!r}")
+        if self.compressor not in ("topk-2bit", "topk-int8"):
+            raise ValueError(f"SparseLoCo's compressor is set by bits, got {self.compressor!r}")
+        object.__setattr__(self, "compressor", "topk-2bit" if self.bits == 2 else "topk-int8")
+        super().check()
+        _needs_local_steps("SparseLoCo", self.period)
 
 
 class DiLoCo(QsparseLocalSGD):
     """DiLoCo state.
 
     ``state = ddp_hooks.DiLoCo(period=50).register(ddp, torch.optim.AdamW(ddp.parameters()))``
-
-    Args:
-        period: inner steps ``H`` between synchronizations, at least 2 (the paper: 500).
-        outer_lr: the outer SGD step's learning rate, in (0, 10] (the paper: 0.7).
-        outer_momentum: its Nesterov momentum, in [0, 1) (the paper: 0.9).
-        compressor: None (fp32 pseudo-gradients), or one of Qsparse-local-SGD's compressors
-            (``"topk"``, ``"signtopk"``, ``"qtopk"``, ``"qsgd"``, ...), with error feedback.
-        k: elements kept per tensor by a sparsifying compressor (count, or fraction in (0, 1)).
-        levels: quantization levels of ``qtopk`` / ``qsgd``.
-        seed: the generators of the random compressors.
-        fragments: streaming: the parameters in this many fragments, synchronized in turn.
-        delay: streaming: inner steps between an exchange's launch and its use, in [0, period).
-        mix: streaming: the weight of the local model when a delayed exchange lands.
-        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
+
+    settings_type = DiLoCoSettings
 
     def __init__(
         self,
@@ -57,7 +90,7 @@ class DiLoCo(QsparseLocalSGD):
         *,
         outer_lr: float = 0.7,
         outer_momentum: float = 0.9,
-        compressor: str | None = None,
+        compressor: str | None = "none",
         k: int | float = 0.01,
         levels: int = 16,
         seed: int = 0,
@@ -66,20 +99,8 @@ class DiLoCo(QsparseLocalSGD):
         mix: float = 0.5,
         **runtime: Unpack[Runtime],
     ) -> None:
-        super().__init__(
-            "none" if compressor is None else compressor,
-            k=k,
-            period=period,
-            levels=levels,
-            seed=seed,
-            outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
-            fragments=fragments,
-            delay=delay,
-            mix=mix,
-            **runtime,
-        )
-        _needs_local_steps("DiLoCo", self.period)
+        compressor = "none" if compressor is None else compressor
+        self._start(DiLoCoSettings.of(locals()), runtime)
 
 
 class SparseLoCo(QsparseLocalSGD):
@@ -88,16 +109,9 @@ class SparseLoCo(QsparseLocalSGD):
     mean (``outer_lr``, no momentum: the accumulator plays its part).
 
     ``state = ddp_hooks.SparseLoCo(period=50, k=0.02).register(ddp, torch.optim.AdamW(ddp.parameters()))``
-
-    Args:
-        period: inner steps ``H`` between synchronizations, at least 2.
-        k: elements kept per tensor (fraction in (0, 1), or a count): default 2%.
-        bits: code bits of each kept value, 2 (default) or 8.
-        error_decay: the accumulator's decay ``beta`` in (0, 1] (default 0.95).
-        outer_lr: the outer step's learning rate, in (0, 10] (default 1).
-        seed, fragments, delay, mix: as for :class:`DiLoCo`.
-        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
+
+    settings_type = SparseLoCoSettings
 
     def __init__(
         self,
@@ -113,21 +127,7 @@ class SparseLoCo(QsparseLocalSGD):
         mix: float = 0.5,
         **runtime: Unpack[Runtime],
     ) -> None:
-        if bits not in (2, 8):
-            raise ValueError(f"bits must be 2 or 8, got {bits!r}")
-        super().__init__(
-            "topk-2bit" if bits == 2 else "topk-int8",
-            k=k,
-            period=period,
-            seed=seed,
-            outer_lr=outer_lr,
-            error_decay=error_decay,
-            fragments=fragments,
-            delay=delay,
-            mix=mix,
-            **runtime,
-        )
-        _needs_local_steps("SparseLoCo", self.period)
+        self._start(SparseLoCoSettings.of(locals()), runtime)
 
 
 def _needs_local_steps(name: str, period: int) -> None:

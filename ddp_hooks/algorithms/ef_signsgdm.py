@@ -34,8 +34,7 @@ from ..comm import chain
 from ..compress import scaled_sign as sign
 from ..compress.error_feedback import Momentum, worker_message
 from ..compress.scaled_sign import SignMessage
-from ..core import Bucket, HookState, Runtime
-from ..core.checks import check_bool, check_choice, check_float, check_int
+from ..core import Bucket, Choice, Flag, Float, HookState, Int, Maybe, Runtime, Settings, setting
 from ..core.flags import keep_unless, nonfinite, poison
 from ..core.layouts import LayoutCache
 from .ef_shards import ShardPlan, Workspace, assign_owners, param_pieces
@@ -54,24 +53,35 @@ class _Round:
     scales: torch.Tensor | None = None  # the worker's block scales
 
 
+@dataclass(frozen=True, kw_only=True)
+class EFSignSGDMSettings(Settings):
+    """dist-EF-SGDM's hyper-parameters."""
+
+    momentum: float = setting(0.9, Float(0.0, 1.0, high_open=True), "worker momentum ``mu``; 0 gives dist-EF-SGD.")
+    nesterov: bool = setting(True, Flag(), "use the Nesterov look-ahead ``g + mu * m`` (the paper's choice).")
+    block_size: int | None = setting(
+        None, Maybe(Int(1)), "worker blocks of this many elements in each tensor (None: one block per tensor)."
+    )
+    topology: str = setting(
+        "sharded",
+        Choice(("sharded", "allgather")),
+        '``"sharded"``: rank ``j`` serves shard ``j`` of every bucket (bytes per worker do not grow with '
+        'the world size); ``"allgather"``: every rank runs every shard\'s server step (same results).',
+    )
+
+
 class EFSignSGDM(HookState):
     """dist-EF-SGDM state and hook.
 
     ``state = ddp_hooks.EFSignSGDM(momentum=0.9).register(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1))``
-
-    Args:
-        momentum: worker momentum ``mu`` in [0, 1); 0 gives dist-EF-SGD.
-        nesterov: use the Nesterov look-ahead ``g + mu * m`` (the paper's choice).
-        block_size: worker blocks of this many elements within each parameter tensor; ``None``
-            (the default) gives one block per parameter tensor.
-        topology: ``"sharded"`` or ``"allgather"`` (see the module docstring).
-        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
 
     The learning rate is read from the optimizer it follows (warm-up schedules included); that
     optimizer must not apply momentum itself.
     """
 
     memory_slots = ("error", "server_error", "momentum")
+    settings_type = EFSignSGDMSettings
+    settings: EFSignSGDMSettings
 
     def __init__(
         self,
@@ -82,52 +92,44 @@ class EFSignSGDM(HookState):
         topology: str = "sharded",
         **runtime: Unpack[Runtime],
     ) -> None:
-        self.momentum = check_float("momentum", momentum, 0.0, 1.0, high_open=True)
-        self.nesterov = check_bool("nesterov", nesterov)
-        self.block_size = None if block_size is None else check_int("block_size", block_size, 1)
-        self.topology = check_choice("topology", topology, {"sharded", "allgather"})
-        self.stages = 2 if topology == "sharded" else 1
-        super().__init__(**runtime)
+        settings = EFSignSGDMSettings.of(locals())
+        self.stages = 2 if settings.topology == "sharded" else 1
+        super().__init__(settings, **runtime)
         self._plans = LayoutCache(self._build_plan)
-        self._how = Momentum(self.momentum, self.nesterov)
+        self._how = Momentum(self.settings.momentum, self.settings.nesterov)
         self._lr_prev: dict[int, float] = {}
         self._owners: dict[int, list[int]] = {}
 
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(),
-            "momentum": self.momentum,
-            "nesterov": self.nesterov,
-            "block_size": self.block_size,
-            "topology": self.topology,
-        }
-
     def _build_plan(self, params: list[torch.Tensor]) -> tuple[ShardPlan, Workspace]:
         owners = [self._owners_of(p) for p in params]
-        plan = ShardPlan.build([p.numel() for p in params], owners, self.block_size, self.world_size, params[0].device)
+        plan = ShardPlan.build(
+            [p.numel() for p in params], owners, self.settings.block_size, self.world_size, params[0].device
+        )
         return plan, Workspace(plan, params[0].dtype, self._owned(params))
 
     def on_attach(self) -> None:
         params = self.model_view().params
-        owners = assign_owners([p.numel() for p in params], self.block_size, self.world_size)
+        owners = assign_owners([p.numel() for p in params], self.settings.block_size, self.world_size)
         self._owners = {id(p): mine for p, mine in zip(params, owners)}
 
     def _owners_of(self, param: torch.Tensor) -> list[int]:
         """The rank serving each server piece of ``param``, fixed by the model's parameters
         (without a model view, by the parameter alone)."""
         mine = self._owners.get(id(param))
-        return mine if mine is not None else assign_owners([param.numel()], self.block_size, self.world_size)[0]
+        return (
+            mine if mine is not None else assign_owners([param.numel()], self.settings.block_size, self.world_size)[0]
+        )
 
     def _owned(self, params: list[torch.Tensor]) -> list[int]:
         """This rank's server elements of each parameter (the sharded server error's sizes)."""
         out = []
         for p in params:
-            cuts = param_pieces(p.numel(), self.block_size)
+            cuts = param_pieces(p.numel(), self.settings.block_size)
             out.append(sum(b - a for (a, b), j in zip(cuts, self._owners_of(p)) if j == self.rank))
         return out
 
     def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
-        if slot == "server_error" and self.topology == "sharded":
+        if slot == "server_error" and self.settings.topology == "sharded":
             return self._owned([param])[0]
         return super().memory_numel(slot, param)
 
@@ -173,7 +175,7 @@ class EFSignSGDM(HookState):
         with self.time(step, "compress", buf.device):
             packed, bad = self._worker(r)
         self.count_bits(step, plan.numel + 32 * len(plan.blocks.blocks))
-        if self.topology == "allgather":
+        if self.settings.topology == "allgather":
             whole = SignMessage(plan.numel, len(plan.blocks.blocks))
             assert r.scales is not None  # set by _worker
             gathered = self.transport.all_gather(whole.pack(packed, r.scales, bad), step)
@@ -190,7 +192,7 @@ class EFSignSGDM(HookState):
         error v - C(v). Returns the packed signs of the bucket and its non-finite flag."""
         params = r.bucket.params
         g = r.bucket.buffer if r.bucket.buffer.dtype == torch.float32 else r.bucket.buffer.float()
-        momentum = self.memory.flat("momentum", params) if self.momentum > 0 else None
+        momentum = self.memory.flat("momentum", params) if self.settings.momentum > 0 else None
         memories = (momentum, self.memory.flat("error", params))
         packed, r.scales = worker_message(g, memories, self._how, r.rho, r.plan.blocks, r.ws.worker)
         return packed, nonfinite(g)
@@ -251,7 +253,7 @@ class EFSignSGDM(HookState):
             ok = ~bad
             worker = r.ws.worker
             worker.error = self.memory.commit("error", params, worker.error, ok)
-            if self.momentum > 0:
+            if self.settings.momentum > 0:
                 worker.momentum = self.memory.commit("momentum", params, worker.momentum, ok)
             if r.out is not buf:
                 buf.copy_(r.out)

@@ -38,9 +38,9 @@ from typing_extensions import Unpack
 
 from ..comm import done
 from ..compress.laq import Quantized, UploadMessage, apply_codes, grid_radius, quantize_step
-from ..core import Bucket, Held, HookState, Runtime, check_bool, check_choice, check_float, check_int, is_set, nonfinite
+from ..core import Bucket, Held, HookState, Runtime, is_set, nonfinite
 from ..core.flags import keep_unless
-from .laq_state import LAQMemory, write_mean
+from .laq_state import LAQMemory, LAQSettings, write_mean
 
 
 @dataclass
@@ -58,24 +58,6 @@ class LAQ(HookState):
 
     ``state = ddp_hooks.LAQ(bits=4).register(ddp, torch.optim.SGD(ddp.parameters(), lr=0.2))``
 
-    Args:
-        bits: code width ``b`` in [1, 8].
-        memory_depth: ``D``, how many past model changes the rule weighs, in [1, 10000].
-        xi: weight ``xi_d`` of each of them (default ``0.8 / D``); while fewer than ``D``
-            changes exist, their mean is weighted by ``xi * D`` (as the authors' code does).
-        max_staleness: ``t_bar``, an upload is forced after this many silent rounds (the
-            paper's 100 can stall a minibatch run). A worker's first round always uploads:
-            the 2^b-point grid has no point at 0, so its error can exceed the innovation.
-        quantize: quantize the innovation (False: LAG, full precision).
-        skip: apply the skip rule (False: QGD, upload every round).
-        error_weight: factor on ``eps2 + eps2_last`` (1.5, SLAQ's; 3 for full-gradient LAQ).
-        threshold_offset: constant added to the threshold (0.2, SLAQ's; 0 for full-gradient LAQ).
-
-    The defaults (SLAQ's rule, a short ``t_bar``) train on a DDP script's minibatch gradients;
-    :meth:`paper` is the paper's full-gradient LAQ.
-        wire: ``"uploads"`` or ``"dense"`` (see the module docstring).
-        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
-
     The optimizer must be ``torch.optim.SGD`` with one learning rate: the rule compares the
     gradient's innovation with the model's movement divided by the learning rate, which is
     what a plain gradient step moves it by.
@@ -83,6 +65,8 @@ class LAQ(HookState):
 
     memory_slots = ("q_ref", "aggregate", "theta_prev")
     warmup = False  # the skip rule and the quantization references start at step 0
+    settings_type = LAQSettings
+    settings: LAQSettings
 
     def __init__(
         self,
@@ -98,32 +82,10 @@ class LAQ(HookState):
         wire: str = "uploads",
         **runtime: Unpack[Runtime],
     ) -> None:
-        self.bits = check_int("bits", bits, 1, 8)
-        self.memory_depth = check_int("memory_depth", memory_depth, 1, 10_000)
-        self.xi = 0.8 / self.memory_depth if xi is None else check_float("xi", xi, 0.0)
-        self.max_staleness = check_int("max_staleness", max_staleness, 1, 2**24)
-        self.quantize = check_bool("quantize", quantize)
-        self.skip = check_bool("skip", skip)
-        self.error_weight = check_float("error_weight", error_weight, 0.0)
-        self.threshold_offset = check_float("threshold_offset", threshold_offset, 0.0)
-        self.wire = check_choice("wire", wire, {"dense", "uploads"})
-        super().__init__(**runtime)
-        self.rule = LAQMemory(self.memory_depth, self.max_staleness)
+        settings = LAQSettings.of(locals())
+        super().__init__(settings, **runtime)
+        self.rule = LAQMemory(self.settings.memory_depth, self.settings.max_staleness)
         self._params: list[torch.Tensor] | None = None
-
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(),
-            "bits": self.bits,
-            "memory_depth": self.memory_depth,
-            "xi": self.xi,
-            "max_staleness": self.max_staleness,
-            "quantize": self.quantize,
-            "skip": self.skip,
-            "error_weight": self.error_weight,
-            "threshold_offset": self.threshold_offset,
-            "wire": self.wire,
-        }
 
     @classmethod
     def paper(cls, **kwargs: Any) -> "LAQ":
@@ -179,7 +141,7 @@ class LAQ(HookState):
                 )
             self._params = params
         ws = self.rule.workspace(
-            sum(p.numel() for p in params), params[0].device, self.wire == "uploads" and self.quantize
+            sum(p.numel() for p in params), params[0].device, self.settings.wire == "uploads" and self.settings.quantize
         )
         torch.cat([h.buffer.float() if h.buffer.dtype != torch.float32 else h.buffer for h in held], out=ws["g"])
         q_ref = self.memory.flat("q_ref", params)
@@ -188,7 +150,7 @@ class LAQ(HookState):
             d = self._decide(ws, q_ref, params, step)
         flags = self.transport.all_gather(torch.stack([d.upload, d.bad]).to(torch.uint8), step).wait()
         any_bad = is_set(flags[:, 1])
-        if self.wire == "dense":
+        if self.settings.wire == "dense":
             send = torch.where(d.upload & ~d.bad, ws["innovation"], torch.zeros_like(ws["innovation"]))
             received = self.transport.all_reduce(send, step).wait().masked_fill_(any_bad, 0.0)
         else:
@@ -211,11 +173,11 @@ class LAQ(HookState):
         g = ws["g"]
         bad = nonfinite(g)
         radius = self.combine(grid_radius(g, q_ref), step, largest=True) if self.partial else None
-        if self.wire == "uploads" and self.quantize:
-            quantized = quantize_step(g, q_ref, self.bits, codes=ws["codes"], radius=radius)
-        elif self.quantize:
+        if self.settings.wire == "uploads" and self.settings.quantize:
+            quantized = quantize_step(g, q_ref, self.settings.bits, codes=ws["codes"], radius=radius)
+        elif self.settings.quantize:
             quantized = quantize_step(
-                g, q_ref, self.bits, q_new=ws["q_new"], innovation=ws["innovation"], radius=radius
+                g, q_ref, self.settings.bits, q_new=ws["q_new"], innovation=ws["innovation"], radius=radius
             )
         else:
             ws["q_new"].copy_(g)
@@ -230,11 +192,13 @@ class LAQ(HookState):
         if self.partial:
             whole = self.combine(torch.stack([error2, innovation2, bad.to(torch.float64)]), step)
             error2, innovation2, bad = whole[0], whole[1], is_set(whole[2])
-        if not self.skip:
+        if not self.settings.skip:
             return _Decision(bad, torch.ones((), dtype=torch.bool, device=g.device), error2, quantized)
         lr = self.learning_rates(params)[0] if self.rule.changes else 1.0
-        threshold = self.rule.threshold(self.xi, lr, self.error_weight * (error2 + self.rule.eps2_last))
-        upload = (innovation2 >= threshold + self.threshold_offset) | self.rule.stale()
+        threshold = self.rule.threshold(
+            self.settings.weight, lr, self.settings.error_weight * (error2 + self.rule.eps2_last)
+        )
+        upload = (innovation2 >= threshold + self.settings.threshold_offset) | self.rule.stale()
         return _Decision(bad, upload, error2, quantized)
 
     def _uploads(
@@ -250,9 +214,9 @@ class LAQ(HookState):
             return None
         numel = ws["g"].numel()
         total = torch.zeros(numel, device=ws["g"].device)
-        message = UploadMessage(numel, self.bits)
+        message = UploadMessage(numel, self.settings.bits)
         for j in uploaders:
-            if self.quantize:
+            if self.settings.quantize:
                 payload = torch.empty(message.nbytes, dtype=torch.uint8, device=total.device)
                 if j == self.rank:
                     payload.copy_(message.pack(quantized.radius, ws["codes"]))
@@ -266,16 +230,16 @@ class LAQ(HookState):
         self, ws: dict[str, torch.Tensor], keep: torch.Tensor, quantized: Any, q_ref: torch.Tensor
     ) -> None:
         """An uploader's reference moves to its Q_new."""
-        if self.wire == "uploads" and self.quantize:
+        if self.settings.wire == "uploads" and self.settings.quantize:
             if bool(keep):  # the flags were read on the host already
-                apply_codes(q_ref, ws["codes"], quantized.radius, self.bits)
+                apply_codes(q_ref, ws["codes"], quantized.radius, self.settings.bits)
         else:
             keep_unless(~keep, q_ref, ws["q_new"])
 
     # ---- reporting and checkpoints -------------------------------------------------------------
     def upload_bits(self, numel: int) -> int:
         """Bits of one upload as the paper counts them: 32 + b d (LAG: 32 d)."""
-        return 32 + self.bits * numel if self.quantize else 32 * numel
+        return 32 + self.settings.bits * numel if self.settings.quantize else 32 * numel
 
     def stats(self) -> dict[str, Any]:
         """Adds ``uploads`` (this rank), ``uploads_all_ranks`` and the paper's bits for them."""

@@ -1,18 +1,64 @@
-"""LAQ's per-worker scalars: the clock, the last upload's error, the model-change history.
+"""LAQ's settings, and its per-worker scalars: the clock, the last upload's error, the
+model-change history.
 
 Norms and the history are kept in float64: a very large gradient or model change must not
 overflow the rule's arithmetic (squares of fp32 values reach past fp32's range).
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..compress.laq import model_change
-from ..core import Held, poison
+from ..core import Choice, Flag, Float, Held, Int, Maybe, Settings, poison, setting
 
 _SCALARS = ("eps2_last", "clock", "changes", "uploads", "uploads_all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LAQSettings(Settings):
+    """LAQ's hyper-parameters. The defaults (SLAQ's rule, a short ``t_bar``) train on a DDP
+    script's minibatch gradients; :meth:`LAQ.paper` is the paper's full-gradient LAQ."""
+
+    bits: int = setting(4, Int(1, 8), "code width ``b``.")
+    memory_depth: int = setting(10, Int(1, 10_000), "``D``, how many past model changes the rule weighs.")
+    xi: float | None = setting(
+        None,
+        Maybe(Float(0.0)),
+        "weight ``xi_d`` of each of them (None: ``0.8 / D``); while fewer than ``D`` changes exist, "
+        "their mean is weighted by ``xi * D`` (as the authors' code does).",
+    )
+    max_staleness: int = setting(
+        10,
+        Int(1, 2**24),
+        "``t_bar``, an upload is forced after this many silent rounds (the paper's 100 can stall a "
+        "minibatch run). A worker's first round always uploads: the 2^b-point grid has no point at 0, "
+        "so its error can exceed the innovation.",
+    )
+    quantize: bool = setting(True, Flag(), "quantize the innovation (False: LAG, full precision).")
+    skip: bool = setting(True, Flag(), "apply the skip rule (False: QGD, upload every round).")
+    error_weight: float = setting(
+        1.5, Float(0.0), "factor on ``eps2 + eps2_last`` (1.5, SLAQ's; 3 for full-gradient LAQ)."
+    )
+    threshold_offset: float = setting(
+        0.2, Float(0.0), "constant added to the threshold (0.2, SLAQ's; 0 for full-gradient LAQ)."
+    )
+    wire: str = setting(
+        "uploads",
+        Choice(("dense", "uploads")),
+        '``"uploads"``: broadcast only the uploaders\' payloads (the bytes the paper counts; the flags '
+        'are read on the host); ``"dense"``: all-reduce every innovation, no host sync, fp32 bytes.',
+    )
+
+    @property
+    def weight(self) -> float:
+        """``xi``, resolved."""
+        return 0.8 / self.memory_depth if self.xi is None else self.xi
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "xi": self.weight}
 
 
 class LAQMemory:

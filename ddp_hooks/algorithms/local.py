@@ -10,7 +10,6 @@ class LocalSteps:
     optimizer it follows, :meth:`synchronize` (``period = 0``: never). ``GradScaler`` skips a
     non-finite step on every rank alike, and with it this count."""
 
-    period: int
     step: int
     local_steps: int = 0
 
@@ -19,7 +18,7 @@ class LocalSteps:
     @property
     def sync_every(self) -> int:
         """Optimizer steps between synchronizations (0: never)."""
-        return self.period
+        raise NotImplementedError
 
     @property
     def keeps_local_models(self) -> bool:

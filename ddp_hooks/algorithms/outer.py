@@ -34,6 +34,7 @@ from ..core import add_unless, keep_unless
 from ..core.layouts import LayoutCache
 from . import schedules
 from .local import LocalSteps
+from .local_settings import QsparseSettings
 
 if TYPE_CHECKING:  # the state this mixin is part of
     from ..core import Generators, HookState
@@ -72,12 +73,7 @@ class OuterSteps(LocalSteps, _State):
     """Mixin: the schedule, the exchanges and the outer step of a local-step algorithm."""
 
     schedule: schedules.Schedule
-    fragments: int
-    delay: int
-    mix: float
-    error_decay: float
-    outer_lr: float
-    outer_momentum: float
+    settings: QsparseSettings
     rng: "Generators"
     _plans: LayoutCache[MessagePlan]
     _workspaces: LayoutCache[list[torch.Tensor]]
@@ -93,7 +89,7 @@ class OuterSteps(LocalSteps, _State):
     def outer_slots(self) -> tuple[str, ...]:
         """The memory slots of the outer loop."""
         slots = ("memory", "x_last") + (("master",) if self.schedule.asynchronous else ())
-        return slots + (("outer_momentum",) if self.outer_momentum else ())
+        return slots + (("outer_momentum",) if self.settings.outer_momentum else ())
 
     def start_outer(self) -> None:
         """At attach: the global model (and every worker's last pulled one) is the initial model."""
@@ -110,8 +106,8 @@ class OuterSteps(LocalSteps, _State):
             self._land(flight, step)
             moved = moved or self.rank in flight.workers
         for fragment, workers in self._due(t):
-            flight = self._send(fragment, workers, t + self.delay, step)
-            if self.delay:
+            flight = self._send(fragment, workers, t + self.settings.delay, step)
+            if self.settings.delay:
                 self._in_flight.append(flight)
             else:
                 self._land(flight, step)
@@ -124,25 +120,29 @@ class OuterSteps(LocalSteps, _State):
             workers = self.schedule.due(t, n)
             return [(0, workers)] if workers else []
         every = list(range(n))
-        return [(f, every) for f in range(self.fragments) if schedules.staggered(t, f, self.fragments, self.period)]
+        return [
+            (f, every)
+            for f in range(self.settings.fragments)
+            if schedules.staggered(t, f, self.settings.fragments, self.settings.period)
+        ]
 
     def _fragment(self, index: int) -> list[torch.Tensor]:
         """The parameters of fragment ``index`` this rank serves. Fragments are cut from the
         whole model, so that a worker of several ranks streams the same fragments."""
         served = self.served_params()
-        if self.fragments == 1:
+        if self.settings.fragments == 1:
             return served
         key = tuple(id(p) for p in served)
         if self._fragment_cache is None or self._fragment_cache[0] != key:
             view = self.model_view()
             model = view.params
-            if len(model) < self.fragments:
+            if len(model) < self.settings.fragments:
                 raise ValueError(
-                    f"fragments={self.fragments} needs as many parameter tensors; the model has {len(model)}"
+                    f"fragments={self.settings.fragments} needs as many parameter tensors; the model has {len(model)}"
                 )
             mine = set(key)
             sizes = [view.handle(p).numel() for p in model]  # whole tensors, also where sharded
-            groups = [[model[i] for i in g] for g in schedules.fragments(sizes, self.fragments)]
+            groups = [[model[i] for i in g] for g in schedules.fragments(sizes, self.settings.fragments)]
             self._fragment_cache = (key, [[p for p in g if id(p) in mine] for g in groups])
         return self._fragment_cache[1][index]
 
@@ -161,7 +161,7 @@ class OuterSteps(LocalSteps, _State):
             numels = [p.numel() for p in params]
             with torch.no_grad(), self.time(step, "compress", last.device):
                 progress = [x0 - p.detach().reshape(-1) for x0, p in zip(last.split(numels), params)]  # x_last - x
-                torch.mul(memory, self.error_decay, out=candidate)  # beta mem (exact when beta = 1)
+                torch.mul(memory, self.settings.error_decay, out=candidate)  # beta mem (exact when beta = 1)
                 payload, local = plan.encode_ef(progress, candidate.split(numels), (self.rng.rank, self.rng.shared))
             self.count_bits(step, plan.paper_bits)
             error = candidate
@@ -198,30 +198,30 @@ class OuterSteps(LocalSteps, _State):
                 bad = plan.mean(rows, mean.split(numels), flight.local, divisor=self.world_size)
             if error is not None:
                 keep_unless(bad, self.memory.flat("memory", params), error)  # mem = Delta - q
-            add_unless(bad, master, self._outer_step(params, mean, bad), alpha=-self.outer_lr)
+            add_unless(bad, master, self._outer_step(params, mean, bad), alpha=-self.settings.outer_lr)
             if self.rank not in flight.workers:
                 return
             if self.schedule.asynchronous:
                 self.memory.flat("x_last", params).copy_(master)
             for p, piece in zip(params, master.split(numels)):
-                if self.delay:  # the late average mixed with the local progress made meanwhile
-                    mixed = torch.lerp(piece.view_as(p), p.detach().float(), self.mix)
+                if self.settings.delay:  # the late average mixed with the local progress made meanwhile
+                    mixed = torch.lerp(piece.view_as(p), p.detach().float(), self.settings.mix)
                     piece = torch.where(bad, piece.view_as(p), mixed)
                 p.copy_(piece.view_as(p))
 
     def _outer_step(self, params: list[torch.Tensor], mean: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         """The outer step's direction: ``Delta``, or with Nesterov momentum ``Delta + mu m``
         after ``m = mu m + Delta`` (``m`` unchanged when ``bad``)."""
-        if not self.outer_momentum:
+        if not self.settings.outer_momentum:
             return mean
         momentum = self.memory.flat("outer_momentum", params)
-        keep_unless(bad, momentum, momentum * self.outer_momentum + mean)
-        return mean + self.outer_momentum * momentum
+        keep_unless(bad, momentum, momentum * self.settings.outer_momentum + mean)
+        return mean + self.settings.outer_momentum * momentum
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def flights_state(self) -> dict[str, Any]:
         """The exchanges in flight, with what arrived (waits for it)."""
-        if not self.delay:
+        if not self.settings.delay:
             return {}
         saved = []
         for f in self._in_flight:
@@ -232,11 +232,11 @@ class OuterSteps(LocalSteps, _State):
         return {"in_flight": saved}
 
     def check_flights(self, extra: Any) -> list[str]:
-        if not self.delay:
+        if not self.settings.delay:
             return []
         flights = extra.get("in_flight")
-        if not isinstance(flights, list) or len(flights) > self.fragments:
-            return [f"extra['in_flight'] must be a list of at most {self.fragments} exchanges"]
+        if not isinstance(flights, list) or len(flights) > self.settings.fragments:
+            return [f"extra['in_flight'] must be a list of at most {self.settings.fragments} exchanges"]
         now = extra.get("local_steps")
         now = now if isinstance(now, int) else 0
         out = []
@@ -244,8 +244,8 @@ class OuterSteps(LocalSteps, _State):
             ok = (
                 isinstance(f, dict)
                 and all(isinstance(f.get(key), int) for key in ("land", "fragment"))
-                and now < f["land"] <= now + self.delay
-                and 0 <= f["fragment"] < self.fragments
+                and now < f["land"] <= now + self.settings.delay
+                and 0 <= f["fragment"] < self.settings.fragments
                 and f.get("workers") == list(range(self.world_size))
                 and torch.is_tensor(f.get("rows"))
                 and f["rows"].dtype == torch.uint8

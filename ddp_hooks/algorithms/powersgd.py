@@ -34,19 +34,22 @@ from ..comm import chain
 from ..compress.lowrank import LowRankPlan
 from ..compress.orthogonalize import METHODS, orthogonalize
 from ..core import (
+    SEED,
     Bucket,
+    Choice,
+    Flag,
+    Float,
     Generators,
     HookState,
+    Int,
     Runtime,
-    as_flag,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
-    is_set,
+    Settings,
     nonfinite,
     poison,
+    setting,
+    split_flag,
+    with_flag,
+    write_flag,
 )
 from ..core.layouts import LayoutCache
 
@@ -78,26 +81,36 @@ class _Round:
     exact: torch.Tensor | None = None  # exact tensors' mean (+ the flag when nothing is compressed)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PowerSGDSettings(Settings):
+    """PowerSGD's hyper-parameters."""
+
+    rank: int = setting(4, Int(1, 1024), "target rank ``r`` (each matrix uses ``min(n, m, r)``).")
+    warm_start: bool = setting(True, Flag(), "reuse last step's ``Q`` (the paper's choice), not a fresh random one.")
+    error_feedback: bool = setting(True, Flag(), "keep ``M_w - M^`` and add it to the next gradient.")
+    min_compression_rate: float = setting(
+        2.0, Float(1.0), "compress a matrix only if it shrinks by more than this factor."
+    )
+    seed: int = setting(0, SEED, "seed of the shared generator for ``Q`` (identical on every rank).")
+    orthogonalization: str = setting(
+        "auto",
+        Choice(("auto", *METHODS)),
+        '``"auto"`` is ``"qr"`` on the CPU (fastest there in ``benchmarks/powersgd.py``) and '
+        '``"gram_schmidt"`` on GPUs.',
+    )
+    epsilon: float = setting(1e-8, Float(0.0), "added to column norms so that all-zero matrices give zeros, not NaN.")
+
+
 class PowerSGD(HookState):
     """PowerSGD state and hook.
 
     ``state = ddp_hooks.PowerSGD(rank=4).register(ddp)``
-
-    Args:
-        rank: target rank ``r`` (each matrix uses ``min(n, m, r)``), in [1, 1024].
-        warm_start: reuse last step's ``Q`` (the paper's choice) instead of a fresh random one.
-        error_feedback: keep ``M_w - M^`` and add it to the next gradient.
-        min_compression_rate: compress a matrix only if it shrinks by more than this factor.
-        seed: seed of the shared generator for ``Q`` (identical on every rank).
-        orthogonalization: ``"gram_schmidt"``, ``"cholesky_qr2"``, ``"qr"``, or ``"auto"``:
-            ``"qr"`` on the CPU (fastest there in ``benchmarks/powersgd.py``) and
-            ``"gram_schmidt"`` on GPUs.
-        epsilon: added to column norms so that all-zero matrices give zeros, not NaN.
-        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`).
     """
 
     stages = 2
     memory_slots = ("error",)
+    settings_type = PowerSGDSettings
+    settings: PowerSGDSettings
 
     def __init__(
         self,
@@ -111,44 +124,28 @@ class PowerSGD(HookState):
         epsilon: float = 1e-8,
         **runtime: Unpack[Runtime],
     ) -> None:
-        self.matrix_rank = check_int("rank", rank, 1, 1024)
-        self.warm_start = check_bool("warm_start", warm_start)
-        self.error_feedback = check_bool("error_feedback", error_feedback)
-        self.min_compression_rate = check_float("min_compression_rate", min_compression_rate, 1.0)
-        self.seed = check_seed("seed", seed)
-        self.orthogonalization = check_choice("orthogonalization", orthogonalization, {"auto", *METHODS})
-        self.epsilon = check_float("epsilon", epsilon, 0.0)
-        super().__init__(**runtime)
-        self.rng = Generators(self.seed)
-        self._layouts = LayoutCache(lambda params: _Layout(params, self.matrix_rank, self.min_compression_rate))
-
-    def config(self) -> dict[str, Any]:
-        return {
-            **super().config(),
-            "rank": self.matrix_rank,
-            "warm_start": self.warm_start,
-            "error_feedback": self.error_feedback,
-            "min_compression_rate": self.min_compression_rate,
-            "seed": self.seed,
-            "orthogonalization": self.orthogonalization,
-            "epsilon": self.epsilon,
-        }
+        settings = PowerSGDSettings.of(locals())
+        super().__init__(settings, **runtime)
+        self.rng = Generators(settings.seed)
+        self._layouts = LayoutCache(lambda params: _Layout(params, settings.rank, settings.min_compression_rate))
 
     def memory_numel(self, slot: str, param: torch.Tensor) -> int | None:
         if slot == "q":
             n = param.shape[0] if param.dim() else 1
-            return (param.numel() // max(n, 1)) * min(n, param.numel() // max(n, 1), self.matrix_rank)
+            return (param.numel() // max(n, 1)) * min(n, param.numel() // max(n, 1), self.settings.rank)
         return super().memory_numel(slot, param)
 
     def _method(self, device: torch.device) -> str:
-        if self.orthogonalization != "auto":
-            return self.orthogonalization
+        if self.settings.orthogonalization != "auto":
+            return self.settings.orthogonalization
         return "qr" if device.type == "cpu" else "gram_schmidt"
 
     def _queries(self, layout: _Layout) -> torch.Tensor:
         """The kept Q of a layout, each column normalized; new (or, without warm start, all)
         pieces drawn from the shared generator in bucket order, identically on every rank."""
-        fresh = self.memory.missing("q", layout.compressed) if self.warm_start else range(len(layout.compressed))
+        fresh = (
+            self.memory.missing("q", layout.compressed) if self.settings.warm_start else range(len(layout.compressed))
+        )
         flat = self.memory.flat("q", layout.compressed, sizes=layout.q_sizes)
         if fresh:
             pieces = flat.split(layout.q_sizes)
@@ -162,36 +159,37 @@ class PowerSGD(HookState):
     def reduce(self, bucket: Bucket, step: int) -> Future[torch.Tensor]:
         layout = self._layouts.get(bucket.params, step)
         r = _Round(step, bucket, layout, torch.empty(layout.plan.p_numel + 1, device=bucket.buffer.device))
-        flag = as_flag(nonfinite(bucket.buffer))
+        bad = nonfinite(bucket.buffer)
         plan = layout.plan
         exact_bits = 32 * sum(bucket.params[i].numel() for i in plan.exact)
         self.count_bits(step, exact_bits + 32 * sum(g.size * (g.n + g.m) * g.rank for g in plan.groups))
-        exact_fut = self._send_exact(r, flag if not plan.groups else None)
+        exact_fut = self._send_exact(r, bad if not plan.groups else None)
         if not layout.plan.groups:
             assert exact_fut is not None  # it carries the flag
             return chain(exact_fut, lambda _: self._finish(r))
         with self.time(step, "compress", bucket.buffer.device):
-            self._project_p(r, flag)
+            self._project_p(r, bad)
         p_fut = self.transport.all_reduce(r.p_flat, step)
         q_fut = self.transport.then(p_fut, 1, lambda _: self._project_q(r))
         waits = [q_fut] if exact_fut is None else [exact_fut, q_fut]
         return chain(collect_all(waits), lambda done: ([f.value() for f in done], self._finish(r))[1])
 
-    def _send_exact(self, r: _Round, flag: torch.Tensor | None) -> Future[torch.Tensor] | None:
-        """All-reduce the mean of the tensors sent exactly (launched first, to overlap)."""
+    def _send_exact(self, r: _Round, bad: torch.Tensor | None) -> Future[torch.Tensor] | None:
+        """All-reduce the mean of the tensors sent exactly (launched first, to overlap), with
+        the flag at its tail when nothing is compressed (``bad`` given)."""
         plan, grads = r.layout.plan, r.bucket.grads()
-        if not plan.exact and flag is None:
+        if not plan.exact and bad is None:
             return None
-        pieces = [grads[i].reshape(-1).float() for i in plan.exact] + ([flag] if flag is not None else [])
-        r.exact = torch.cat(pieces).mul_(1.0 / self.world_size)
+        pieces = [grads[i].reshape(-1).float() for i in plan.exact]
+        r.exact = (torch.cat(pieces) if bad is None else with_flag(pieces, bad)).mul_(1.0 / self.world_size)
         return self.transport.all_reduce(r.exact, r.step)
 
-    def _project_p(self, r: _Round, flag: torch.Tensor) -> None:
+    def _project_p(self, r: _Round, bad: torch.Tensor) -> None:
         """M = g + e (one pass per tensor); P = M Q; the flag rides at the end of P."""
         layout, grads = r.layout, r.bucket.grads()
         local = [grads[i].reshape(-1) for i in layout.plan.order]
         pieces = layout.matrices.split(layout.numels)
-        if self.error_feedback:
+        if self.settings.error_feedback:
             error = self.memory.flat("error", layout.compressed)
             for g, e, m in zip(local, error.split(layout.numels), pieces):
                 torch.add(g, e, out=m)
@@ -202,7 +200,7 @@ class PowerSGD(HookState):
         plan = layout.plan
         for m, qt, p in zip(plan.m_views(layout.matrices), plan.q_views(queries), plan.p_views(r.p_flat)):
             torch.bmm(m, qt.transpose(1, 2), out=p)
-        r.p_flat[-1:].copy_(flag)
+        write_flag(r.p_flat, bad)
 
     def _project_q(self, r: _Round) -> Future[torch.Tensor]:
         """P^ = orthogonalize(P); Q^T = P^T M; all-reduce the new Q (stage 1)."""
@@ -210,7 +208,7 @@ class PowerSGD(HookState):
         with self.time(r.step, "compress", device):
             method = self._method(device)
             for p in plan.p_views(r.p_flat):
-                orthogonalize(p, method, self.epsilon)
+                orthogonalize(p, method, self.settings.epsilon)
             for m, p, qt in zip(
                 plan.m_views(r.layout.matrices), plan.p_views(r.p_flat), plan.q_views(r.layout.queries)
             ):
@@ -221,8 +219,7 @@ class PowerSGD(HookState):
         """Write every gradient; keep Q and the error only if every rank's bucket was finite."""
         layout, buf, grads = r.layout, r.bucket.buffer, r.bucket.grads()
         with self.time(r.step, "decompress", buf.device):
-            flag = r.p_flat[-1] if layout.plan.groups or r.exact is None else r.exact[-1]
-            bad = is_set(flag)
+            _, bad = split_flag(r.p_flat if layout.plan.groups or r.exact is None else r.exact)
             if r.exact is not None:
                 sizes = [grads[i].numel() for i in layout.plan.exact]
                 for i, piece in zip(layout.plan.exact, r.exact[: sum(sizes)].split(sizes)):
@@ -250,7 +247,7 @@ class PowerSGD(HookState):
             approx = list(layout.approx.split(layout.numels))
             for i, piece in zip(plan.order, approx):
                 grads[i].copy_(piece.view_as(grads[i]))
-        if self.error_feedback:
+        if self.settings.error_feedback:
             for m, m_hat in zip(layout.matrices.split(layout.numels), approx):
                 torch.sub(m, m_hat, out=m)
             layout.matrices = self.memory.commit("error", layout.compressed, layout.matrices, ok)

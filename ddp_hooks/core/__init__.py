@@ -15,15 +15,26 @@ from .flags import (
     split_flag,
     sync_free,
     with_flag,
+    write_flag,
 )
 from .held import Held
 from .memory import ParameterMemory
 from .rng import Generators
+from .settings import SEED, Choice, CountOrFraction, Flag, Float, Int, Maybe, Settings, setting
 from .state import HookState, comm_hook
 from .stats import Stats
 
 __all__ = [
+    "SEED",
     "Bucket",
+    "Choice",
+    "CountOrFraction",
+    "Flag",
+    "Float",
+    "Int",
+    "Maybe",
+    "Settings",
+    "setting",
     "ConfigMismatch",
     "Generators",
     "Held",
@@ -47,4 +58,5 @@ __all__ = [
     "split_flag",
     "sync_free",
     "with_flag",
+    "write_flag",
 ]

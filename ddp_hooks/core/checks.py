@@ -20,10 +20,10 @@ MAX_SEED = 2**62 - 1
 def check_int(name: str, value: Any, low: int, high: int = MAX_COUNT) -> int:
     """Return ``value`` as an int in ``[low, high]``, or raise ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer in {_range(low, high)}, got {value!r}")
+        raise ValueError(f"{name} must be an integer in {span(low, high)}, got {value!r}")
     number = int(value)
     if number < low or number > high:
-        raise ValueError(f"{name} must be an integer in {_range(low, high)}, got {number}")
+        raise ValueError(f"{name} must be an integer in {span(low, high)}, got {number}")
     return number
 
 
@@ -37,14 +37,14 @@ def check_float(
     high_open: bool = False,
 ) -> float:
     """Return ``value`` as a finite float in the range, or raise ValueError naming ``name``."""
-    span = _range(low, high, low_open, high_open)
+    interval = span(low, high, low_open, high_open)
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
     number = float(value)
     bad_low = number <= low if low_open else number < low
     bad_high = high is not None and (number >= high if high_open else number > high)
     if bad_low or bad_high:
-        raise ValueError(f"{name} must be a number in {span}, got {number}")
+        raise ValueError(f"{name} must be a number in {interval}, got {number}")
     return number
 
 
@@ -67,7 +67,8 @@ def check_seed(name: str, value: Any) -> int:
     return check_int(name, value, 0, MAX_SEED)
 
 
-def _range(low: float, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+def span(low: float, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    """The interval as the messages write it: ``[1, 1024]``, ``(0, 1)``, ``[0, inf)``."""
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
     return f"{left}{low}, {'inf)' if high is None else str(high) + right}"

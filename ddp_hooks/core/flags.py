@@ -13,7 +13,7 @@ which is how the test suite runs them without a GPU.
 """
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -49,10 +49,19 @@ def is_set(flags: torch.Tensor) -> torch.Tensor:
     return (flags != 0).any()
 
 
-def with_flag(values: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+def with_flag(values: torch.Tensor | Sequence[torch.Tensor], bad: torch.Tensor) -> torch.Tensor:
     """``[values | flag]``: a message that is summed or averaged over ranks, its last element
-    this rank's flag (in ``values``' dtype). Read it back with :func:`split_flag`."""
-    return torch.cat([values, as_flag(bad, values.dtype)])
+    this rank's flag (in ``values``' dtype; ``values`` may be several flat tensors, joined).
+    Read it back with :func:`split_flag`."""
+    parts = [values] if isinstance(values, torch.Tensor) else list(values)
+    return torch.cat([*parts, as_flag(bad, parts[0].dtype if parts else torch.float32)])
+
+
+def write_flag(message: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """The flag written into the last element of a preallocated ``[values | flag]`` message
+    (in place; read back with :func:`split_flag`)."""
+    message[-1:].copy_(as_flag(bad, message.dtype))
+    return message
 
 
 def split_flag(message: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,16 +10,20 @@ configured alike (:mod:`.agree`) and makes all of it checkpointable (:mod:`.chec
 An algorithm subclasses it and implements :meth:`HookState.reduce`.
 """
 
-from typing import Any
+import inspect
+from dataclasses import fields
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import GradBucket
 from torch.futures import Future
+from typing_extensions import Self, Unpack
 
 from ..comm import Transport, chain
 from . import checkpoint
 from .agree import agree
+from .binding import Runtime
 from .bucket import Bucket
 from .carrier import Carrier
 from .checks import check_int
@@ -29,6 +33,7 @@ from .model import PYTHON_REDUCER, ModelView, SeenParameters
 from .node import NodeSize, check_node_size
 from .optimizer import OptimizerLink
 from .registration import Registration, comm_hook
+from .settings import Settings, document
 from .stats import Stats
 
 __all__ = ["HookState", "comm_hook"]
@@ -38,6 +43,7 @@ class HookState(Registration):
     """Shared machinery of a compression hook.
 
     Args:
+        settings: the algorithm's hyper-parameters (default: :attr:`settings_type`'s defaults).
         process_group: the group to reduce over (default: the default group, at first use).
         warmup_steps: number of first training steps reduced by an exact fp32 all-reduce,
             bit-identical to DDP without a hook.
@@ -55,14 +61,27 @@ class HookState(Registration):
     sparse_gradients: bool = False
     #: whether the algorithm can start after exact warm-up steps (``warmup_steps``)
     warmup: bool = True
+    #: the algorithm's hyper-parameters (its docstring's ``Args:`` are written from them)
+    settings_type: ClassVar[type[Settings]] = Settings
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "settings_type" in cls.__dict__:
+            cls.__doc__ = document(cls, cls.settings_type)
 
     def __init__(
         self,
+        settings: Settings | None = None,
         *,
         process_group: dist.ProcessGroup | None = None,
         warmup_steps: int = 0,
         node_size: NodeSize = None,
     ) -> None:
+        self.settings = settings if settings is not None else self.settings_type()
+        if type(self.settings) is not self.settings_type:
+            raise TypeError(
+                f"{type(self).__name__} takes {self.settings_type.__name__}, got {type(self.settings).__name__}"
+            )
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0, 2**62)
         if self.warmup_steps and not self.warmup:
             raise ValueError(f"{type(self).__name__} takes no warmup_steps, got {warmup_steps}")
@@ -84,16 +103,31 @@ class HookState(Registration):
         self._stepped_at = 0  # the step the optimizer last stepped after
         self._link = OptimizerLink(self.check_optimizer, self._optimizer_stepped, self._param_ids)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **runtime: Unpack[Runtime]) -> Self:
+        """The state of these ``settings`` (e.g. ``dataclasses.replace(state.settings, ...)``);
+        ValueError if this class's constructor cannot make them (a preset's fixed fields)."""
+        if type(settings) is not cls.settings_type:
+            raise TypeError(f"{cls.__name__} takes {cls.settings_type.__name__}, got {type(settings).__name__}")
+        params = inspect.signature(cls.__init__).parameters.values()
+        names = [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        state = cls(**{n: getattr(settings, n) for n in names}, **runtime)
+        differ = [f.name for f in fields(settings) if getattr(state.settings, f.name) != getattr(settings, f.name)]
+        if differ:
+            raise ValueError(f"{cls.__name__}'s constructor does not set {', '.join(differ)} as these settings do")
+        return state
+
     # ---- what an algorithm defines ----------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The hyper-parameters every rank must share (override; extends the base fields)."""
+        """The configuration every rank must share and a checkpoint records: the runtime's
+        fields, then the algorithm's :attr:`settings`."""
         fields: dict[str, Any] = {"warmup_steps": self.warmup_steps}
         if self._node_spec is not None:  # the resolved size once a worker has several ranks
             per = self._carrier.ranks_per_worker if self._carrier is not None else 1
             fields["node_size"] = per if per > 1 else self._node_spec
         if self._carrier is not None:
             fields.update(self._carrier.identity())
-        return fields
+        return {**fields, **self.settings.identity()}
 
     @property
     def keeps_local_models(self) -> bool:
