@@ -23,10 +23,8 @@ def _collectives_world(rank, world):
     chunks = torch.stack([torch.full((3,), 10 * rank + j, dtype=torch.int32) for j in range(world)])
     received = tr.all_to_all(chunks, step=1).wait()
 
-    def server(rows):  # the owner of shard `rank` sums what it received, then all shards are gathered
-        return tr.all_gather(rows.sum(0).to(torch.int32), step=1, stage=1)
-
-    replies = tr.then(tr.all_to_all(chunks, step=1), 1, server).wait()
+    # the owner of shard `rank` sums what it received, then all shards are gathered
+    replies = tr.through_owners(chunks, lambda rows: rows.sum(0).to(torch.int32), step=1).wait()
     return summed, gathered, received, replies, stats.summary(2)
 
 
@@ -45,6 +43,32 @@ def test_collectives_match_reference_and_count_bytes(world):
         assert total["received_bytes"] == 40 + 7 * n + 2 * 12 * n + 12 * n
         wire = 40 * 2 * (n - 1) / n + 7 * (n - 1) + 2 * 12 * n * (n - 1) / n + 12 * (n - 1)
         assert total["wire_bytes"] == pytest.approx(wire)
+
+
+def _uneven_owners_world(rank, world):
+    """Owner ``j`` of ``j + 1`` elements: every rank sends it ``(rank + 1) (j + 1)`` there; it
+    serves in the hook, through a collective of its own (the node carrier's shape)."""
+    from ddp_hooks.comm import chain
+
+    tr = Transport(dist.group.WORLD, Stats(world), stages=2)
+    sizes = [j + 1 for j in range(world)]
+    send = torch.cat([torch.full((n,), float((rank + 1) * n)) for n in sizes])
+    mine = sizes[rank]
+    splits = ((sizes, [mine] * world), ([mine] * world, sizes))
+
+    def serve(received):
+        total = received.view(world, mine).sum(0)
+        return chain(tr.all_reduce(torch.ones(1), step=0), lambda ones: total * ones)
+
+    return tr.through_owners(send, serve, 0, splits, in_hook=True).wait()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_through_owners_with_uneven_shares_served_in_the_hook(world):
+    n = world
+    expected = torch.cat([torch.full((j + 1,), float(n * (j + 1) * n * (n + 1) // 2)) for j in range(n)])
+    for got in run_world(_uneven_owners_world, world):
+        assert torch.equal(got, expected)
 
 
 class _ShardedMean(HookState):

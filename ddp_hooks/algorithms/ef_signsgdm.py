@@ -181,10 +181,8 @@ class EFSignSGDM(HookState):
             gathered = self.transport.all_gather(whole.pack(packed, r.scales, bad), step)
             return chain(gathered, lambda rows: self._serve_all(r, rows))
         assert r.scales is not None
-        received = self.transport.all_to_all(plan.requests(packed, r.scales, bad), step)
-        replies = self.transport.then(
-            received, 1, lambda rows: self.transport.all_gather(self._serve(r, self.rank, rows), step, stage=1)
-        )
+        requests = plan.requests(packed, r.scales, bad)
+        replies = self.transport.through_owners(requests, lambda rows: self._serve(r, self.rank, rows), step)
         return chain(replies, lambda replies: self._finish(r, replies))
 
     def _worker(self, r: _Round) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.futures import Future
 
-from .futures import chain, pinned, value_of
+from .futures import chain, done, pinned, value_of
 from .groups import new_group_like
 from .sequencer import Sequencer
 
@@ -115,6 +115,38 @@ class Transport:
         root = dist.get_global_rank(group, src)
         work = dist.broadcast(tensor, src=root, group=group, async_op=True)
         return self._issue("broadcast", step, stage, work, lambda: tensor)
+
+    # ---- reduce to owners, then gather ---------------------------------------------------------
+    def through_owners(
+        self,
+        requests: torch.Tensor,
+        serve: Callable[[torch.Tensor], Any],
+        step: int,
+        splits: tuple[Splits, Splits] | None = None,
+        in_hook: bool = False,
+    ) -> Future[Any]:
+        """Each owner reduces what is sent to it, then every rank gets every owner's reply.
+
+        Rank ``j`` is the owner of row ``j`` of ``requests`` (an all-to-all), or of the uneven
+        piece ``j`` cut by ``splits[0]``; ``serve`` turns the requests an owner received into
+        its reply (compression and decompression are the caller's: a codec, or exact sums);
+        the replies travel on stage 1 as an all-gather of equal rows, or as uneven pieces by
+        ``splits[1]`` (each owner's reply sent to every rank). ``in_hook``: wait for the
+        requests here and run ``serve`` in the hook (it may issue collectives of its own, and
+        return their future); else ``serve`` runs when the requests arrive. The future holds
+        the replies, in owner order."""
+        scatter, gather = splits if splits is not None else (None, None)
+        received = self.all_to_all(requests, step) if scatter is None else self.exchange(requests, scatter, step)
+
+        def send_back(reply: torch.Tensor) -> Future[Any]:
+            if gather is None:
+                return self.all_gather(reply, step, stage=1)
+            return self.exchange(reply.reshape(-1).repeat(self.world_size), gather, step, stage=1)
+
+        if in_hook:
+            reply = serve(received.wait())  # a failure raises here, named
+            return self.then(done(reply) if isinstance(reply, torch.Tensor) else reply, 1, send_back)
+        return self.then(received, 1, lambda rows: send_back(serve(rows)))
 
     # ---- ordered later stages -----------------------------------------------------------
     def then(self, fut: Future[Any], stage: int, fn: Callable[[Any], Future[Any]]) -> Future[Any]:

@@ -150,24 +150,21 @@ class NodeAware:
         an intra-node gather of the shares."""
         buf, plan = bucket.buffer, self._plans.get(bucket.params, step)
         mine = plan.sizes[self.local]
-        # the exact mean: every rank sends each owner its share (and its flag); the owner sums
-        received = self.transport.exchange(self._pieces(buf, plan), plan.scatter, step)
-        rows = received.wait().view(self.size, mine + 1)  # a failure raises here, named
-        total = rows[0].clone()
-        for r in range(1, self.size):
-            total += rows[r]
-        summed, bad = split_flag(total)
-        share = poison(summed.mul_(1.0 / self.size), bad)
-        share = share.to(buf.dtype) if buf.dtype != torch.float32 else share
-        owned = plan.owned[self.local]
-        if not owned and not (bucket.is_last and needs_last):
-            result: Future[torch.Tensor] = done(share)
-        else:
-            result = inner(Bucket(share, owned, bucket.is_last), step)
 
-        def gather(reduced: torch.Tensor) -> Future[torch.Tensor]:
-            send = reduced.reshape(-1).repeat(self.size)
-            return self.transport.exchange(send, plan.gather, step, stage=1)
+        def serve(received: torch.Tensor) -> Future[torch.Tensor]:
+            """The exact mean of this rank's share (every rank's piece and flag, summed in rank
+            order), reduced between the nodes by the algorithm."""
+            rows = received.view(self.size, mine + 1)
+            total = rows[0].clone()
+            for r in range(1, self.size):
+                total += rows[r]
+            summed, bad = split_flag(total)
+            share = poison(summed.mul_(1.0 / self.size), bad)
+            share = share.to(buf.dtype) if buf.dtype != torch.float32 else share
+            owned = plan.owned[self.local]
+            if not owned and not (bucket.is_last and needs_last):
+                return done(share)
+            return inner(Bucket(share, owned, bucket.is_last), step)
 
         def write(shares: torch.Tensor) -> torch.Tensor:
             flat, start = buf.view(-1), 0
@@ -177,7 +174,8 @@ class NodeAware:
                     start += b - a
             return buf
 
-        return chain(self.transport.then(result, 1, gather), write)
+        splits = (plan.scatter, plan.gather)
+        return chain(self.transport.through_owners(self._pieces(buf, plan), serve, step, splits, in_hook=True), write)
 
     def _pieces(self, buf: torch.Tensor, plan: "_Plan") -> torch.Tensor:
         """The bucket in owner order, fp32, each owner's share followed by this rank's flag."""
