@@ -239,3 +239,26 @@ def test_flag_tail_survives_a_sum_and_a_gather(bad_ranks):
     assert rows.shape[1] == 3 + FLAG_BYTES
     assert bool(flag_of_rows(rows)) == bool(bad_ranks)
     assert bool(flag_of_rows(rows[2])) == (2 in bad_ranks)  # one row, at an unaligned offset
+
+
+def test_byte_layout_lays_fields_end_to_end_with_the_flag_last():
+    """The one builder of byte messages: fields at their spans in any row (one message or
+    gathered rows), read as bytes or as another dtype, the flag at the tail."""
+    from ddp_hooks.compress.bits import FLAG_BYTES, ByteLayout
+
+    layout = ByteLayout({"signs": 3, "scales": 8}, flag=True)
+    assert layout.spans == {"signs": (0, 3), "scales": (3, 11)} and layout.nbytes == 11 + FLAG_BYTES
+    scales = torch.tensor([1.5, -2.0])
+    rows = torch.stack(
+        [
+            layout.join({"signs": torch.full((3,), r, dtype=torch.uint8), "scales": scales * r}, torch.tensor(r == 2))
+            for r in range(3)
+        ]
+    )
+    assert torch.equal(layout.field(rows, "signs")[:, 0], torch.arange(3, dtype=torch.uint8))
+    assert torch.equal(layout.field(rows, "scales", torch.float32), torch.stack([scales * r for r in range(3)]))
+    assert torch.equal(layout.field(rows[1], "scales", torch.float32), scales)  # one row, unaligned
+    assert bool(layout.any_flag(rows)) and not bool(layout.any_flag(rows[:2]))
+    assert not bool(layout.any_flag(layout.set_flag(rows, torch.tensor(False))))
+    plain = ByteLayout([2, 4])  # fields by position, no flag
+    assert plain.nbytes == 6 and plain.field(torch.arange(6, dtype=torch.uint8), 1).tolist() == [2, 3, 4, 5]

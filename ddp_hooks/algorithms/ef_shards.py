@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compress.bits import FLAG_BYTES, flag_bytes, packed_size
+from ..compress.bits import packed_size
 from ..compress.scaled_sign import Blocks, BlockSet, SignMessage, block_sizes, ranges
 
 #: longest server block (elements); a multiple of 8, small enough for one CUDA block per piece
@@ -196,16 +196,15 @@ class ShardPlan:
     def requests(self, packed: torch.Tensor, block_scales: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         """A worker's request to every owner, ``(n, message.nbytes)``: the bytes of its runs
         from the whole bucket's ``packed`` signs, each real piece's worker block scale, the flag."""
-        width, k = packed_size(self.message.count), self.message.nscales
-        rows = torch.zeros(self.n, self.message.nbytes, dtype=torch.uint8, device=packed.device)
-        scales = torch.zeros(self.n, k, device=packed.device)
+        layout = self.message.layout
+        rows = torch.zeros(self.n, layout.nbytes, dtype=torch.uint8, device=packed.device)
+        scales = torch.zeros(self.n, self.message.nscales, device=packed.device)
         for j, row in enumerate(self.rows):
             for position, first, end in row.spans:
                 rows[j, position : position + end - first] = packed[first:end]
             scales[j, : row.blocks.numel()] = block_scales[row.blocks]
-        rows[:, width : width + 4 * k] = scales.view(torch.uint8)
-        rows[:, -FLAG_BYTES:] = flag_bytes(bad)
-        return rows
+        layout.field(rows, "scales").copy_(scales.view(torch.uint8))
+        return layout.set_flag(rows, bad)
 
     def row_scales(self, j: int, real_scales: torch.Tensor) -> torch.Tensor:
         """Owner ``j``'s real-piece scales ``(..., k)`` spread over its row pieces (padding 0)."""

@@ -6,6 +6,9 @@ Bit ``i % 8`` of byte ``i // 8`` holds flag ``i``; padding bits are 1. Signs are
 :mod:`.reference`.
 """
 
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
 import torch
 
 from .._ext import cpu
@@ -15,6 +18,7 @@ from .reference import pack_bits, packed_size, unpack_bits
 
 __all__ = [
     "FLAG_BYTES",
+    "ByteLayout",
     "bytes_as",
     "flag_bytes",
     "flag_of_rows",
@@ -84,3 +88,47 @@ def flag_bytes(bad: torch.Tensor) -> torch.Tensor:
 def flag_of_rows(rows: torch.Tensor) -> torch.Tensor:
     """0-d bool: does any row (gathered messages, or one summed row) carry a set flag at its tail?"""
     return is_set(bytes_as(rows[..., -FLAG_BYTES:], torch.float32))
+
+
+class ByteLayout:
+    """The one builder of byte messages: named fields of fixed widths laid end to end, then
+    (with ``flag``) the non-finite flag's :data:`FLAG_BYTES`. Rows may be one message or
+    gathered ``(n, nbytes)`` messages; a field read as another dtype is copied (:func:`bytes_as`)."""
+
+    def __init__(self, widths: Mapping[Any, int] | Sequence[int], flag: bool = False) -> None:
+        items = widths.items() if isinstance(widths, Mapping) else enumerate(widths)
+        self.spans: dict[Hashable, tuple[int, int]] = {}
+        at = 0
+        for name, width in items:
+            self.spans[name] = (at, at + width)
+            at += width
+        self.payload_bytes = at  #: the fields' bytes, without the flag
+        self.flag = flag
+        self.nbytes = at + (FLAG_BYTES if flag else 0)
+
+    def field(self, rows: torch.Tensor, name: Hashable, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Field ``name`` of ``rows``: its bytes (a view), or read as ``dtype``."""
+        a, b = self.spans[name]
+        return rows[..., a:b] if dtype is None else bytes_as(rows[..., a:b], dtype)
+
+    def join(
+        self, parts: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], bad: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One message from each field's tensor (in layout order, read as bytes) and, with a
+        flag, the 0-d ``bad``."""
+        tensors = [parts[name] for name in self.spans] if isinstance(parts, Mapping) else list(parts)
+        pieces = [t.reshape(-1).view(torch.uint8) for t in tensors]
+        if self.flag:
+            assert bad is not None, "a flagged message needs its flag"
+            pieces.append(flag_bytes(bad))
+        return torch.cat(pieces)
+
+    def set_flag(self, rows: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """Write the flag ``bad`` at the tail of ``rows`` (every row), in place."""
+        rows[..., -FLAG_BYTES:] = flag_bytes(bad)
+        return rows
+
+    @staticmethod
+    def any_flag(rows: torch.Tensor) -> torch.Tensor:
+        """0-d bool: does any row carry a set flag (:func:`flag_of_rows`)?"""
+        return flag_of_rows(rows)

@@ -13,12 +13,13 @@ loops of :mod:`ddp_hooks._ext.cpu` do the work in two passes (the same ``Q(g)``)
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from .._ext import cpu
 from . import dispatch
-from .bits import bytes_as, pack_codes, unpack_codes
+from .bits import ByteLayout, pack_codes, unpack_codes
 
 
 @dataclass
@@ -127,19 +128,24 @@ def model_change(params: list[torch.Tensor], previous: torch.Tensor) -> torch.Te
 
 @dataclass(frozen=True)
 class UploadMessage:
-    """One upload of ``count`` b-bit codes: ``[radius (fp32) | packed codes]`` as uint8 bytes.
-    The one owner of this byte layout."""
+    """One upload of ``count`` b-bit codes: ``[radius (fp32) | packed codes]`` as uint8 bytes
+    (a :class:`~.bits.ByteLayout`)."""
 
     count: int
     bits: int
 
+    @cached_property
+    def layout(self) -> ByteLayout:
+        return ByteLayout({"radius": 4, "codes": -(-self.count * self.bits // 8)})
+
     @property
     def nbytes(self) -> int:
-        return 4 + -(-self.count * self.bits // 8)
+        return self.layout.nbytes
 
     def pack(self, radius: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return torch.cat([radius.float().reshape(1).view(torch.uint8), pack_codes(codes, self.bits)])
+        return self.layout.join({"radius": radius.float().reshape(1), "codes": pack_codes(codes, self.bits)})
 
     def add_to(self, total: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
         """``total +=`` the innovation this message carries."""
-        return add_dequantized(total, message[4:], bytes_as(message[:4], torch.float32).view(()), self.bits)
+        radius = self.layout.field(message, "radius", torch.float32).view(())
+        return add_dequantized(total, self.layout.field(message, "codes"), radius, self.bits)

@@ -13,13 +13,14 @@ anything else the torch references (:mod:`.reference`).
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from .._ext import cpu, cuda
 from ..core.flags import may_read_host
 from . import dispatch, reference
-from .bits import FLAG_BYTES, bytes_as, flag_bytes, flag_of_rows, pack_signs, packed_size, unpack_bits
+from .bits import ByteLayout, pack_signs, packed_size, unpack_bits
 
 Blocks = list[tuple[int, int]]
 
@@ -142,33 +143,34 @@ def average(signs: torch.Tensor, scales: torch.Tensor, blocks: BlockSet, out: to
 @dataclass(frozen=True)
 class SignMessage:
     """One message of ``count`` packed signs and ``nscales`` fp32 scales, plus the non-finite
-    flag: ``[signs | scales | flag]`` as one uint8 row. The one owner of this byte layout."""
+    flag: ``[signs | scales | flag]`` as one uint8 row (a :class:`~.bits.ByteLayout`)."""
 
     count: int
     nscales: int
 
+    @cached_property
+    def layout(self) -> ByteLayout:
+        return ByteLayout({"signs": packed_size(self.count), "scales": 4 * self.nscales}, flag=True)
+
     @property
     def nbytes(self) -> int:
-        return packed_size(self.count) + 4 * self.nscales + FLAG_BYTES
+        return self.layout.nbytes
 
     def pack(self, packed: torch.Tensor, scales: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         """One row from packed signs (at most ``count`` signs' bytes, padded with 1 bits),
         ``scales`` (at most ``nscales``, zero-padded) and the 0-d flag ``bad``."""
         row = torch.zeros(self.nbytes, dtype=torch.uint8, device=packed.device)
-        signs = packed_size(self.count)
-        row[:signs].fill_(255)
-        row[: packed.numel()].copy_(packed)
-        row[signs : signs + 4 * scales.numel()].copy_(scales.contiguous().view(torch.uint8))
-        row[-FLAG_BYTES:].copy_(flag_bytes(bad))
-        return row
+        signs = self.layout.field(row, "signs").fill_(255)
+        signs[: packed.numel()].copy_(packed)
+        self.layout.field(row, "scales")[: 4 * scales.numel()].copy_(scales.contiguous().view(torch.uint8))
+        return self.layout.set_flag(row, bad)
 
     def signs(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows[..., : packed_size(self.count)]
+        return self.layout.field(rows, "signs")
 
     def scales(self, rows: torch.Tensor) -> torch.Tensor:
-        start = packed_size(self.count)
-        return bytes_as(rows[..., start : start + 4 * self.nscales], torch.float32)
+        return self.layout.field(rows, "scales", torch.float32)
 
     def any_bad(self, rows: torch.Tensor) -> torch.Tensor:
         """0-d bool: does any row carry the non-finite flag?"""
-        return flag_of_rows(rows)
+        return self.layout.any_flag(rows)

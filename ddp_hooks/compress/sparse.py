@@ -33,7 +33,7 @@ import torch
 
 from .._ext import cuda
 from . import dispatch
-from .bits import bytes_as, pack_codes, pack_signs, unpack_codes, unpack_signs
+from .bits import ByteLayout, bytes_as, pack_codes, pack_signs, unpack_codes, unpack_signs
 
 KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd", "int8", "2bit", "topk-int8", "topk-2bit", "none")
 UNIFORM_BITS = {"int8": 8, "2bit": 2, "topk-int8": 8, "topk-2bit": 2}  # the uniform quantizers' code bits
@@ -116,8 +116,8 @@ class Codec:
         if self.bits:
             sizes["codes"] = -(-self.k * self.bits // 8)
             sizes["scale"] = 4
-        self._fields = sizes
-        self.nbytes = sum(sizes.values())
+        self.layout = ByteLayout(sizes)
+        self.nbytes = self.layout.nbytes
 
     # ---- paper accounting ------------------------------------------------------------------
     def paper_bits(self) -> int:
@@ -145,8 +145,7 @@ class Codec:
         fields, values = self._values(kept, generator)
         if idx is not None and self.kind != "grbs":
             fields["idx"] = idx.to(torch.int32)
-        payload = torch.cat([fields[name].reshape(-1).view(torch.uint8) for name in self._fields])
-        return payload, idx, values
+        return self.layout.join(fields), idx, values
 
     def encode_ef(self, p: torch.Tensor, e: torch.Tensor, generator: torch.Generator | None = None) -> Encoded:
         """Error-compensated: compress ``v = p + e`` and leave ``e = v - q`` (in place). Top-k
@@ -156,8 +155,7 @@ class Codec:
             fields = {"idx": top.to(torch.int32), "values": kept}
             if self.kind == "signtopk":
                 fields = {"idx": fields["idx"], "signs": pack_signs(kept), "scale": kept.abs()[:1]}
-            payload = torch.cat([fields[name].reshape(-1).view(torch.uint8) for name in self._fields])
-            return payload, top, kept
+            return self.layout.join(fields), top, kept
         e.add_(p)  # v
         payload, idx, values = self.encode(e, generator)
         subtract_message(e, idx, values)
@@ -202,10 +200,7 @@ class Codec:
         """``(n, nbytes)`` payloads -> (indices ``(n, k)`` int64 or None for dense, values
         ``(n, k)``). For ``grbs`` the indices are this rank's own (``shared_idx``)."""
         n = payload.shape[0]
-        parts, off = {}, 0
-        for name, size in self._fields.items():
-            parts[name] = payload[:, off : off + size]
-            off += size
+        parts = {name: self.layout.field(payload, name) for name in self.layout.spans}
         idx = None
         if "idx" in parts:
             idx = bytes_as(parts["idx"], torch.int32).to(torch.int64).view(n, self.k)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..core.flags import nonfinite
-from .bits import FLAG_BYTES, bytes_as, flag_bytes, flag_of_rows
+from .bits import ByteLayout
 from .sparse import Codec
 
 Message = tuple[torch.Tensor | None, torch.Tensor]  # indices (None: dense), values
@@ -20,11 +20,9 @@ class MessagePlan:
 
     def __init__(self, tensors: Sequence[torch.Tensor], kind: str, k: int | float, levels: int) -> None:
         self.codecs = [Codec(kind, t.numel(), k, levels) for t in tensors]
-        self.offsets = [0]
-        for c in self.codecs:
-            self.offsets.append(self.offsets[-1] + c.nbytes)
+        self.layout = ByteLayout([c.nbytes for c in self.codecs], flag=True)  # the payloads, the flag
         self.paper_bits = sum(c.paper_bits() for c in self.codecs)
-        self.nbytes = self.offsets[-1] + FLAG_BYTES  # a message: the payloads and the flag
+        self.nbytes = self.layout.nbytes
         #: fp32 values and an fp32 flag: messages that add up (an all-reduce carries them)
         self.summable = all(c.kind == "none" for c in self.codecs)
 
@@ -49,9 +47,8 @@ class MessagePlan:
         ]
         return self._message([e[0] for e in encoded], inputs), [(e[1], e[2]) for e in encoded]
 
-    @staticmethod
-    def _message(payloads: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([*payloads, flag_bytes(torch.stack([nonfinite(v) for v in inputs]).any())])
+    def _message(self, payloads: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.layout.join(payloads, torch.stack([nonfinite(v) for v in inputs]).any())
 
     def mean(
         self,
@@ -67,7 +64,7 @@ class MessagePlan:
         n = gathered.shape[0]
         for k, (codec, out) in enumerate(zip(self.codecs, outputs)):
             own = None if local is None else local[k][0]
-            idx, values = codec.decode(gathered[:, self.offsets[k] : self.offsets[k + 1]], own)
+            idx, values = codec.decode(self.layout.field(gathered, k), own)
             out.zero_()
             for j in range(n):
                 if idx is None:
@@ -75,12 +72,11 @@ class MessagePlan:
                 else:
                     out.index_add_(0, idx[j], values[j])  # indices unique within a payload
             out.div_(n if divisor is None else divisor)
-        return flag_of_rows(gathered)
+        return self.layout.any_flag(gathered)
 
     def mean_of_sum(self, summed: torch.Tensor, outputs: Sequence[torch.Tensor], divisor: int) -> torch.Tensor:
         """Like :meth:`mean` for the element-wise sum of :attr:`summable` messages (one row of
         bytes): ``outputs = sum / divisor``; the flag is set if any message's was."""
-        values = bytes_as(summed[:, :-FLAG_BYTES], torch.float32).reshape(-1)
         for k, out in enumerate(outputs):
-            out.copy_(values[self.offsets[k] // 4 : self.offsets[k + 1] // 4]).div_(divisor)
-        return flag_of_rows(summed)
+            out.copy_(self.layout.field(summed, k, torch.float32).reshape(-1)).div_(divisor)
+        return self.layout.any_flag(summed)
