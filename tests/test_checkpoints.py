@@ -160,3 +160,21 @@ def test_torch_checkpoint_state_dict_step_is_not_the_algorithms(name):
     """torch.distributed.checkpoint's get_state_dict steps an optimizer without state once
     (zero gradients, learning rate 0): the hook state must not count it as a training step."""
     assert all(run_world(_get_state_dict_world, 2, name))
+
+
+def _problems_world(rank, world):
+    import ddp_hooks as dh
+
+    data = batches(rank, 2, features=16)
+    model, ddp, setup = _setup("powersgd")
+    _train(ddp, setup, data)
+    saved = setup.state.state_dict()
+    other = dh.PowerSGD(rank=setup.state.settings.rank + 1).register(DDP(_Net()))
+    return setup.state.problems(saved), other.problems(saved), setup.state.problems({**saved, "format": 1})
+
+
+def test_problems_says_before_loading_what_keeps_a_checkpoint_out():
+    for fits, other_rank, old_format in run_world(_problems_world, 2):
+        assert fits == []
+        assert any(p.startswith("rank: saved") for p in other_rank), other_rank
+        assert old_format == ["format 1; this version reads formats [2, 3]"]

@@ -276,14 +276,14 @@ class CSER(LocalSteps, HookState):
                     p.copy_(s)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
-        return {"rng": self.rng.state_dict(), **self.local_state()}
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.state_dict(), **self.local_state_dict()}
 
-    def check_extra(self, extra: Any) -> list[str]:
-        return Generators.problems(extra.get("rng")) + self.check_local_state(extra)
+    def extra_problems(self, extra: Any) -> list[str]:
+        return Generators.problems(extra.get("rng")) + self.local_problems(extra)
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.load_state_dict(state["rng"])
-        self.load_local_state(state)
+        self.load_local_state_dict(state)
         self._drawn = (None, None)
         self._offsets = None

@@ -258,11 +258,11 @@ class EFSignSGDM(HookState):
             return poison(buf, bad)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         names = self.model_view().names
         return {"lr_prev": {names[i]: lr for i, lr in self._lr_prev.items()}}
 
-    def check_extra(self, extra: Any) -> list[str]:
+    def extra_problems(self, extra: Any) -> list[str]:
         lr_prev = extra.get("lr_prev")
         named = self.model_view().named
         if not isinstance(lr_prev, dict) or any(
@@ -272,7 +272,7 @@ class EFSignSGDM(HookState):
             return ["extra['lr_prev'] must map parameter names to learning rates >= 0"]
         return []
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         named = self.model_view().named
         self._lr_prev = {id(named[n]): float(lr) for n, lr in state["lr_prev"].items()}
         self._plans.clear()

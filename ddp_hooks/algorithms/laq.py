@@ -252,11 +252,11 @@ class LAQ(HookState):
         out["total"]["paper_ratio"] = 32 * out["total"]["elements"] / bits if bits else float("inf")
         return out
 
-    def extra_state(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         return self.rule.state_dict()
 
-    def check_extra(self, extra: Any) -> list[str]:
+    def extra_problems(self, extra: Any) -> list[str]:
         return self.rule.problems(extra)
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self.rule.load_state_dict(state)

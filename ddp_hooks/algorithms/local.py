@@ -44,15 +44,15 @@ class LocalSteps:
         """The algorithm's periodic synchronization, attributed to training step ``step``."""
         raise NotImplementedError
 
-    def local_state(self) -> dict[str, Any]:
+    def local_state_dict(self) -> dict[str, Any]:
         return {"local_steps": self.local_steps}
 
     @staticmethod
-    def check_local_state(extra: Any) -> list[str]:
+    def local_problems(extra: Any) -> list[str]:
         value = extra.get("local_steps")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return [f"extra['local_steps'] must be a non-negative int, got {value!r}"]
         return []
 
-    def load_local_state(self, extra: Any) -> None:
+    def load_local_state_dict(self, extra: Any) -> None:
         self.local_steps = int(extra["local_steps"])

@@ -219,7 +219,7 @@ class OuterSteps(LocalSteps, _State):
         return mean + self.settings.outer_momentum * momentum
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def flights_state(self) -> dict[str, Any]:
+    def flights_state_dict(self) -> dict[str, Any]:
         """The exchanges in flight, with what arrived (waits for it)."""
         if not self.settings.delay:
             return {}
@@ -231,7 +231,7 @@ class OuterSteps(LocalSteps, _State):
             saved.append({**where, "rows": rows, "error": error})
         return {"in_flight": saved}
 
-    def check_flights(self, extra: Any) -> list[str]:
+    def flights_problems(self, extra: Any) -> list[str]:
         if not self.settings.delay:
             return []
         flights = extra.get("in_flight")
@@ -258,7 +258,7 @@ class OuterSteps(LocalSteps, _State):
                 out.append(f"extra['in_flight'][{i}] is not an exchange of this configuration")
         return out
 
-    def load_flights(self, extra: dict[str, Any]) -> None:
+    def load_flights_state_dict(self, extra: dict[str, Any]) -> None:
         device = self.model_view().params[0].device
         self._in_flight = [
             Flight(

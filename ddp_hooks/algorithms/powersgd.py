@@ -253,12 +253,12 @@ class PowerSGD(HookState):
             layout.matrices = self.memory.commit("error", layout.compressed, layout.matrices, ok)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.state_dict()}
 
-    def check_extra(self, extra: Any) -> list[str]:
+    def extra_problems(self, extra: Any) -> list[str]:
         return Generators.problems(extra.get("rng"))
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.load_state_dict(state["rng"])
         self._layouts.clear()

@@ -138,22 +138,22 @@ class QsparseLocalSGD(OuterSteps, HookState):
         self._lr_at_sync = lrs
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def extra_state(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         own = {"rng": self.rng.state_dict(), "lr_at_sync": self._lr_at_sync}
-        return {**own, **self.local_state(), **self.flights_state()}
+        return {**own, **self.local_state_dict(), **self.flights_state_dict()}
 
-    def check_extra(self, extra: Any) -> list[str]:
+    def extra_problems(self, extra: Any) -> list[str]:
         lrs = extra.get("lr_at_sync")
         ok_lrs = lrs is None or (isinstance(lrs, list) and all(isinstance(v, (int, float)) for v in lrs))
         return (
             Generators.problems(extra.get("rng"))
-            + self.check_local_state(extra)
-            + self.check_flights(extra)
+            + self.local_problems(extra)
+            + self.flights_problems(extra)
             + ([] if ok_lrs else ["extra['lr_at_sync'] must be None or a list of floats"])
         )
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.load_state_dict(state["rng"])
         self._lr_at_sync = state["lr_at_sync"]
-        self.load_local_state(state)
-        self.load_flights(state)
+        self.load_local_state_dict(state)
+        self.load_flights_state_dict(state)

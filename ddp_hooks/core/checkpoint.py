@@ -2,8 +2,16 @@
 
 :func:`problems` validates every part of a saved dict (its keys, the algorithm and its
 configuration, world size, rank, parameter layout, each memory tensor's dtype, size and
-finiteness, the counters, and the algorithm's own extra state) before :func:`apply` assigns
+finiteness, the counters, and the algorithm's own extra state) before :func:`load_state_dict` assigns
 anything, so a checkpoint that does not fit leaves the state exactly as it was.
+
+Every part follows one protocol, ``state_dict`` / ``problems`` / ``load_state_dict``: the
+state (:class:`~ddp_hooks.core.HookState`), its per-parameter memory
+(:class:`~ddp_hooks.core.ParameterMemory`), its counters (:class:`~ddp_hooks.core.Stats`), its
+generators (:class:`~ddp_hooks.core.Generators`); an algorithm's own part is
+``extra_state_dict`` / ``extra_problems`` / ``load_extra_state_dict``, and the parts it is
+made of name theirs alike (``local_state_dict``, ``flights_problems``, ...). No part reads
+another's private attributes.
 """
 
 from collections.abc import Mapping
@@ -25,9 +33,9 @@ class Checkpointed(Protocol):
 
     def config(self) -> dict[str, Any]: ...
     def model_view(self) -> ModelView: ...
-    def extra_state(self) -> dict[str, Any]: ...
-    def check_extra(self, extra: Any) -> list[str]: ...
-    def load_extra_state(self, state: dict[str, Any]) -> None: ...
+    def extra_state_dict(self) -> dict[str, Any]: ...
+    def extra_problems(self, extra: Any) -> list[str]: ...
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None: ...
     def memory_numel(self, slot: str, param: torch.Tensor) -> int | None: ...
 
     @property
@@ -42,9 +50,9 @@ READS = (2, 3)
 KEYS = ("format", "algorithm", "config", "world_size", "rank", "step", "layout", "memory", "stats", "extra")
 
 
-def export(state: Checkpointed, stats: Stats) -> dict[str, Any]:
+def state_dict(state: Checkpointed, stats: Stats) -> dict[str, Any]:
     model = state.model_view()
-    memory = state.memory.export(model.names)
+    memory = state.memory.state_dict(model.names)
     return {
         "format": FORMAT,
         "algorithm": type(state).__name__,
@@ -57,7 +65,7 @@ def export(state: Checkpointed, stats: Stats) -> dict[str, Any]:
         # what ``memory`` holds, so that an entry lost on the way is named, not left at zero
         "manifest": {slot: sorted(tensors) for slot, tensors in memory.items()},
         "stats": stats.state_dict(),
-        "extra": state.extra_state(),
+        "extra": state.extra_state_dict(),
     }
 
 
@@ -90,19 +98,19 @@ def problems(state: Checkpointed, saved: Any) -> list[str]:
     extra = saved["extra"]
     if not isinstance(extra, Mapping):
         return out + ["extra must be a dict"]
-    expected = set(state.extra_state())
+    expected = set(state.extra_state_dict())
     if set(extra) != expected:
         unknown, lost = sorted(set(extra) - expected, key=str), sorted(expected - set(extra))
         return out + [f"extra: unexpected keys {unknown}, missing keys {lost} (expected {sorted(expected)})"]
-    return out + state.check_extra(extra)
+    return out + state.extra_problems(extra)
 
 
-def apply(state: Checkpointed, saved: Mapping[str, Any], stats: Stats) -> None:
+def load_state_dict(state: Checkpointed, saved: Mapping[str, Any], stats: Stats) -> None:
     """Assign a checkpoint that :func:`problems` accepted."""
     state.step = int(saved["step"])
-    state.memory.restore(saved["memory"], state.model_view().named)
+    state.memory.load_state_dict(saved["memory"], state.model_view().named)
     stats.load_state_dict(saved["stats"])
-    state.load_extra_state(saved["extra"])
+    state.load_extra_state_dict(saved["extra"])
 
 
 def _config_problems(saved: Any, now: dict[str, Any]) -> list[str]:

@@ -103,7 +103,7 @@ class ParameterMemory:
                     for t in pieces.values():
                         t.zero_()
 
-    def export(self, names: Mapping[int, str]) -> dict[str, dict[str, torch.Tensor]]:
+    def state_dict(self, names: Mapping[int, str]) -> dict[str, dict[str, torch.Tensor]]:
         """Copies of every stored tensor, keyed by slot and parameter name."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for slot, pieces in self._pieces.items():
@@ -146,7 +146,9 @@ class ParameterMemory:
                     out.append(f"{where}: holds inf or NaN")
         return out
 
-    def restore(self, saved: Mapping[str, Mapping[str, torch.Tensor]], params: Mapping[str, torch.Tensor]) -> None:
+    def load_state_dict(
+        self, saved: Mapping[str, Mapping[str, torch.Tensor]], params: Mapping[str, torch.Tensor]
+    ) -> None:
         """Replace all memory with ``saved`` (validated by :meth:`problems` first)."""
         with self._lock:
             self._pieces = {}

@@ -165,17 +165,17 @@ class HookState(Registration):
         """Size of ``param``'s piece in ``slot``; None: no such slot (checkpoint validation)."""
         return param.numel() if slot in self.memory_slots else None
 
-    def extra_state(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         """Algorithm-specific counters and tensors to checkpoint (override)."""
         return {}
 
-    def check_extra(self, extra: Any) -> list[str]:
-        """What keeps ``extra`` (with the keys of :meth:`extra_state`, checked before) from being
-        loaded by :meth:`load_extra_state` (override)."""
+    def extra_problems(self, extra: Any) -> list[str]:
+        """What keeps ``extra`` (with the keys of :meth:`extra_state_dict`, checked before) from being
+        loaded by :meth:`load_extra_state_dict` (override)."""
         return []
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned (override)."""
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state_dict` returned (override)."""
 
     # ---- the hook -----------------------------------------------------------------------------
     def run(self, bucket: GradBucket) -> Future[torch.Tensor]:
@@ -273,16 +273,22 @@ class HookState(Registration):
     def state_dict(self) -> dict[str, Any]:
         """Everything this rank needs to resume exactly: step, memory, counters, RNG states."""
         self._bind()
-        return checkpoint.export(self, self._stats)
+        return checkpoint.state_dict(self, self._stats)
+
+    def problems(self, state: Any) -> list[str]:
+        """What keeps ``state`` (a :meth:`state_dict`) from loading here, each named: another
+        algorithm, configuration, world size, rank or model, a format this version does not
+        read, a damaged part. Empty: it loads."""
+        self._bind()
+        return checkpoint.problems(self, state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` of the same algorithm, configuration, world size, rank
-        and model. Everything is checked first: a checkpoint that does not fit raises
-        ValueError naming what differs, and nothing is changed."""
-        self._bind()
-        problems = checkpoint.problems(self, state)
+        and model. Everything is checked first (:meth:`problems`): a checkpoint that does not
+        fit raises ValueError naming what differs, and nothing is changed."""
+        problems = self.problems(state)
         if problems:
             raise ValueError(f"cannot load {type(self).__name__} state: " + "; ".join(problems))
-        checkpoint.apply(self, state, self._stats)
+        checkpoint.load_state_dict(self, state, self._stats)
         self._steps_agreed = False
         self._stepped_at = self.step  # a checkpoint is taken after the optimizer's step
