@@ -36,8 +36,8 @@ from ddp_hooks._ext import cpu as native  # noqa: E402
 from ddp_hooks.algorithms.ef_shards import ShardPlan, assign_owners  # noqa: E402
 from ddp_hooks.compress import scaled_sign as sign  # noqa: E402
 from ddp_hooks.compress.bits import pack_codes  # noqa: E402
-from ddp_hooks.compress.error_feedback import Momentum, WorkerBuffers, ef_input, worker_message  # noqa: E402
 from ddp_hooks.compress.laq import add_dequantized, quantize_step  # noqa: E402
+from ddp_hooks.compress.sign_worker import Momentum, WorkerBuffers, ef_input, worker_message  # noqa: E402
 
 IDEAL_BYTES = {
     "input": 20.0,

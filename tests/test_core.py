@@ -262,3 +262,33 @@ def test_byte_layout_lays_fields_end_to_end_with_the_flag_last():
     assert not bool(layout.any_flag(layout.set_flag(rows, torch.tensor(False))))
     plain = ByteLayout([2, 4])  # fields by position, no flag
     assert plain.nbytes == 6 and plain.field(torch.arange(6, dtype=torch.uint8), 1).tolist() == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("kind", ["topk", "signtopk", "qsgd", "int8", "topk-2bit", "none"])
+def test_error_feedback_keeps_what_the_message_left_out(kind):
+    """v = x + rho e, q = C(v), e = v - q: after an error-compensated encode, the decoded
+    message plus the new memory is the compensated input (to float rounding)."""
+    from ddp_hooks.compress.error_feedback import compensate, residual
+    from ddp_hooks.compress.sparse import Codec
+
+    gen = torch.Generator().manual_seed(3)
+    x, e = torch.randn(300, generator=gen), torch.randn(300, generator=gen)
+    rho = torch.rand(300, generator=gen)
+    torch.testing.assert_close(compensate(x.clone(), e, rho), x + e * rho)
+    out = torch.empty(300)
+    assert compensate(x, e, 0.5, out=out) is out and torch.equal(out, x + 0.5 * e)
+    idx = torch.tensor([4, 1, 7])
+    kept = residual(x.clone(), x[idx], idx)
+    assert torch.all(kept[idx] == 0) and torch.equal(kept[8:], x[8:])
+
+    codec = Codec(kind, 300, k=30)
+    memory = e.clone()
+    payload, _, _ = codec.encode_ef(x.clone(), memory, torch.Generator().manual_seed(0))
+    q_idx, q_values = codec.decode(payload.view(1, -1))
+    q = torch.zeros(300)
+    if q_idx is None:
+        q += q_values[0]
+    else:
+        q.index_add_(0, q_idx[0], q_values[0])
+    torch.testing.assert_close(q + memory, x + e, rtol=1e-6, atol=1e-5)
+    assert 0 < (memory != 0).sum() or kind == "none"

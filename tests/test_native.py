@@ -14,8 +14,8 @@ from ddp_hooks._ext import cpu as native
 from ddp_hooks.compress import bits as bitpack
 from ddp_hooks.compress import scaled_sign as sign
 from ddp_hooks.compress.bits import pack_codes, unpack_codes
-from ddp_hooks.compress.error_feedback import Momentum, WorkerBuffers, ef_input
 from ddp_hooks.compress.laq import add_dequantized, apply_codes, quantize_step
+from ddp_hooks.compress.sign_worker import Momentum, WorkerBuffers, ef_input
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"fused CPU codec {native.status()}")
 

@@ -28,7 +28,8 @@ from typing_extensions import Unpack
 
 from ..comm import chain
 from ..compress import grbs
-from ..compress.sparse import KINDS, subtract_message
+from ..compress.error_feedback import residual
+from ..compress.sparse import KINDS
 from ..compress.sparse_plan import MessagePlan
 from ..core import (
     SEED,
@@ -248,7 +249,7 @@ class CSER(LocalSteps, HookState):
                 bad = plan.mean(gathered, means, local)  # some rank's model is not finite: no reset
                 for p, a, mean, (idx, values) in zip(params, agreed, means, local):
                     add_unless(bad, a, mean)
-                    subtract_message(mean, idx, values)  # mean c - c_i
+                    residual(mean, values, idx)  # mean c - c_i
                     with flat_param(p) as flat:
                         add_unless(bad, flat, mean.to(p.dtype))
 

@@ -247,7 +247,7 @@ class Workspace:
     ``owned``, this rank's server elements of each parameter (its server memory's sizes)."""
 
     def __init__(self, plan: ShardPlan, dtype: torch.dtype, owned: list[int]) -> None:
-        from ..compress.error_feedback import WorkerBuffers
+        from ..compress.sign_worker import WorkerBuffers
 
         device = plan.pieces.offsets.device
         numel, row = plan.numel, max(plan.message.count, plan.numel)

@@ -32,8 +32,8 @@ from typing_extensions import Unpack
 
 from ..comm import chain
 from ..compress import scaled_sign as sign
-from ..compress.error_feedback import Momentum, worker_message
 from ..compress.scaled_sign import SignMessage
+from ..compress.sign_worker import Momentum, worker_message
 from ..core import Bucket, Choice, Flag, Float, HookState, Int, Maybe, Runtime, Settings, setting
 from ..core.flags import keep_unless, nonfinite, poison
 from ..core.layouts import LayoutCache

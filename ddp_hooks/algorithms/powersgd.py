@@ -31,6 +31,7 @@ from torch.futures import Future, collect_all
 from typing_extensions import Unpack
 
 from ..comm import chain
+from ..compress.error_feedback import compensate, residual
 from ..compress.lowrank import LowRankPlan
 from ..compress.orthogonalize import METHODS, orthogonalize
 from ..core import (
@@ -192,7 +193,7 @@ class PowerSGD(HookState):
         if self.settings.error_feedback:
             error = self.memory.flat("error", layout.compressed)
             for g, e, m in zip(local, error.split(layout.numels), pieces):
-                torch.add(g, e, out=m)
+                compensate(g, e, out=m)
         else:
             for g, m in zip(local, pieces):
                 m.copy_(g)
@@ -249,7 +250,7 @@ class PowerSGD(HookState):
                 grads[i].copy_(piece.view_as(grads[i]))
         if self.settings.error_feedback:
             for m, m_hat in zip(layout.matrices.split(layout.numels), approx):
-                torch.sub(m, m_hat, out=m)
+                residual(m, m_hat)
             layout.matrices = self.memory.commit("error", layout.compressed, layout.matrices, ok)
 
     # ---- checkpoints ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .._ext import cpu, cuda
 from ..core.flags import may_read_host
 from . import dispatch, reference
 from .bits import ByteLayout, pack_signs, packed_size, unpack_bits
+from .error_feedback import compensate
 
 Blocks = list[tuple[int, int]]
 
@@ -107,11 +108,7 @@ def compress_ef(
     ``x`` becomes ``v`` first."""
     if not isinstance(rho, torch.Tensor) and dispatch.usable("sign_compress_ef", x, error, residual):
         return cuda.sign_compress_ef(x, error, rho, blocks.offsets, residual, blocks.longest)
-    if isinstance(rho, torch.Tensor):
-        x.addcmul_(error, rho)
-    else:
-        x.add_(error, alpha=rho)
-    return compress(x, list(blocks.blocks), residual)
+    return compress(compensate(x, error, rho), list(blocks.blocks), residual)
 
 
 def decode(

@@ -34,6 +34,7 @@ import torch
 from .._ext import cuda
 from . import dispatch
 from .bits import ByteLayout, bytes_as, pack_codes, pack_signs, unpack_codes, unpack_signs
+from .error_feedback import compensate, residual
 
 KINDS = ("topk", "randk", "grbs", "signtopk", "qtopk", "sign", "qsgd", "int8", "2bit", "topk-int8", "topk-2bit", "none")
 UNIFORM_BITS = {"int8": 8, "2bit": 2, "topk-int8": 8, "topk-2bit": 2}  # the uniform quantizers' code bits
@@ -156,9 +157,8 @@ class Codec:
             if self.kind == "signtopk":
                 fields = {"idx": fields["idx"], "signs": pack_signs(kept), "scale": kept.abs()[:1]}
             return self.layout.join(fields), top, kept
-        e.add_(p)  # v
-        payload, idx, values = self.encode(e, generator)
-        subtract_message(e, idx, values)
+        payload, idx, values = self.encode(compensate(p, e, out=e), generator)  # v = p + e
+        residual(e, values, idx)
         return payload, idx, values
 
     def _select(self, v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
@@ -217,11 +217,3 @@ class Codec:
         if "levels" in parts:
             signs = signs * parts["levels"].to(torch.float32)
         return idx, signs * scale
-
-
-def subtract_message(dense: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor) -> None:
-    """``dense -= q`` for a message ``q`` given as (indices or None for dense, values)."""
-    if idx is None:
-        dense.sub_(values)
-    else:
-        dense.index_add_(0, idx, values, alpha=-1.0)
