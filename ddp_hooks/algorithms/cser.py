@@ -241,7 +241,7 @@ class CSER(LocalSteps, HookState):
             with self.time(step, "compress", device):
                 agreed = [self._agreed_of(p) for p in params]
                 residuals = [p.detach().reshape(-1).float() - a for p, a in zip(params, agreed)]
-                payload, local = plan.encode(residuals, self.rng.rank, self.rng.shared)
+                payload, local = plan.encode(residuals, self.rng.own, self.rng.shared)
             self.count_bits(step, plan.paper_bits)
             gathered = self.transport.all_gather(payload, step).wait()
             with self.time(step, "decompress", device):

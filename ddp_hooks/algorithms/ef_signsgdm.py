@@ -248,11 +248,10 @@ class EFSignSGDM(HookState):
         with self.time(r.step, "decompress", buf.device):
             if r.plan.numel:
                 sign.decode(packed, scales, list(r.plan.pieces.blocks), r.out)
-            ok = ~bad
             worker = r.ws.worker
-            worker.error = self.memory.commit("error", params, worker.error, ok)
+            worker.error = self.memory.commit("error", params, worker.error, bad)
             if self.settings.momentum > 0:
-                worker.momentum = self.memory.commit("momentum", params, worker.momentum, ok)
+                worker.momentum = self.memory.commit("momentum", params, worker.momentum, bad)
             if r.out is not buf:
                 buf.copy_(r.out)
             return poison(buf, bad)

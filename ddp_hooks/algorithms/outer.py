@@ -162,7 +162,7 @@ class OuterSteps(LocalSteps, _State):
             with torch.no_grad(), self.time(step, "compress", last.device):
                 progress = [x0 - p.detach().reshape(-1) for x0, p in zip(last.split(numels), params)]  # x_last - x
                 torch.mul(memory, self.settings.error_decay, out=candidate)  # beta mem (exact when beta = 1)
-                payload, local = plan.encode_ef(progress, candidate.split(numels), (self.rng.rank, self.rng.shared))
+                payload, local = plan.encode_ef(progress, candidate.split(numels), (self.rng.own, self.rng.shared))
             self.count_bits(step, plan.paper_bits)
             error = candidate
         else:

@@ -117,13 +117,13 @@ class QsparseLocalSGD(OuterSteps, HookState):
         with self.time(step, "compress", buf.device):
             candidate.copy_(self.memory.flat("error", params))
             grads = buf.float().split(bucket.numels) if buf.dtype != torch.float32 else buf.split(bucket.numels)
-            payload, local = plan.encode_ef(grads, candidate.split(bucket.numels), (self.rng.rank, self.rng.shared))
+            payload, local = plan.encode_ef(grads, candidate.split(bucket.numels), (self.rng.own, self.rng.shared))
         self.count_bits(step, plan.paper_bits)
 
         def finish(gathered: torch.Tensor) -> torch.Tensor:
             with self.time(step, "decompress", buf.device):
                 bad = plan.mean(gathered, out.split(bucket.numels), local)
-                ws[0] = self.memory.commit("error", params, candidate, ~bad)
+                ws[0] = self.memory.commit("error", params, candidate, bad)
                 buf.copy_(out)
                 return poison(buf, bad)
 

@@ -2,8 +2,8 @@
 
 * ``shared``: seeded identically on every rank and advanced identically, for draws every rank
   must agree on (GRBS selections, PowerSGD's initial Q);
-* ``rank``: seeded per rank, for draws that must differ between workers (random-k, stochastic
-  rounding).
+* ``own``: seeded per worker, for draws that must differ between workers (random-k,
+  stochastic rounding); checkpointed under the key ``"rank"``.
 """
 
 from typing import Any
@@ -15,18 +15,18 @@ RANK_STRIDE = 1_000_003
 
 
 class Generators:
-    """``shared`` and ``rank`` generators from one seed; :meth:`bind` seeds the rank's."""
+    """``shared`` and ``own`` generators from one seed; :meth:`bind` seeds this worker's."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self.shared = torch.Generator().manual_seed(seed)
-        self.rank = torch.Generator().manual_seed(seed)
+        self.own = torch.Generator().manual_seed(seed)
 
     def bind(self, rank: int) -> None:
-        self.rank.manual_seed(self.seed + RANK_STRIDE * rank)
+        self.own.manual_seed(self.seed + RANK_STRIDE * rank)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"shared": self.shared.get_state(), "rank": self.rank.get_state()}
+        return {"shared": self.shared.get_state(), "rank": self.own.get_state()}
 
     @staticmethod
     def problems(saved: Any) -> list[str]:
@@ -41,4 +41,4 @@ class Generators:
 
     def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
         self.shared.set_state(saved["shared"])
-        self.rank.set_state(saved["rank"])
+        self.own.set_state(saved["rank"])
