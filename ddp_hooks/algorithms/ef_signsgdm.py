@@ -249,9 +249,9 @@ class EFSignSGDM(HookState):
             if r.plan.numel:
                 sign.decode(packed, scales, list(r.plan.pieces.blocks), r.out)
             worker = r.ws.worker
-            worker.error = self.memory.commit("error", params, worker.error, bad)
+            worker.error = self.memory.commit("error", params, worker.error, unless=bad)
             if self.settings.momentum > 0:
-                worker.momentum = self.memory.commit("momentum", params, worker.momentum, bad)
+                worker.momentum = self.memory.commit("momentum", params, worker.momentum, unless=bad)
             if r.out is not buf:
                 buf.copy_(r.out)
             return poison(buf, bad)

@@ -233,7 +233,7 @@ class PowerSGD(HookState):
         """M^ = P^ Q^T into each gradient; e = M - M^; commit Q and e unless ``bad``."""
         layout, grads = r.layout, r.bucket.grads()
         plan, queries = layout.plan, layout.queries.div_(self.world_size)
-        layout.queries = self.memory.commit("q", layout.compressed, queries, bad)
+        layout.queries = self.memory.commit("q", layout.compressed, queries, unless=bad)
         if r.bucket.buffer.dtype == torch.float32:
             for g, p, qt in zip(plan.groups, plan.p_views(r.p_flat), plan.q_views(queries)):
                 for k, i in enumerate(g.members):
@@ -250,7 +250,7 @@ class PowerSGD(HookState):
         if self.settings.error_feedback:
             for m, m_hat in zip(layout.matrices.split(layout.numels), approx):
                 residual(m, m_hat)
-            layout.matrices = self.memory.commit("error", layout.compressed, layout.matrices, bad)
+            layout.matrices = self.memory.commit("error", layout.compressed, layout.matrices, unless=bad)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def extra_state_dict(self) -> dict[str, Any]:

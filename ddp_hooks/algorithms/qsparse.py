@@ -123,7 +123,7 @@ class QsparseLocalSGD(OuterSteps, HookState):
         def finish(gathered: torch.Tensor) -> torch.Tensor:
             with self.time(step, "decompress", buf.device):
                 bad = plan.mean(gathered, out.split(bucket.numels), local)
-                ws[0] = self.memory.commit("error", params, candidate, bad)
+                ws[0] = self.memory.commit("error", params, candidate, unless=bad)
                 buf.copy_(out)
                 return poison(buf, bad)
 

@@ -57,16 +57,16 @@ class ParameterMemory:
             self._flats[key] = buf
             return buf
 
-    def commit(self, slot: str, params: Params, candidate: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-        """Make ``candidate`` (laid out as ``flat(slot, params)``) the memory unless ``bad`` (0-d
-        bool tensor: the step was not finite), like :func:`~.flags.keep_unless` for a whole
+    def commit(self, slot: str, params: Params, candidate: torch.Tensor, *, unless: torch.Tensor) -> torch.Tensor:
+        """Make ``candidate`` (laid out as ``flat(slot, params)``) the memory unless ``unless``
+        (0-d bool tensor: the step was not finite), like :func:`~.flags.keep_unless` for a whole
         slot. Returns a buffer of the same size that the caller may reuse as its next
         candidate: on a CPU the buffers are swapped (no copy), elsewhere the old memory is
         overwritten with ``torch.where`` (no host sync)."""
         current = self._flats[_key(slot, params)]  # the caller read it with flat() this step
         if may_read_host(candidate.device):
-            return candidate if bool(bad) else self._swap(slot, params, candidate)
-        torch.where(bad, current, candidate, out=current)
+            return candidate if bool(unless) else self._swap(slot, params, candidate)
+        torch.where(unless, current, candidate, out=current)
         return candidate
 
     def _swap(self, slot: str, params: Params, new: torch.Tensor) -> torch.Tensor:
