@@ -218,7 +218,7 @@ def test_the_sync_free_switch_reaches_every_rank(monkeypatch):
 def test_flag_tail_survives_a_sum_and_a_gather(bad_ranks):
     """A summed message keeps its values and says whether any rank's flag was set; so do
     gathered byte rows (and one summed byte row), whatever their alignment."""
-    from ddp_hooks.compress.bits import FLAG_BYTES, flag_bytes, flag_of_rows
+    from ddp_hooks.compress.bits import FLAG_BYTES, ByteLayout
     from ddp_hooks.core import split_flag, with_flag, write_flag
 
     values = [torch.arange(5, dtype=torch.float32) * (r + 1) for r in range(3)]
@@ -235,10 +235,11 @@ def test_flag_tail_survives_a_sum_and_a_gather(bad_ranks):
     # a flag that traveled in a non-finite scaled payload is NaN: it counts as set
     assert bool(split_flag(torch.tensor([1.0, float("nan")]))[1])
     payloads = [torch.full((3,), r, dtype=torch.uint8) for r in range(3)]
-    rows = torch.stack([torch.cat([p, flag_bytes(f)]) for p, f in zip(payloads, flags)])
+    layout = ByteLayout([3], flag=True)
+    rows = torch.stack([layout.join([p], f) for p, f in zip(payloads, flags)])
     assert rows.shape[1] == 3 + FLAG_BYTES
-    assert bool(flag_of_rows(rows)) == bool(bad_ranks)
-    assert bool(flag_of_rows(rows[2])) == (2 in bad_ranks)  # one row, at an unaligned offset
+    assert bool(layout.any_flag(rows)) == bool(bad_ranks)
+    assert bool(layout.any_flag(rows[2])) == (2 in bad_ranks)  # one row, at an unaligned offset
 
 
 def test_byte_layout_lays_fields_end_to_end_with_the_flag_last():

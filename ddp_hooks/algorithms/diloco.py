@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from typing_extensions import Unpack
 
-from ..core import Int, Runtime, setting
+from ..core import OneOf, Runtime, setting
 from .local_settings import QsparseSettings
 from .qsparse import QsparseLocalSGD
 
@@ -62,13 +62,11 @@ class SparseLoCoSettings(QsparseSettings):
 
     period: int = QsparseSettings.redefault("period", 50, f"{_PERIOD_DOC}.")
     k: int | float = QsparseSettings.redefault("k", 0.02, "elements kept per tensor (2%: the paper's).")
-    bits: int = setting(2, Int(2, 8), "code bits of each kept value: 2 or 8.")
+    bits: int = setting(2, OneOf((2, 8)), "code bits of each kept value.")
     compressor: str = QsparseSettings.redefault("compressor", "topk-2bit", "set by ``bits``.")
     error_decay: float = QsparseSettings.redefault("error_decay", 0.95, "the accumulator's decay ``beta``.")
 
     def check(self) -> None:
-        if self.bits not in (2, 8):
-            raise ValueError(f"bits must be 2 or 8, got {self.bits!r}")
         if self.compressor not in ("topk-2bit", "topk-int8"):
             raise ValueError(f"SparseLoCo's compressor is set by bits, got {self.compressor!r}")
         object.__setattr__(self, "compressor", "topk-2bit" if self.bits == 2 else "topk-int8")

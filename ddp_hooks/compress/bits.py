@@ -20,8 +20,6 @@ __all__ = [
     "FLAG_BYTES",
     "ByteLayout",
     "bytes_as",
-    "flag_bytes",
-    "flag_of_rows",
     "pack_bits",
     "pack_codes",
     "pack_signs",
@@ -80,16 +78,6 @@ def unpack_codes(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
 FLAG_BYTES = 4
 
 
-def flag_bytes(bad: torch.Tensor) -> torch.Tensor:
-    """The :data:`FLAG_BYTES` bytes of the 0-d flag ``bad``, to end a byte message."""
-    return as_flag(bad).view(torch.uint8)
-
-
-def flag_of_rows(rows: torch.Tensor) -> torch.Tensor:
-    """0-d bool: does any row (gathered messages, or one summed row) carry a set flag at its tail?"""
-    return is_set(bytes_as(rows[..., -FLAG_BYTES:], torch.float32))
-
-
 class ByteLayout:
     """The one builder of byte messages: named fields of fixed widths laid end to end, then
     (with ``flag``) the non-finite flag's :data:`FLAG_BYTES`. Rows may be one message or
@@ -102,7 +90,6 @@ class ByteLayout:
         for name, width in items:
             self.spans[name] = (at, at + width)
             at += width
-        self.payload_bytes = at  #: the fields' bytes, without the flag
         self.flag = flag
         self.nbytes = at + (FLAG_BYTES if flag else 0)
 
@@ -120,15 +107,20 @@ class ByteLayout:
         pieces = [t.reshape(-1).view(torch.uint8) for t in tensors]
         if self.flag:
             assert bad is not None, "a flagged message needs its flag"
-            pieces.append(flag_bytes(bad))
+            pieces.append(_flag_bytes(bad))
         return torch.cat(pieces)
 
     def set_flag(self, rows: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         """Write the flag ``bad`` at the tail of ``rows`` (every row), in place."""
-        rows[..., -FLAG_BYTES:] = flag_bytes(bad)
+        rows[..., -FLAG_BYTES:] = _flag_bytes(bad)
         return rows
 
     @staticmethod
     def any_flag(rows: torch.Tensor) -> torch.Tensor:
-        """0-d bool: does any row carry a set flag (:func:`flag_of_rows`)?"""
-        return flag_of_rows(rows)
+        """0-d bool: does any row (gathered messages, or one summed row) carry a set flag?"""
+        return is_set(bytes_as(rows[..., -FLAG_BYTES:], torch.float32))
+
+
+def _flag_bytes(bad: torch.Tensor) -> torch.Tensor:
+    """The :data:`FLAG_BYTES` bytes of the 0-d flag ``bad``, to end a byte message."""
+    return as_flag(bad).view(torch.uint8)

@@ -20,7 +20,7 @@ from .flags import (
 from .held import Held
 from .memory import ParameterMemory
 from .rng import Generators
-from .settings import SEED, Choice, CountOrFraction, Flag, Float, Int, Maybe, Settings, setting
+from .settings import SEED, Choice, CountOrFraction, Flag, Float, Int, Maybe, OneOf, Settings, setting
 from .state import HookState, comm_hook
 from .stats import Stats
 
@@ -33,6 +33,7 @@ __all__ = [
     "Float",
     "Int",
     "Maybe",
+    "OneOf",
     "Settings",
     "setting",
     "ConfigMismatch",

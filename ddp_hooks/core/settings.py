@@ -18,6 +18,7 @@ import inspect
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from numbers import Integral
 from typing import Any, Protocol, TypeVar
 
 from typing_extensions import Self
@@ -96,6 +97,21 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class OneOf:
+    """One of a few numbers (``bits`` of 2 or 8)."""
+
+    values: tuple[int, ...]
+
+    def __call__(self, name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, Integral) or value not in self.values:
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        return int(value)
+
+    def describe(self) -> str:
+        return " or ".join(str(v) for v in self.values)
+
+
+@dataclass(frozen=True)
 class Maybe:
     """None, or what ``rule`` accepts."""
 
@@ -169,19 +185,24 @@ class Settings:
         return "\n".join(lines)
 
 
+def constructor_fields(state: type) -> list[str]:
+    """The names of the parameters of ``state``'s constructor that are not ``self``,
+    ``*args`` or ``**runtime``: each a field of its settings."""
+    params = inspect.signature(state.__init__).parameters.values()  # type: ignore[misc]
+    return [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def document(state: type, settings: type[Settings]) -> str:
     """The docstring of ``state`` with the ``Args:`` section written from ``settings``: its
     constructor's parameters must be fields of ``settings``, with the same defaults (else
     TypeError, when the class is defined), and ``**runtime``."""
     fields_by_name = {f.name: f for f in fields(settings)}
-    names = []
-    for p in inspect.signature(state.__init__).parameters.values():  # type: ignore[misc]
-        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name == "self":
-            continue
-        f = fields_by_name.get(p.name)
-        if f is None or f.default != p.default:
-            raise TypeError(f"{state.__name__}({p.name}=...) is not a field of {settings.__name__} with its default")
-        names.append(p.name)
+    defaults = inspect.signature(state.__init__).parameters  # type: ignore[misc]
+    names = constructor_fields(state)
+    for name in names:
+        f = fields_by_name.get(name)
+        if f is None or f.default != defaults[name].default:
+            raise TypeError(f"{state.__name__}({name}=...) is not a field of {settings.__name__} with its default")
     args = settings.describe(names, " " * 8)
     runtime = "        **runtime: the options every state takes (:class:`~ddp_hooks.core.Runtime`)."
     doc = (state.__doc__ or "").rstrip()

@@ -10,7 +10,6 @@ configured alike (:mod:`.agree`) and makes all of it checkpointable (:mod:`.chec
 An algorithm subclasses it and implements :meth:`HookState.reduce`.
 """
 
-import inspect
 from dataclasses import fields
 from typing import Any, ClassVar
 
@@ -33,7 +32,7 @@ from .model import PYTHON_REDUCER, ModelView, SeenParameters
 from .node import NodeSize, check_node_size
 from .optimizer import OptimizerLink
 from .registration import Registration, comm_hook
-from .settings import Settings, document
+from .settings import Settings, constructor_fields, document
 from .stats import Stats
 
 __all__ = ["HookState", "comm_hook"]
@@ -109,9 +108,7 @@ class HookState(Registration):
         ValueError if this class's constructor cannot make them (a preset's fixed fields)."""
         if type(settings) is not cls.settings_type:
             raise TypeError(f"{cls.__name__} takes {cls.settings_type.__name__}, got {type(settings).__name__}")
-        params = inspect.signature(cls.__init__).parameters.values()
-        names = [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        state = cls(**{n: getattr(settings, n) for n in names}, **runtime)
+        state = cls(**{n: getattr(settings, n) for n in constructor_fields(cls)}, **runtime)
         differ = [f.name for f in fields(settings) if getattr(state.settings, f.name) != getattr(settings, f.name)]
         if differ:
             raise ValueError(f"{cls.__name__}'s constructor does not set {', '.join(differ)} as these settings do")
@@ -121,13 +118,13 @@ class HookState(Registration):
     def config(self) -> dict[str, Any]:
         """The configuration every rank must share and a checkpoint records: the runtime's
         fields, then the algorithm's :attr:`settings`."""
-        fields: dict[str, Any] = {"warmup_steps": self.warmup_steps}
+        runtime: dict[str, Any] = {"warmup_steps": self.warmup_steps}
         if self._node_spec is not None:  # the resolved size once a worker has several ranks
             per = self._carrier.ranks_per_worker if self._carrier is not None else 1
-            fields["node_size"] = per if per > 1 else self._node_spec
+            runtime["node_size"] = per if per > 1 else self._node_spec
         if self._carrier is not None:
-            fields.update(self._carrier.identity())
-        return {**fields, **self.settings.identity()}
+            runtime.update(self._carrier.identity())
+        return {**runtime, **self.settings.identity()}
 
     @property
     def keeps_local_models(self) -> bool:
