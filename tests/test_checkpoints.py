@@ -170,6 +170,7 @@ def _problems_world(rank, world):
     _train(ddp, setup, data)
     saved = setup.state.state_dict()
     other = dh.PowerSGD(rank=setup.state.settings.rank + 1).register(DDP(_Net()))
+    torch.distributed.barrier()  # no rank leaves while another still connects the new groups
     return setup.state.problems(saved), other.problems(saved), setup.state.problems({**saved, "format": 1})
 
 
